@@ -1,0 +1,166 @@
+"""gpu-run.toml (or $GPU_RUN_CONFIG) and the environment -> typed, validated Host objects.
+
+Parsing is pure: `parse_hosts` takes the decoded TOML and returns hosts or raises ConfigError, so
+its tests need no files. `load_config` adds the file lookup and `.env`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from launcher.errors import ConfigError
+
+CONFIG_FILENAME = "gpu-run.toml"
+BILLING_RULES = ("per_second", "per_minute", "per_hour")
+LOCAL_HOST = "local"
+
+
+@dataclass(frozen=True)
+class Host:
+    """A place a training container runs: the local engine, an SSH box, or a cloud instance."""
+
+    name: str
+    kind: str = "local"  # local | ssh | aws
+    # How to reach it.
+    ssh: str | None = None  # ssh_config alias or user@host[:port]
+    workdir: str = "~/gpu-run"
+    base_image: str | None = None  # overrides the CUDA/CPU default
+    # What it costs.
+    price_per_hour: float = 0.0
+    currency: str = "USD"
+    billing: str = "per_second"
+    min_billed_s: int = 0
+    # How it stops.
+    stop_command: str | None = None
+    grace_s: int = 60
+    # Cloud provider (kind == "aws").
+    instance_id: str | None = None
+    region: str | None = None
+    instance_type: str | None = None
+    ssh_user: str | None = None
+    ssh_key: str | None = None
+    endpoint_url: str | None = None
+    # Data path.
+    sync: str = "ssh"  # ssh | s3
+    bucket: str | None = None
+    prefix: str = "gpu-run"
+    s3_endpoint_url: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+    @property
+    def is_free(self) -> bool:
+        return self.price_per_hour == 0
+
+
+@dataclass(frozen=True)
+class Config:
+    hosts: dict[str, Host] = field(default_factory=dict)
+    source: Path | None = None
+
+    def host(self, name: str) -> Host:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.hosts))
+            where = f"in {self.source}" if self.source else f"(no {CONFIG_FILENAME} found)"
+            raise ConfigError(
+                f"unknown host {name!r}: known hosts are {known}; add [hosts.{name}] {where}"
+            ) from None
+
+
+def builtin_local_host() -> Host:
+    return Host(name=LOCAL_HOST, kind="local", price_per_hour=0.0, currency="USD", grace_s=0)
+
+
+_HOST_KEYS = {f.name for f in fields(Host)} - {"name", "kind"} | {"provider"}
+
+
+def parse_host(name: str, table: dict) -> Host:
+    """One [hosts.NAME] table -> Host; every mistake becomes one ConfigError line."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[hosts.{name}] must be a table of settings")
+    unknown = sorted(set(table) - _HOST_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"[hosts.{name}]: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(_HOST_KEYS))}"
+        )
+    values = dict(table)
+    provider = values.pop("provider", None)
+    if name == LOCAL_HOST:
+        kind = "local"
+    elif provider == "aws":
+        kind = "aws"
+    elif provider not in (None, "none"):
+        raise ConfigError(f"[hosts.{name}]: provider {provider!r} is not supported; use \"aws\" or leave it out")
+    elif "ssh" in values:
+        kind = "ssh"
+    else:
+        raise ConfigError(f"[hosts.{name}]: say how to reach it: ssh = \"alias\" or provider = \"aws\"")
+
+    for key in ("price_per_hour",):
+        if key in values:
+            if not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or values[key] < 0:
+                raise ConfigError(f"[hosts.{name}]: {key} must be a number >= 0, got {values[key]!r}")
+            values[key] = float(values[key])
+    for key in ("grace_s", "min_billed_s"):
+        if key in values and (not isinstance(values[key], int) or values[key] < 0):
+            raise ConfigError(f"[hosts.{name}]: {key} must be a whole number of seconds >= 0, got {values[key]!r}")
+    if values.get("billing", "per_second") not in BILLING_RULES:
+        raise ConfigError(f"[hosts.{name}]: billing must be one of {', '.join(BILLING_RULES)}, got {values['billing']!r}")
+    if values.get("sync", "ssh") not in ("ssh", "s3"):
+        raise ConfigError(f"[hosts.{name}]: sync must be \"ssh\" or \"s3\", got {values['sync']!r}")
+    if values.get("sync") == "s3" and not values.get("bucket"):
+        raise ConfigError(f"[hosts.{name}]: sync = \"s3\" needs bucket = \"...\"")
+    if kind == "aws":
+        for key in ("instance_id", "region"):
+            if not values.get(key):
+                raise ConfigError(f"[hosts.{name}]: provider = \"aws\" needs {key} = \"...\"")
+        values.setdefault("min_billed_s", 60)  # EC2 Linux bills per second with a 60 s minimum
+    for key, value in values.items():
+        if key in ("price_per_hour", "grace_s", "min_billed_s"):
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"[hosts.{name}]: {key} must be a string, got {value!r}")
+    return Host(name=name, kind=kind, **values)
+
+
+def parse_hosts(document: dict) -> dict[str, Host]:
+    unknown = sorted(set(document) - {"hosts"})
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] in {CONFIG_FILENAME}; only [hosts.NAME] tables are read")
+    hosts = {LOCAL_HOST: builtin_local_host()}
+    for name, table in document.get("hosts", {}).items():
+        hosts[name] = parse_host(name, table)
+    return hosts
+
+
+def find_config_file(cwd: Path | None = None) -> Path | None:
+    env = os.environ.get("GPU_RUN_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"GPU_RUN_CONFIG points to {path}, which is not a file")
+        return path
+    path = (cwd or Path.cwd()) / CONFIG_FILENAME
+    return path if path.is_file() else None
+
+
+def load_config(cwd: Path | None = None) -> Config:
+    """Read .env (without overriding the real environment), then gpu-run.toml if there is one."""
+    load_dotenv((cwd or Path.cwd()) / ".env", override=False)
+    path = find_config_file(cwd)
+    if path is None:
+        return Config(hosts={LOCAL_HOST: builtin_local_host()}, source=None)
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return Config(hosts=parse_hosts(document), source=path)

@@ -1,0 +1,645 @@
+"""Fine-tune a torchvision classifier on an ImageFolder dataset.
+
+This is the program gpu-run runs inside the training container (or as a plain process on the
+`local` host when no Docker engine is there). Read it top to bottom:
+
+  1. arguments           every knob, with a help string
+  2. events              one JSON object per line on stdout: the launcher's only input
+  3. data                ImageFolder that skips corrupt images; deterministic augmentation
+  4. model               any torchvision classifier, new head, weights none|imagenet|PATH
+  5. checkpoints         written to a temp file then renamed, so a kill never leaves half a file
+  6. one training step   mixed precision, and CUDA out-of-memory halves the micro-batch
+  7. evaluation          accuracy, loss and per-sample predictions
+  8. main                the epoch loop, SIGTERM handling, resume
+
+Augmentation randomness is a pure function of (seed, epoch, sample index) and the sample order
+of (seed, epoch), so a run stopped mid-epoch and resumed from last.pth ends in the same state as
+one that was never stopped. The same trainer runs on torch 2.6 (Debian's, in the offline base
+image) and on current releases.
+"""
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.dataloader import default_collate
+from torchvision import transforms
+
+EXIT_STOPPED = 75  # stopped on request with a resumable last.pth (EX_TEMPFAIL)
+EXIT_ERROR = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. arguments
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="gpu-run trainer: fine-tune an image classifier")
+    p.add_argument("--data", required=True, help="dataset root holding train/<class>/ and val/<class>/")
+    p.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, predictions.csv")
+    p.add_argument("--model", default="resnet18", help="torchvision classification model name")
+    p.add_argument("--weights", default="none", help="none, imagenet, or a path to a state_dict / checkpoint")
+    p.add_argument("--epochs", type=int, default=20, help="number of epochs to train in total")
+    p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step (per process)")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate of SGD")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--step-size", type=int, default=5, help="multiply the lr by --gamma every this many epochs")
+    p.add_argument("--gamma", type=float, default=0.5, help="lr decay factor applied every --step-size epochs")
+    p.add_argument("--image-size", type=int, default=224, help="training crop size (eval: resize to 256/224 of it, centre crop)")
+    p.add_argument("--workers", type=int, default=-1, help="data loading processes; -1 picks from the host's cores")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights init, sample order and augmentation")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth if it exists")
+    p.add_argument("--amp", default="auto", choices=["auto", "off"], help="mixed precision on GPU (bf16 if supported, else fp16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only; slow first epoch)")
+    p.add_argument("--log-every", type=int, default=10, help="emit a step event every this many steps")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. events: the launcher reads stdout line by line; anything that is not a JSON event is a log line
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def emit(event: str, **fields) -> None:
+    if is_main_process():
+        print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}), flush=True)
+
+
+class TrainerError(Exception):
+    """A problem the user can fix; reported as one `error` event and exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. data
+
+
+def find_classes(split_dir: Path) -> list:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def list_samples(split_dir: Path, classes: list) -> list:
+    samples = []
+    for target, name in enumerate(classes):
+        for path in sorted((split_dir / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                samples.append((str(path), target))
+    return samples
+
+
+class SafeImageFolder(Dataset):
+    """ImageFolder whose unreadable images come back as ("skip", path) instead of killing a worker.
+
+    Indices are (sample index, epoch) pairs in training so that each sample's augmentation can be
+    seeded from (seed, epoch, index): the same crops whether or not the run was resumed, and
+    whatever the number of workers.
+    """
+
+    def __init__(self, root: Path, classes: list, transform, seed: int = 0):
+        self.root = root
+        self.classes = classes
+        self.samples = list_samples(root, classes)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception:  # PIL raises many types for broken files; all mean "skip this one"
+            return ("skip", path)
+        if epoch is not None:
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
+        return self.transform(image), target, index
+
+
+def collate_skipping(batch):
+    """Collate the good samples; carry the paths of the unreadable ones alongside."""
+    good = [b for b in batch if not isinstance(b[0], str)]
+    skipped = [b[1] for b in batch if isinstance(b[0], str)]
+    if not good:
+        return None, None, None, skipped
+    images, targets, indices = default_collate(good)
+    return images, targets, indices, skipped
+
+
+class EpochSampler(Sampler):
+    """The sample order of one epoch, a function of (seed, epoch); sharded across processes.
+
+    `start_batch` skips batches already trained before a resume without loading them.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.n]  # pad so every rank gets as many
+        mine = order[self.rank :: self.world]
+        for index in mine[self.start_batch * self.batch_size :]:
+            yield (index, self.epoch)
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start_batch * self.batch_size)
+
+
+def build_transforms(image_size: int):
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = transforms.Compose([
+        transforms.RandomResizedCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    resize = int(round(image_size * 256 / 224))
+    evaluation = transforms.Compose([
+        transforms.Resize(resize),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    return train, evaluation
+
+
+def pick_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. model
+
+
+def classification_models() -> list:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the last Linear layer (fc, classifier[-1], heads.head, ...) for one of num_classes."""
+    last_name = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name = name
+    if last_name is None:
+        raise TrainerError(f"{type(model).__name__} has no Linear head to replace; choose another --model")
+    parent_name, _, attr = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def load_state_from_file(model: nn.Module, path: str) -> list:
+    """Load weights from a state_dict or a gpu-run checkpoint; returns the keys left out."""
+    if not Path(path).is_file():
+        raise TrainerError(f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    # A head trained for another class count cannot load; everything else can.
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def build_model(name: str, weights: str, num_classes: int) -> nn.Module:
+    choices = classification_models()
+    if name not in choices:
+        raise TrainerError(f"unknown --model {name!r}; choose one of: {', '.join(choices)}")
+    if weights == "imagenet":
+        model = torchvision.models.get_model(name, weights="DEFAULT")
+    else:
+        model = torchvision.models.get_model(name, weights=None)
+        if weights != "none":
+            missing = load_state_from_file(model, weights)
+            emit("weights_loaded", path=weights, not_loaded=missing)
+    return replace_head(model, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. checkpoints
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over the target.
+
+    os.replace is atomic on POSIX, so whoever reads `path` sees the old file or the new one,
+    never a torn one, even if this process is killed in the middle of writing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    for tmp in folder.glob(".*.tmp-*"):
+        tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. one training step
+
+
+class StepContext:
+    """What a step needs besides the batch; micro_batch shrinks when CUDA runs out of memory."""
+
+    def __init__(self, device, amp_dtype, scaler, micro_batch: int, channels_last: bool):
+        self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
+        self.micro_batch, self.channels_last = micro_batch, channels_last
+
+
+def fault_injected_oom(micro_batch: int) -> None:
+    """Test seam: GPU_RUN_FAULT_OOM_ABOVE=N makes micro-batches larger than N fail like CUDA OOM."""
+    limit = os.environ.get("GPU_RUN_FAULT_OOM_ABOVE")
+    if limit and micro_batch > int(limit):
+        raise torch.cuda.OutOfMemoryError(f"injected: micro-batch {micro_batch} > {limit}")
+
+
+def forward_backward(model, criterion, images, targets, ctx: StepContext, optimizer):
+    """One optimizer step over the batch, as ceil(batch / micro_batch) accumulated micro-batches."""
+    optimizer.zero_grad(set_to_none=True)
+    total = len(images)
+    loss_sum, correct = 0.0, 0
+    chunks = list(zip(images.split(ctx.micro_batch), targets.split(ctx.micro_batch)))
+    for i, (x, y) in enumerate(chunks):
+        fault_injected_oom(len(x))
+        x = x.to(ctx.device, non_blocking=True)
+        y = y.to(ctx.device, non_blocking=True)
+        if ctx.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # DDP all-reduces gradients on every backward; only the last micro-batch needs to.
+        last = i == len(chunks) - 1
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync, torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+            logits = model(x)
+            loss = criterion(logits, y)
+            ctx.scaler.scale(loss * (len(x) / total)).backward()
+        loss_sum += loss.item() * len(x)
+        correct += (logits.argmax(1) == y).sum().item()
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
+    return loss_sum, correct
+
+
+def train_step(model, criterion, images, targets, ctx: StepContext, optimizer):
+    """Run a step; on CUDA out of memory, halve the micro-batch (keeping the batch) and retry."""
+    while True:
+        try:
+            return forward_backward(model, criterion, images, targets, ctx, optimizer)
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, outside the except block, so the traceback's tensors are freed
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if ctx.micro_batch <= 1:
+            raise TrainerError("CUDA out of memory even at batch size 1: use a smaller --model or --image-size")
+        ctx.micro_batch = max(1, ctx.micro_batch // 2)
+        emit("oom", micro_batch=ctx.micro_batch, accumulation_steps=math.ceil(len(images) / ctx.micro_batch))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. evaluation
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, ctx: StepContext, dataset: SafeImageFolder):
+    model.eval()
+    loss_sum, correct, seen, rows = 0.0, 0, 0, []
+    start = time.perf_counter()
+    for images, targets, indices, _skipped in loader:
+        if images is None:
+            continue
+        x = images.to(ctx.device, non_blocking=True)
+        y = targets.to(ctx.device, non_blocking=True)
+        if ctx.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += criterion(logits, y).item() * len(y)
+        probs = logits.softmax(1)
+        confidence, predicted = probs.max(1)
+        correct += (predicted == y).sum().item()
+        seen += len(y)
+        for idx, t, p, c in zip(indices.tolist(), y.tolist(), predicted.tolist(), confidence.tolist()):
+            rows.append((os.path.relpath(dataset.samples[idx][0], dataset.root.parent), t, p, c))
+    elapsed = time.perf_counter() - start
+    return {
+        "val_loss": loss_sum / max(seen, 1),
+        "val_acc": correct / max(seen, 1),
+        "val_images": seen,
+        "eval_images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+    }, rows
+
+
+def write_predictions(path: Path, rows: list, classes: list, epoch: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", "confidence", "epoch"])
+        for rel, t, p, c in rows:
+            w.writerow([rel, classes[t], classes[p], f"{c:.6f}", epoch])
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. main
+
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainerError("--device cuda was asked for but no CUDA GPU is visible")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def pick_amp(device: torch.device, amp: str):
+    """(autocast dtype or None, grad scaler); fp16 needs a scaler against underflow, bf16 does not."""
+    if device.type != "cuda" or amp == "off":
+        return None, torch.amp.GradScaler("cuda", enabled=False)
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its current step, saves last.pth and exits 75."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, signum, _frame):
+        if not self.requested:
+            self.requested = True
+            print(f"signal {signum}: stopping after this step and saving last.pth", file=sys.stderr, flush=True)
+
+
+def agree_on_stop(flag: StopFlag, device) -> bool:
+    """Every rank must stop at the same step, or DDP's all-reduce waits forever."""
+    if not dist.is_initialized():
+        return flag.requested
+    t = torch.tensor([1.0 if flag.requested else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def main(args) -> int:
+    stop = StopFlag()
+    rank, world, local_rank = setup_distributed()
+    device = pick_device(args.device, local_rank)
+    data, out = Path(args.data), Path(args.out)
+    ckpt_dir = out / "checkpoints"
+    if is_main_process():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(ckpt_dir)
+
+    # Data.
+    classes = find_classes(data / "train")
+    if not classes:
+        raise TrainerError(f"no class folders under {data / 'train'}")
+    train_tf, eval_tf = build_transforms(args.image_size)
+    train_set = SafeImageFolder(data / "train", classes, train_tf, seed=args.seed)
+    val_set = SafeImageFolder(data / "val", classes, eval_tf)
+    workers = pick_workers(args.workers)
+    loader_opts = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        collate_fn=collate_skipping,
+    )
+    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, rank, world)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_opts)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **loader_opts)
+    steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
+
+    # Model, optimizer, schedule.
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.weights, len(classes)).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
+    amp_dtype, scaler = pick_amp(device, args.amp)
+    criterion = nn.CrossEntropyLoss()
+    ctx = StepContext(device, amp_dtype, scaler, args.batch_size, channels_last)
+
+    # Resume: the checkpoint says how many epochs are done and how many steps into the next one.
+    start_epoch, start_step, best_acc = 0, 0, 0.0
+    partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+    last_path = ckpt_dir / "last.pth"
+    if args.resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        if ckpt["classes"] != classes:
+            raise TrainerError(f"last.pth was trained on classes {ckpt['classes']}, the data has {classes}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
+        partial = ckpt["partial"]
+        ctx.micro_batch = min(ctx.micro_batch, ckpt.get("micro_batch", ctx.micro_batch))
+        emit("resumed", epoch=start_epoch + 1, step=start_step)
+
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    def checkpoint(epoch_done: int, step: int, part: dict) -> dict:
+        return {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch_done,  # epochs fully trained
+            "step": step,  # steps already trained in the next epoch
+            "partial": dict(part),
+            "best_val_acc": best_acc,
+            "classes": classes,
+            "model_name": args.model,
+            "image_size": args.image_size,
+            "micro_batch": ctx.micro_batch,
+            "seed": args.seed,
+            "args": vars(args),
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        }
+
+    emit(
+        "start",
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        world_size=world,
+        classes=classes,
+        train_images=len(train_set),
+        val_images=len(val_set),
+        epochs=args.epochs,
+        start_epoch=start_epoch + 1,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=args.batch_size,
+        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        workers=workers,
+        model=args.model,
+        parameters=sum(p.numel() for p in raw_model.parameters()),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+    )
+    metrics_path = out / "metrics.jsonl"
+    skipped_seen = set()
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        sampler.set_epoch(epoch, start_step)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step, tick = start_step, time.perf_counter()
+        for images, targets, _indices, skipped in train_loader:
+            for path in skipped:
+                if path not in skipped_seen:
+                    skipped_seen.add(path)
+                    emit("skipped_image", path=os.path.relpath(path, data))
+            # A lone image cannot train BatchNorm (one value per channel); it is rare and harmless to drop.
+            if images is not None and len(images) > 1:
+                loss_sum, correct = train_step(model, criterion, images, targets, ctx, optimizer)
+                partial["loss_sum"] += loss_sum
+                partial["correct"] += correct
+                partial["seen"] += len(images)
+            step += 1
+            now = time.perf_counter()
+            partial["time_s"] += now - tick
+            tick = now
+            if step % args.log_every == 0 or step == steps_per_epoch:
+                emit(
+                    "step",
+                    epoch=epoch + 1,
+                    step=step,
+                    steps=steps_per_epoch,
+                    loss=partial["loss_sum"] / max(partial["seen"], 1),
+                    acc=partial["correct"] / max(partial["seen"], 1),
+                    lr=optimizer.param_groups[0]["lr"],
+                    images_per_s=partial["seen"] * world / max(partial["time_s"], 1e-9),
+                )
+            if agree_on_stop(stop, device) and step < steps_per_epoch:
+                if is_main_process():
+                    atomic_save(checkpoint(epoch, step, partial), last_path)
+                emit("stopped", epoch=epoch + 1, step=step, resumable=True)
+                return EXIT_STOPPED
+
+        train_stats = {
+            "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
+            "train_acc": partial["correct"] / max(partial["seen"], 1),
+            "train_images_per_s": partial["seen"] * world / max(partial["time_s"], 1e-9),
+            "epoch_time_s": partial["time_s"],
+        }
+        partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+        start_step = 0
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+
+        if is_main_process():
+            val_stats, rows = evaluate(raw_model, criterion, val_loader, ctx, val_set)
+            improved = val_stats["val_acc"] > best_acc or epoch == 0
+            best_acc = max(best_acc, val_stats["val_acc"])
+            record = {"epoch": epoch + 1, "lr": lr, **train_stats, **val_stats, "best": improved}
+            if device.type == "cuda":
+                record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if improved:
+                atomic_save(checkpoint(epoch + 1, 0, partial), ckpt_dir / "best.pth")
+                write_predictions(out / "predictions.csv", rows, classes, epoch + 1)
+            # metrics before last.pth: a kill in between repeats the epoch line, and readers keep
+            # the last line per epoch, rather than losing it.
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            atomic_save(checkpoint(epoch + 1, 0, partial), last_path)
+            emit("epoch", **record, epochs=args.epochs)
+        if dist.is_initialized():
+            dist.barrier()
+        if agree_on_stop(stop, device) and epoch + 1 < args.epochs:
+            emit("stopped", epoch=epoch + 1, step=0, resumable=True)
+            return EXIT_STOPPED
+
+    emit("done", best_val_acc=best_acc, epochs=args.epochs, skipped_images=len(skipped_seen))
+    return 0
+
+
+def run(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        code = main(args)
+    except TrainerError as e:
+        emit("error", message=str(e))
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_ERROR
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run())
