@@ -1,0 +1,94 @@
+"""What every backend (a place a trainer container or process runs) offers the pipeline."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from launcher.ui import UI
+
+
+@dataclass
+class Job:
+    """One trainer invocation; the backend maps the paths to wherever the trainer sees them."""
+
+    run_id: str
+    trainer_args: list[str]  # everything except --data/--out/--weights
+    data_dir: str  # as the machine running the trainer sees it
+    out_dir: str  # likewise; on the local host this is runs/<run-id>/ itself
+    weights: str = "none"  # none | imagenet | a file path as that machine sees it
+    gpus: int = 1  # trainer processes, one per GPU (N > 1 runs torchrun); 0 forces the CPU
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """What prepare() found or made: the image (if any) and what the trainer will run on."""
+
+    image_tag: str | None
+    image_built: bool
+    device: str  # "gpu" or "cpu"
+    gpu_count: int = 0
+
+
+class Backend(ABC):
+    """Run the trainer somewhere: prepare, start detached, follow logs, wait, stop, clean up.
+
+    A handle is a JSON-able dict saved in the ledger, so `attach`, `stop` and `status` can find
+    the job again from another process.
+    """
+
+    name: str
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line: what this backend is, for the user."""
+
+    @abstractmethod
+    def prepare(self, ui: UI) -> Prepared:
+        """Make sure the trainer can start (image built, device chosen)."""
+
+    @abstractmethod
+    def start(self, job: Job, prepared: Prepared, ui: UI) -> dict:
+        """Start the trainer detached; return its handle."""
+
+    @abstractmethod
+    def follow_logs(self, handle: dict) -> Iterator[str]:
+        """Every log line from the beginning, then new ones until the job ends."""
+
+    @abstractmethod
+    def read_logs(self, handle: dict) -> list[str]:
+        """The log lines so far, without waiting."""
+
+    @abstractmethod
+    def wait(self, handle: dict) -> int:
+        """Block until the job ends; its exit code."""
+
+    @abstractmethod
+    def is_running(self, handle: dict) -> bool:
+        """Whether the trainer is still running."""
+
+    @abstractmethod
+    def exit_code(self, handle: dict) -> int | None:
+        """The exit code once the job has ended, None while it runs or when it is unknown."""
+
+    @abstractmethod
+    def stop(self, handle: dict, timeout_s: int = 120) -> None:
+        """SIGTERM (the trainer saves last.pth at the next step), then force after timeout_s."""
+
+    @abstractmethod
+    def finish(self, handle: dict, out_dir: Path) -> None:
+        """After the job ended: make sure all outputs are in out_dir and release what it held."""
+
+
+def trainer_argv(job: Job, data_dir: str, out_dir: str, weights: str) -> list[str]:
+    return ["--data", data_dir, "--out", out_dir, "--weights", weights, *job.trainer_args]
+
+
+def launcher_argv(python: str, nproc: int) -> list[str]:
+    """How to start the trainer: plainly, or under torchrun for several GPUs (or CPU processes)."""
+    if nproc > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.train"]
+    return [python, "-m", "trainer.train"]

@@ -1,0 +1,295 @@
+"""The `gpu-run` command line: parse, call one function, render. Our errors are caught here, once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from launcher import pipeline
+from launcher.config import load_config
+from launcher.errors import GpuRunError
+from launcher.ledger import Ledger
+from launcher.state import ledger_path
+from launcher.ui import UI
+
+
+class Context:
+    def __init__(self, debug: bool):
+        self.debug = debug
+
+
+def handle_errors(func):
+    """One line for an error the user can fix (traceback only with --debug), non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except pipeline.Detached as d:
+            Console(stderr=True).print(
+                f"\nDetached from {d.run_id}; training goes on. Come back with: gpu-run attach {d.run_id}"
+            )
+            sys.exit(0)
+        except GpuRunError as e:
+            if debug:
+                raise
+            UI().error(str(e))
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            UI().error("interrupted")
+            sys.exit(130)
+
+    return wrapper
+
+
+def open_ledger() -> Ledger:
+    return Ledger(ledger_path())
+
+
+def print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def print_summary(ui: UI, s: dict) -> None:
+    best = f"{s['best_val_acc'] * 100:.1f}%" if s.get("best_val_acc") is not None else "-"
+    ui.info("")
+    ui.info(f"run {s['run_id']}: {s['status']} (exit code {s['exit_code']}) on {s['host']} [{s['backend']}, {s['device']}]")
+    ui.info(f"  model {s['model']}, epochs {s['epochs_completed']}/{s['epochs']}, best val acc {best}, "
+            f"{s['duration_s']:.1f}s")
+    ui.info(f"  outputs: {s['run_dir']}")
+    cost = s["cost"]
+    ui.info(f"  cost: {cost['amount']:.2f} {cost['currency']} ({cost['billed_s']} s billed)")
+    if s["status"] == "stopped":
+        ui.info(f"  stopped with a resumable last.pth: gpu-run train --resume {s['run_id']} ...")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="gpu-run")
+def cli(debug: bool) -> None:
+    """Run a PyTorch training job on a GPU host and leave nothing running behind it."""
+
+
+@cli.command()
+@click.option("--host", default="local", show_default=True, help="Host name from gpu-run.toml, or the built-in local.")
+@click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
+@click.option("--model", default="resnet18", show_default=True, help="torchvision classification model.")
+@click.option("--weights", default="none", show_default=True, help="none, imagenet, or a .pth file.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--step-size", type=int, default=5, show_default=True, help="Multiply the lr by --gamma every this many epochs.")
+@click.option("--gamma", type=float, default=0.5, show_default=True, help="LR decay factor.")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--workers", type=int, default=-1, help="Data loader processes (default: from the host's cores).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs; >1 runs DDP; 0 forces the CPU.")
+@click.option("--amp", type=click.Choice(["auto", "off"]), default="auto", show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--detach", is_flag=True, help="Start and return at once; follow later with `gpu-run attach`.")
+@click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON, nothing else on stdout.")
+@handle_errors
+def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, workers, seed, gpus,
+          amp, compile_, detach, resume, runs_dir, as_json) -> None:
+    """Train on a host: check, build, run, follow, pull, record the cost."""
+    ledger = open_ledger()
+    if data is None:
+        if not resume:
+            raise GpuRunError("missing --data DIR (a folder with train/<class>/ and val/<class>/)")
+        data = Path(ledger.get_run(resume).data_path)
+    spec = pipeline.TrainSpec(
+        host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
+        step_size=step_size, gamma=gamma, image_size=image_size, workers=workers, seed=seed, gpus=gpus, amp=amp,
+        compile=compile_, detach=detach, runs_dir=runs_dir, resume=resume,
+    )
+    ui = UI(quiet=as_json)
+    summary = pipeline.train(spec, load_config(), ledger, ui)
+    if as_json:
+        print_json(summary)
+    elif summary.get("status") != "detached":
+        print_summary(ui, summary)
+    if summary.get("status") == "failed":
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def attach(run_id: str, as_json: bool) -> None:
+    """Re-attach the live display to a running job, then pull its outputs."""
+    ui = UI(quiet=as_json)
+    summary = pipeline.attach(run_id, load_config(), open_ledger(), ui)
+    if as_json:
+        print_json(summary)
+    elif "exit_code" in summary:
+        print_summary(ui, summary)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def stop(run_id: str, as_json: bool) -> None:
+    """Stop a run: the trainer saves a resumable last.pth, outputs are pulled, the host stops."""
+    ui = UI(quiet=as_json)
+    summary = pipeline.stop(run_id, load_config(), open_ledger(), ui)
+    if as_json:
+        print_json(summary)
+    elif "exit_code" in summary:
+        print_summary(ui, summary)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the run ends.")
+@handle_errors
+def logs(run_id: str, follow: bool) -> None:
+    """Print a run's trainer log."""
+    for line in pipeline.log_lines(run_id, follow, load_config(), open_ledger(), UI()):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def status(run_id: str, as_json: bool) -> None:
+    """A run's state, phases and latest metrics (live from its host when it runs)."""
+    state = pipeline.live_status(run_id, load_config(), open_ledger(), UI(quiet=True))
+    if as_json:
+        print_json(state)
+        return
+    console = Console(highlight=False)
+    console.print(f"run {state['run_id']} on {state['host']} [{state['backend']}]: [bold]{state['status']}[/bold]")
+    if "trainer" in state:
+        console.print(f"  trainer: {state['trainer']}")
+    if state.get("best_val_acc") is not None:
+        console.print(f"  best val acc {state['best_val_acc'] * 100:.1f}%")
+    if "last_epoch" in state:
+        e = state["last_epoch"]
+        console.print(f"  last epoch {e['epoch']}: val acc {e['val_acc'] * 100:.1f}%, train loss {e['train_loss']:.4f}")
+    table = Table("phase", "status", "started", "duration")
+    for p in state["phases"]:
+        table.add_row(p["phase"], p["status"], when(p["started_at"]),
+                      f"{p['duration_s']:.1f}s" if p["duration_s"] is not None else "running")
+    console.print(table)
+    console.print(f"  outputs: {state['run_dir']}")
+
+
+@cli.command()
+@click.option("--host", help="Only runs on this host.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def runs(host: str | None, limit: int, as_json: bool) -> None:
+    """List recorded runs, newest first."""
+    records = open_ledger().list_runs(host=host, limit=limit)
+    if as_json:
+        print_json([
+            {"run_id": r.run_id, "host": r.host, "model": r.model, "status": r.status, "exit_code": r.exit_code,
+             "created_at": r.created_at, "ended_at": r.ended_at, "best_val_acc": r.best_val_acc,
+             "cost": r.cost_amount, "currency": r.currency, "run_dir": r.run_dir}
+            for r in records
+        ])
+        return
+    table = Table()
+    table.add_column("run", no_wrap=True)
+    for column in ("host", "model", "status", "started", "best val acc", "cost"):
+        table.add_column(column)
+    for r in records:
+        acc = f"{r.best_val_acc * 100:.1f}%" if r.best_val_acc is not None else "-"
+        cost = f"{r.cost_amount:.2f} {r.currency}" if r.cost_amount is not None else "-"
+        table.add_row(r.run_id, r.host, r.model or "-", r.status, when(r.created_at), acc, cost)
+    Console().print(table)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def hosts(as_json: bool) -> None:
+    """List the configured hosts (gpu-run.toml) and the built-in local host."""
+    config = load_config()
+    rows = [
+        {"name": h.name, "kind": h.kind, "address": h.ssh or h.instance_id or "local Docker engine",
+         "price_per_hour": h.price_per_hour, "currency": h.currency, "billing": h.billing,
+         "stop_command": h.stop_command}
+        for h in config.hosts.values()
+    ]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("host", "kind", "address", "price/hour", "billing", "stop command")
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["address"], f"{r['price_per_hour']:.2f} {r['currency']}",
+                      r["billing"], r["stop_command"] or "-")
+    Console().print(table)
+    Console(stderr=True).print(f"config: {config.source or 'none (built-in local host only)'}")
+
+
+@cli.group()
+def image() -> None:
+    """The trainer image and its offline CPU base."""
+
+
+@image.command("build-base")
+@handle_errors
+def image_build_base() -> None:
+    """Build gpu-run-base:cpu on the local engine without a registry (debootstrap, about 2 minutes)."""
+    from launcher.backends.docker_engine import connect
+    from launcher.image import CPU_BASE_IMAGE, build_cpu_base, image_exists
+
+    client = connect()
+    if client is None:
+        raise GpuRunError("no Docker engine reachable: start dockerd (or Docker Desktop) first")
+    ui = UI()
+    if image_exists(client, CPU_BASE_IMAGE):
+        ui.info(f"{CPU_BASE_IMAGE} already exists")
+        return
+    build_cpu_base(ui)
+
+
+@cli.command("demo-data")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--classes", type=int, default=2, show_default=True)
+@click.option("--train-per-class", type=int, default=150, show_default=True)
+@click.option("--val-per-class", type=int, default=50, show_default=True)
+@click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int, size: int, seed: int) -> None:
+    """Write a small generated ImageFolder dataset (textures a CNN learns in an epoch or two)."""
+    from launcher.demo_data import PATTERNS, make_dataset
+
+    if not 2 <= classes <= len(PATTERNS):
+        raise GpuRunError(f"--classes must be between 2 and {len(PATTERNS)}")
+    if path.exists() and any(path.iterdir()):
+        UI().info(f"{path} already exists; keeping it")
+        return
+    make_dataset(path, classes, train_per_class, val_per_class, size, seed)
+    UI().info(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {path}")
+
+
+def main() -> None:
+    cli(prog_name="gpu-run")
+
+
+if __name__ == "__main__":
+    main()

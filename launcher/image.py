@@ -1,0 +1,134 @@
+"""The trainer image: build context, content-hashed tag, base image choice, build on an engine.
+
+The tag is a hash of everything that goes into the image (Dockerfile, trainer code, base image
+name), so an unchanged trainer is never rebuilt on an engine that already has it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from launcher.errors import BackendError
+from launcher.state import project_root
+from launcher.ui import UI
+
+IMAGE_REPO = "gpu-run-trainer"
+CPU_BASE_IMAGE = "gpu-run-base:cpu"
+# An official PyTorch CUDA runtime image; any image with python3, torch and torchvision works.
+CUDA_BASE_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+
+
+def context_files(root: Path | None = None) -> list[tuple[str, bytes]]:
+    """(path in the build context, content), sorted, so the hash is stable across machines."""
+    root = root or project_root()
+    files = [("Dockerfile", (root / "docker" / "Dockerfile").read_bytes())]
+    for path in sorted((root / "trainer").glob("*.py")):
+        files.append((f"trainer/{path.name}", path.read_bytes()))
+    return files
+
+
+def image_tag(files: list[tuple[str, bytes]], base_image: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"base={base_image}\n".encode())
+    for name, content in files:
+        h.update(f"{name}\n{len(content)}\n".encode())
+        h.update(content)
+    return f"{IMAGE_REPO}:{h.hexdigest()[:12]}"
+
+
+def context_tar(files: list[tuple[str, bytes]]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, content in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mode = 0o644
+            info.mtime = 0  # the layer cache keys on file content and metadata: keep it fixed
+            tar.addfile(info, io.BytesIO(content))
+    buf.seek(0)
+    return buf
+
+
+def choose_base_image(configured: str | None, has_nvidia_runtime: bool) -> str:
+    if configured:
+        return configured
+    return CUDA_BASE_IMAGE if has_nvidia_runtime else CPU_BASE_IMAGE
+
+
+def image_exists(client: docker.DockerClient, ref: str) -> bool:
+    try:
+        client.images.get(ref)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def build_cpu_base(ui: UI, docker_host: str | None = None) -> None:
+    """Run docker/build-base-cpu.sh (debootstrap + docker import) against an engine."""
+    script = project_root() / "docker" / "build-base-cpu.sh"
+    env = dict(os.environ)
+    if docker_host:
+        env["DOCKER_HOST"] = docker_host
+    with ui.spinner(f"building the offline CPU base image {CPU_BASE_IMAGE} (debootstrap, about 2 minutes)"):
+        proc = subprocess.run(["bash", str(script), CPU_BASE_IMAGE], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise BackendError(
+            f"could not build {CPU_BASE_IMAGE}: {last[0]}; run `sudo gpu-run image build-base` "
+            f"or set base_image in the host's config"
+        )
+    ui.info(f"built base image {CPU_BASE_IMAGE}")
+
+
+def ensure_base_image(client: docker.DockerClient, base_image: str, ui: UI, docker_host: str | None = None) -> None:
+    if image_exists(client, base_image):
+        return
+    if base_image == CPU_BASE_IMAGE:
+        build_cpu_base(ui, docker_host)
+        return
+    with ui.spinner(f"pulling base image {base_image}"):
+        try:
+            client.images.pull(base_image)
+        except docker.errors.APIError as e:
+            raise BackendError(
+                f"base image {base_image} is not on the engine and could not be pulled ({e.explanation}); "
+                f"pull it there or set base_image in the host's config"
+            ) from None
+
+
+def ensure_trainer_image(client: docker.DockerClient, base_image: str, ui: UI,
+                         docker_host: str | None = None) -> tuple[str, bool]:
+    """Return (tag, built): build only when the engine lacks this exact content hash."""
+    files = context_files()
+    tag = image_tag(files, base_image)
+    if image_exists(client, tag):
+        ui.info(f"image {tag} is up to date (no build needed)")
+        return tag, False
+    ensure_base_image(client, base_image, ui, docker_host)
+    with ui.spinner(f"building {tag} on {base_image}") as status:
+        stream = client.api.build(
+            fileobj=context_tar(files),
+            custom_context=True,
+            tag=tag,
+            buildargs={"BASE_IMAGE": base_image},
+            labels={"gpu-run": "trainer"},
+            rm=True,
+            forcerm=True,
+            decode=True,
+        )
+        for chunk in stream:
+            if "error" in chunk:
+                raise BackendError(f"image build failed: {chunk['error'].strip()}")
+            line = chunk.get("stream", "").strip()
+            if line.startswith("Step "):
+                status.update(f"building {tag}: {line}")
+    ui.info(f"built image {tag}")
+    return tag, True

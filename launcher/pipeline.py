@@ -1,0 +1,332 @@
+"""A training run from spec to ledger: check, plan, connect, build, start, follow, pull, record.
+
+Data flows one way: a TrainSpec and the Config become a plan (what will run where, recorded in
+the ledger before anything starts), the plan's actions go through a Backend, and every outcome
+lands in the Ledger and in runs/<run-id>/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+from launcher.backends import Backend, Job, backend_for_host, backend_for_run
+from launcher.config import Config, Host
+from launcher.cost import billed_seconds, cost_of, format_money
+from launcher.dataset import DatasetInfo, validate_dataset
+from launcher.errors import ConfigError, GpuRunError
+from launcher.events import read_metrics, status_for_exit
+from launcher.ledger import Ledger, RunRecord
+from launcher.ui import UI, TrainingDisplay
+
+STOP_TIMEOUT_S = 120  # time the trainer gets to finish its step and write last.pth
+
+
+class Detached(Exception):
+    """The user pressed Ctrl-C while following: the run goes on without us."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
+@dataclass
+class TrainSpec:
+    """What the user asked `gpu-run train` for."""
+
+    host: str
+    data: Path
+    model: str = "resnet18"
+    weights: str = "none"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    step_size: int = 5
+    gamma: float = 0.5
+    image_size: int = 224
+    workers: int = -1
+    seed: int = 0
+    gpus: int = 1
+    amp: str = "auto"
+    compile: bool = False
+    detach: bool = False
+    runs_dir: Path = Path("runs")
+    resume: str | None = None  # a run id whose last.pth this run continues from
+    extra_env: dict = field(default_factory=dict)
+
+    def trainer_args(self) -> list[str]:
+        args = [
+            "--model", self.model, "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
+            "--lr", str(self.lr), "--step-size", str(self.step_size), "--gamma", str(self.gamma),
+            "--image-size", str(self.image_size), "--workers", str(self.workers), "--seed", str(self.seed),
+            "--amp", self.amp,
+        ]
+        if self.compile:
+            args.append("--compile")
+        if self.resume:
+            args.append("--resume")
+        return args
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def check_spec(spec: TrainSpec) -> None:
+    """Command-line values that cannot work, caught before anything starts."""
+    for name in ("epochs", "batch_size"):
+        if getattr(spec, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(spec, name)}")
+    if spec.image_size < 32:
+        raise ConfigError(f"--image-size must be at least 32 pixels, got {spec.image_size}")
+    if spec.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {spec.lr}")
+    if spec.gpus < 0:
+        raise ConfigError(f"--gpus must be 0 (CPU) or more, got {spec.gpus}")
+    if spec.weights not in ("none", "imagenet") and not Path(spec.weights).expanduser().is_file():
+        raise ConfigError(f"--weights {spec.weights}: no such file; use none, imagenet or a path to a .pth file")
+    import torchvision  # imported here: only train needs it, and it takes a second
+
+    models = torchvision.models.list_models(module=torchvision.models)
+    if spec.model not in models:
+        raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(sorted(models))}")
+
+
+def check_dataset(data: Path, ui: UI) -> DatasetInfo:
+    with ui.progress("checking images", total=0) as update:
+        info = validate_dataset(data, progress=lambda done, total: update(completed=done, total=total))
+    if info.unreadable:
+        shown = ", ".join(info.unreadable[:3]) + (" ..." if len(info.unreadable) > 3 else "")
+        ui.warn(f"{len(info.unreadable)} unreadable image(s) will be skipped: {shown}")
+    return info
+
+
+def copy_resume_state(ledger: Ledger, resume: str, run_dir: Path) -> str:
+    """Seed the new run folder with the stopped run's last.pth (and its history)."""
+    previous = ledger.get_run(resume)
+    source = Path(previous.run_dir or "")
+    last = source / "checkpoints" / "last.pth"
+    if not last.is_file():
+        raise ConfigError(f"run {previous.run_id} has no checkpoints/last.pth to resume from; `gpu-run pull {previous.run_id}` first")
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(last, run_dir / "checkpoints" / "last.pth")
+    for name in ("checkpoints/best.pth", "metrics.jsonl", "predictions.csv"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, run_dir / name)
+    return previous.run_id
+
+
+def run_cost(host: Host, run: RunRecord, now: float | None = None) -> tuple[Decimal, int]:
+    """Amount and billed seconds of a run, so far if it has not ended."""
+    if run.billed_from is None:
+        return Decimal("0.00"), 0
+    end = run.billed_to if run.billed_to is not None else (now or time.time())
+    span = max(0.0, end - run.billed_from)
+    return cost_of(span, host.price_per_hour, host.billing, host.min_billed_s), billed_seconds(span, host.billing, host.min_billed_s)
+
+
+def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
+    host = config.host(spec.host)
+    check_spec(spec)
+    info = check_dataset(spec.data, ui)
+
+    run_id = new_run_id()
+    run_dir = (spec.runs_dir / run_id).resolve()
+    run_dir.mkdir(parents=True)
+    resumed_from = copy_resume_state(ledger, spec.resume, run_dir) if spec.resume else None
+    plan = {
+        "spec": {**asdict(spec), "data": str(info.root.resolve()), "runs_dir": str(spec.runs_dir)},
+        "classes": info.classes,
+        "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)},
+    }
+    ledger.create_run(
+        run_id, host.name, model=spec.model, data_path=str(info.root.resolve()), dataset_id=info.dataset_id,
+        run_dir=str(run_dir), args_json=json.dumps(plan), currency=host.currency, resumed_from=resumed_from,
+    )
+    ui.info(f"run {run_id} on host {host.name}: {spec.model}, {len(info.classes)} classes, "
+            f"{info.num_train} train / {info.num_val} val images -> {run_dir}")
+
+    try:
+        with ledger.phase(run_id, "connect"):
+            backend = backend_for_host(host, ui)
+        ledger.update_run(run_id, backend=backend.name, billed_from=time.time() if not host.is_free else None)
+        ui.info(f"backend: {backend.describe()}")
+        with ledger.phase(run_id, "build"):
+            prepared = backend.prepare(ui)
+        ledger.update_run(run_id, image_tag=prepared.image_tag)
+        job = Job(
+            run_id=run_id, trainer_args=spec.trainer_args(), data_dir=str(info.root.resolve()),
+            out_dir=str(run_dir), weights=str(Path(spec.weights).expanduser().resolve())
+            if spec.weights not in ("none", "imagenet") else spec.weights,
+            gpus=spec.gpus, env=dict(spec.extra_env),
+        )
+        ledger.start_phase(run_id, "train")
+        handle = backend.start(job, prepared, ui)
+        handle.update(image_built=prepared.image_built, device=prepared.device)
+        ledger.update_run(run_id, handle_json=json.dumps(handle), status="running")
+    except BaseException as e:
+        ledger.update_run(run_id, status="failed", ended_at=time.time())
+        if isinstance(e, GpuRunError):
+            ledger.end_phase(run_id, "train", "failed", str(e))
+        raise
+
+    if spec.detach:
+        ledger.update_run(run_id, status="detached")
+        ui.info(f"started detached. Follow with: gpu-run attach {run_id}")
+        return {"run_id": run_id, "status": "detached", "run_dir": str(run_dir)}
+    return follow_and_finish(ledger.get_run(run_id), host, backend, ledger, ui)
+
+
+def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, ui: UI) -> dict:
+    """Show the live display until the trainer ends, then pull, record and summarise.
+
+    Ctrl-C raises Detached: the run goes on and `gpu-run attach` picks it up again.
+    """
+    run_dir = Path(run.run_dir)
+    handle = run.handle
+
+    def cost_line() -> str:
+        if host.is_free:
+            return ""
+        amount, _ = run_cost(host, ledger.get_run(run.run_id))
+        return format_money(amount, host.currency)
+
+    ledger.update_run(run.run_id, status="running")
+    try:
+        with TrainingDisplay(ui, cost_line) as display, open(run_dir / "train.log", "w") as log:
+            # Replaying from the start rewrites train.log whole, so an attach never duplicates lines.
+            for line in backend.follow_logs(handle):
+                log.write(line + "\n")
+                log.flush()
+                display.feed(line)
+        exit_code = backend.wait(handle)
+    except KeyboardInterrupt:
+        ledger.update_run(run.run_id, status="detached")
+        raise Detached(run.run_id) from None
+    return finish_run(run, host, backend, exit_code, ledger, ui)
+
+
+def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI) -> dict:
+    run_dir = Path(run.run_dir)
+    ended = time.time()
+    status = status_for_exit(exit_code)
+    ledger.end_phase(run.run_id, "train", "ok" if status != "failed" else "failed", f"exit code {exit_code}", at=ended)
+    with ledger.phase(run.run_id, "pull"):
+        backend.finish(run.handle, run_dir)
+    missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
+    if status == "succeeded" and missing:
+        status = "failed"
+        ui.error(f"the trainer exited 0 but {', '.join(missing)} did not arrive in {run_dir}")
+    ledger.update_run(run.run_id, billed_to=time.time() if run.billed_from is not None else None)
+    summary = build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ledger.update_run(
+        run.run_id, status=status, exit_code=exit_code, ended_at=ended, summary_json=json.dumps(summary),
+        best_val_acc=summary["best_val_acc"], cost_amount=summary["cost"]["amount"],
+    )
+    return summary
+
+
+def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended: float) -> dict:
+    run_dir = Path(run.run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = read_metrics(metrics_path.read_text()) if metrics_path.is_file() else []
+    plan = run.args
+    amount, billed = run_cost(host, run, now=ended)
+    handle = run.handle
+    return {
+        "run_id": run.run_id,
+        "host": run.host,
+        "backend": run.backend,
+        "device": handle.get("device"),
+        "model": run.model,
+        "classes": plan.get("classes", []),
+        "epochs": plan.get("spec", {}).get("epochs"),
+        "epochs_completed": metrics[-1]["epoch"] if metrics else 0,
+        "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
+        "final_val_acc": metrics[-1]["val_acc"] if metrics else None,
+        "status": status,
+        "exit_code": exit_code,
+        "duration_s": round(ended - run.created_at, 3),
+        "image_tag": run.image_tag,
+        "image_built": handle.get("image_built"),
+        "dataset": {"path": run.data_path, "id": run.dataset_id, **plan.get("dataset", {})},
+        "cost": {"amount": float(amount), "currency": host.currency, "billed_s": billed},
+        "resumed_from": run.resumed_from,
+        "run_dir": str(run_dir),
+    }
+
+
+# Commands on an existing run -------------------------------------------------------------------
+
+
+def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+    run = ledger.get_run(run_id)
+    if run.status not in ("running", "detached", "created"):
+        ui.info(f"run {run.run_id} already ended ({run.status})")
+        return run.summary or {"run_id": run.run_id, "status": run.status}
+    host = config.host(run.host)
+    backend = backend_for_run(host, run.handle, ui)
+    return follow_and_finish(run, host, backend, ledger, ui)
+
+
+def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+    """Ask the trainer to stop (it writes last.pth), then pull and record, as at a normal end."""
+    run = ledger.get_run(run_id)
+    if run.status not in ("running", "detached", "created"):
+        ui.info(f"run {run.run_id} already ended ({run.status})")
+        return run.summary or {"run_id": run.run_id, "status": run.status}
+    host = config.host(run.host)
+    backend = backend_for_run(host, run.handle, ui)
+    with ui.spinner(f"stopping {run.run_id}: the trainer finishes its step and saves last.pth"):
+        backend.stop(run.handle, STOP_TIMEOUT_S)
+        exit_code = backend.wait(run.handle)
+    # Keep the log as it was at the end, as a followed run would have.
+    (Path(run.run_dir) / "train.log").write_text("".join(line + "\n" for line in backend.read_logs(run.handle)))
+    return finish_run(run, host, backend, exit_code, ledger, ui)
+
+
+def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+    run = ledger.get_run(run_id)
+    state = {
+        "run_id": run.run_id, "host": run.host, "backend": run.backend, "model": run.model,
+        "status": run.status, "exit_code": run.exit_code, "best_val_acc": run.best_val_acc,
+        "created_at": run.created_at, "ended_at": run.ended_at, "run_dir": run.run_dir,
+        "phases": [
+            {"phase": p.phase, "status": p.status, "started_at": p.started_at, "ended_at": p.ended_at,
+             "duration_s": p.duration_s}
+            for p in ledger.phases(run.run_id)
+        ],
+    }
+    if run.status in ("running", "detached") and run.handle:
+        host = config.host(run.host)
+        try:
+            backend = backend_for_run(host, run.handle, ui)
+            code = backend.exit_code(run.handle)
+            state["trainer"] = "running" if code is None else f"ended with exit code {code} (attach to pull)"
+        except GpuRunError as e:
+            state["trainer"] = f"unknown: {e}"
+        metrics_path = Path(run.run_dir) / "metrics.jsonl"
+        if metrics_path.is_file():
+            metrics = read_metrics(metrics_path.read_text())
+            if metrics:
+                state["last_epoch"] = metrics[-1]
+    return state
+
+
+def log_lines(run_id: str, follow: bool, config: Config, ledger: Ledger, ui: UI):
+    """The run's log: from the backend while the run is live, else the saved train.log."""
+    run = ledger.get_run(run_id)
+    saved = Path(run.run_dir or "") / "train.log"
+    if run.status in ("running", "detached") and run.handle:
+        backend = backend_for_run(config.host(run.host), run.handle, ui)
+        yield from backend.follow_logs(run.handle) if follow else backend.read_logs(run.handle)
+        return
+    if not saved.is_file():
+        raise GpuRunError(f"run {run.run_id} has no train.log in {run.run_dir}")
+    yield from saved.read_text().splitlines()

@@ -1,0 +1,186 @@
+"""What the user sees: one-line messages, spinners, progress bars and the live training display."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from launcher.events import parse_event
+
+
+class _NullStatus:
+    def update(self, *_args, **_kwargs) -> None:
+        pass
+
+
+class UI:
+    """All terminal output goes through here; quiet (for --json) keeps stdout clean for the result."""
+
+    def __init__(self, quiet: bool = False, console: Console | None = None):
+        self.quiet = quiet
+        self.console = console or Console(stderr=quiet, highlight=False)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[yellow]warning:[/yellow] {message}")
+
+    def error(self, message: str) -> None:
+        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}")
+
+    @contextmanager
+    def spinner(self, message: str) -> Iterator:
+        if self.quiet:
+            yield _NullStatus()
+            return
+        with self.console.status(message) as status:
+            yield status
+
+    @contextmanager
+    def progress(self, description: str, total: int, unit: str = "files") -> Iterator[Callable[..., None]]:
+        """A bar; the yielded function sets (completed, total) or advances by `advance`."""
+        if self.quiet:
+            yield lambda *a, **k: None
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        if unit == "bytes":
+            columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+        columns.append(TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task(description, total=total)
+
+            def update(completed: int | None = None, total: int | None = None, advance: int = 0) -> None:
+                kwargs = {}
+                if completed is not None:
+                    kwargs["completed"] = completed
+                if total is not None:
+                    kwargs["total"] = total
+                if advance:
+                    kwargs["advance"] = advance
+                progress.update(task, **kwargs)
+
+            yield update
+
+
+class TrainingDisplay:
+    """Turns the trainer's event lines into a live bar plus one printed line per epoch.
+
+    `cost_so_far` is called at each update so the bar shows what the run has cost until now.
+    """
+
+    def __init__(self, ui: UI, cost_so_far: Callable[[], str] | None = None):
+        self.ui = ui
+        self.cost_so_far = cost_so_far or (lambda: "")
+        self.progress: Progress | None = None
+        self.task = None
+        self.steps_per_epoch = 0
+        self.epochs = 0
+        self.last: dict = {}
+        self.events: list[dict] = []
+
+    def __enter__(self) -> "TrainingDisplay":
+        if not self.ui.quiet:
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                TextColumn("step {task.fields[step]}"),
+                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} img/s"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[cost]}"),
+                console=self.ui.console,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def _print(self, message: str, style: str = "") -> None:
+        if self.progress:
+            self.progress.console.print(message, style=style, markup=False, highlight=False)
+
+    def feed(self, line: str) -> dict | None:
+        event = parse_event(line)
+        if event is None:
+            if line.strip():
+                self._print(line.rstrip(), style="dim")
+            return None
+        self.events.append(event)
+        handler = getattr(self, f"_on_{event['event']}", None)
+        if handler:
+            handler(event)
+        return event
+
+    def _on_start(self, e: dict) -> None:
+        self.steps_per_epoch, self.epochs = e["steps_per_epoch"], e["epochs"]
+        self._print(
+            f"training {e['model']} on {e['device_name']} ({e['device']}, amp {e['amp']}): "
+            f"{e['train_images']} train / {e['val_images']} val images, {len(e['classes'])} classes, "
+            f"epochs {e['start_epoch']}..{e['epochs']}"
+        )
+        if self.progress and self.task is None:
+            total = max(1, self.epochs * self.steps_per_epoch)
+            done = (e["start_epoch"] - 1) * self.steps_per_epoch
+            self.task = self.progress.add_task(
+                "train", total=total, completed=done, epoch=f"{e['start_epoch']}/{self.epochs}",
+                step="-", loss="-", acc="-", speed="-", cost=self.cost_so_far(),
+            )
+
+    def _update(self, **fields) -> None:
+        if self.progress and self.task is not None:
+            self.progress.update(self.task, cost=self.cost_so_far(), **fields)
+
+    def _on_step(self, e: dict) -> None:
+        self.last = e
+        self._update(
+            completed=(e["epoch"] - 1) * e["steps"] + e["step"],
+            epoch=f"{e['epoch']}/{self.epochs}",
+            step=f"{e['step']}/{e['steps']}",
+            loss=f"{e['loss']:.4f}",
+            acc=f"{e['acc'] * 100:.1f}%",
+            speed=f"{e['images_per_s']:.0f}",
+        )
+
+    def _on_epoch(self, e: dict) -> None:
+        star = "  * best" if e.get("best") else ""
+        mem = f"  gpu mem {e['gpu_mem_peak_mb']:.0f} MiB" if "gpu_mem_peak_mb" in e else ""
+        self._print(
+            f"epoch {e['epoch']}/{e['epochs']}  train loss {e['train_loss']:.4f} acc {e['train_acc'] * 100:.1f}%  "
+            f"val loss {e['val_loss']:.4f} acc {e['val_acc'] * 100:.1f}%  "
+            f"{e['train_images_per_s']:.0f} img/s  {e['epoch_time_s']:.1f}s{mem}{star}"
+        )
+        self._update(completed=e["epoch"] * self.steps_per_epoch)
+
+    def _on_oom(self, e: dict) -> None:
+        self._print(f"CUDA out of memory: micro-batch now {e['micro_batch']} "
+                    f"({e['accumulation_steps']} accumulation steps), training goes on", style="yellow")
+
+    def _on_skipped_image(self, e: dict) -> None:
+        self._print(f"skipped unreadable image {e['path']}", style="yellow")
+
+    def _on_resumed(self, e: dict) -> None:
+        self._print(f"resumed from last.pth at epoch {e['epoch']}, step {e['step']}")
+
+    def _on_stopped(self, e: dict) -> None:
+        self._print(f"stopped at epoch {e['epoch']} step {e['step']}; last.pth is resumable", style="yellow")
+
+    def _on_error(self, e: dict) -> None:
+        self._print(f"trainer error: {e['message']}", style="red")
