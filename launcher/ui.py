@@ -35,14 +35,14 @@ class UI:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, markup=False)
+            self.console.print(message, markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"[yellow]warning:[/yellow] {message}")
+            self.console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
     def error(self, message: str) -> None:
-        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}")
+        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", soft_wrap=True)
 
     @contextmanager
     def spinner(self, message: str) -> Iterator:
@@ -115,7 +115,7 @@ class TrainingDisplay:
 
     def _print(self, message: str, style: str = "") -> None:
         if self.progress:
-            self.progress.console.print(message, style=style, markup=False, highlight=False)
+            self.progress.console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
 
     def feed(self, line: str) -> dict | None:
         event = parse_event(line)

@@ -528,7 +528,7 @@ def main(args) -> int:
             "micro_batch": ctx.micro_batch,
             "seed": args.seed,
             "args": vars(args),
-            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+            "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
         }
 
     emit(

@@ -1,0 +1,34 @@
+# The two commands: `make demo` and `make test`. Both install what is missing first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_DATA := build/demo-data
+
+.PHONY: install demo test testbed benchmark clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned to the releases this project is tested with (a CUDA build that
+# also runs on the CPU); everything else comes from pyproject.toml.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/gpu-run demo-data $(DEMO_DATA)
+	$(BIN)/gpu-run train --host local --data $(DEMO_DATA) --epochs 2 --weights none --image-size 112
+
+testbed: install
+	bash tests/bed/up.sh
+
+test: testbed
+	$(BIN)/python -m pytest -q
+
+benchmark: install
+	$(BIN)/python benchmarks/bench_trainer.py
+
+clean:
+	rm -rf build runs .pytest_cache

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Brings up the test bed, idempotently: Docker engine, offline CPU base image, an OpenSSH server on
+# 127.0.0.1 playing the rented GPU host, and moto's S3/EC2 server. Writes .testbed/env for the tests.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bed="$root/.testbed"
+ssh_port="${GPU_RUN_TEST_SSH_PORT:-2222}"
+moto_port="${GPU_RUN_TEST_MOTO_PORT:-5055}"
+gpu_run="$root/.venv/bin/gpu-run"
+mkdir -p "$bed"
+
+say() { printf '[test bed] %s\n' "$*"; }
+
+# 1. Packages -------------------------------------------------------------------------------------
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v rsync >/dev/null || need+=(rsync)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "the test bed needs ${need[*]}: run as root or install them (apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  say "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# 2. Docker engine --------------------------------------------------------------------------------
+if ! docker info >/dev/null 2>&1; then
+  say "starting dockerd"
+  nohup dockerd >"$bed/dockerd.log" 2>&1 &
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { tail -20 "$bed/dockerd.log" >&2; echo "dockerd did not start" >&2; exit 1; }
+fi
+say "docker engine $(docker version --format '{{.Server.Version}}')"
+
+# 3. Offline CPU base image -----------------------------------------------------------------------
+"$gpu_run" image build-base
+
+# 4. sshd on 127.0.0.1 as the rented host ---------------------------------------------------------
+ssh_dir="$bed/ssh"
+mkdir -p "$ssh_dir"
+[ -f "$ssh_dir/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
+[ -f "$ssh_dir/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/id_ed25519"
+cp "$ssh_dir/id_ed25519.pub" "$ssh_dir/authorized_keys"
+chmod 600 "$ssh_dir/authorized_keys" "$ssh_dir/id_ed25519" "$ssh_dir/host_ed25519"
+cat >"$ssh_dir/sshd_config" <<CONF
+Port $ssh_port
+ListenAddress 127.0.0.1
+HostKey $ssh_dir/host_ed25519
+AuthorizedKeysFile $ssh_dir/authorized_keys
+PidFile $ssh_dir/sshd.pid
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+# Keys live under the work tree, whose parents may be group/world writable.
+StrictModes no
+UsePAM no
+# The Docker SDK opens one SSH session per HTTP connection.
+MaxSessions 100
+MaxStartups 100:30:200
+ClientAliveInterval 15
+Subsystem sftp internal-sftp
+CONF
+mkdir -p /run/sshd
+if ! (exec 3<>"/dev/tcp/127.0.0.1/$ssh_port") 2>/dev/null; then
+  say "starting sshd on 127.0.0.1:$ssh_port"
+  /usr/sbin/sshd -f "$ssh_dir/sshd_config" -E "$bed/sshd.log"
+  for _ in $(seq 1 20); do (exec 3<>"/dev/tcp/127.0.0.1/$ssh_port") 2>/dev/null && break; sleep 0.25; done
+fi
+
+# 5. moto server (S3, EC2) ------------------------------------------------------------------------
+if ! (exec 3<>"/dev/tcp/127.0.0.1/$moto_port") 2>/dev/null; then
+  say "starting moto_server on 127.0.0.1:$moto_port"
+  nohup "$root/.venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"$bed/moto.log" 2>&1 &
+  for _ in $(seq 1 40); do (exec 3<>"/dev/tcp/127.0.0.1/$moto_port") 2>/dev/null && break; sleep 0.25; done
+fi
+
+cat >"$bed/env" <<ENV
+GPU_RUN_TEST_SSH_HOST=127.0.0.1
+GPU_RUN_TEST_SSH_PORT=$ssh_port
+GPU_RUN_TEST_SSH_USER=$(id -un)
+GPU_RUN_TEST_SSH_KEY=$ssh_dir/id_ed25519
+GPU_RUN_TEST_SSH_HOST_KEY=$ssh_dir/host_ed25519.pub
+GPU_RUN_TEST_MOTO_URL=http://127.0.0.1:$moto_port
+ENV
+say "ready (.testbed/env)"
