@@ -1,0 +1,100 @@
+"""Pure logic: cost arithmetic, config parsing, the ledger, event parsing, image tags."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from launcher.config import parse_hosts
+from launcher.cost import billed_seconds, cost_of
+from launcher.errors import ConfigError, RunNotFound
+from launcher.events import parse_event, read_metrics, status_for_exit
+from launcher.image import image_tag
+from launcher.ledger import Ledger
+
+
+@pytest.mark.parametrize("duration, rule, minimum, billed", [
+    (0, "per_second", 60, 0),
+    (1.2, "per_second", 0, 2),
+    (30, "per_second", 60, 60),
+    (61.0000001, "per_second", 60, 61),  # float noise is not a second more
+    (61.2, "per_second", 60, 62),
+    (60.0000001, "per_minute", 0, 60),
+    (60.5, "per_minute", 0, 120),
+    (3600, "per_hour", 0, 3600),
+    (3601, "per_hour", 0, 7200),
+])
+def test_billed_seconds(duration, rule, minimum, billed):
+    assert billed_seconds(duration, rule, minimum) == billed
+
+
+def test_cost_is_exact_to_the_cent():
+    assert cost_of(3600, 0.526, "per_second") == Decimal("0.53")  # g4dn.xlarge, one hour
+    assert cost_of(30, 0.526, "per_second", 60) == Decimal("0.01")  # the 60 s minimum: 0.00877 -> 0.01
+    assert cost_of(1, 0.8, "per_hour") == Decimal("0.80")
+    assert cost_of(5400, 3.0, "per_minute") == Decimal("4.50")
+    assert cost_of(7 * 3600 + 1, 1.5, "per_second") == Decimal("10.50")  # 10.5004 rounds half-up to 10.50
+
+
+def test_config_parses_hosts_and_keeps_local():
+    hosts = parse_hosts({"hosts": {"t4-box": {"ssh": "t4-box", "price_per_hour": 0.8, "currency": "CNY",
+                                              "billing": "per_minute", "stop_command": "sudo shutdown -h now"}}})
+    assert set(hosts) == {"local", "t4-box"}
+    box = hosts["t4-box"]
+    assert (box.kind, box.price_per_hour, box.currency, box.billing) == ("ssh", 0.8, "CNY", "per_minute")
+    assert hosts["local"].is_local and hosts["local"].is_free
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"ssh": "x", "prise_per_hour": 1}, "unknown setting 'prise_per_hour'"),
+    ({"ssh": "x", "billing": "per_day"}, "billing must be one of per_second, per_minute, per_hour"),
+    ({"ssh": "x", "price_per_hour": -1}, "price_per_hour must be a number >= 0"),
+    ({"price_per_hour": 1}, "say how to reach it"),
+    ({"provider": "aws", "region": "us-east-1"}, "needs instance_id"),
+    ({"provider": "gcp"}, "provider 'gcp' is not supported"),
+    ({"ssh": "x", "sync": "s3"}, "needs bucket"),
+])
+def test_config_errors_name_the_problem(table, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_hosts({"hosts": {"box": table}})
+
+
+def test_aws_hosts_bill_at_least_a_minute():
+    host = parse_hosts({"hosts": {"g4": {"provider": "aws", "instance_id": "i-1", "region": "us-east-1"}}})["g4"]
+    assert host.kind == "aws" and host.min_billed_s == 60
+
+
+def test_ledger_records_runs_and_phases(tmp_path):
+    ledger = Ledger(tmp_path / "runs.db")
+    ledger.create_run("20260101-000000-abcd", "local", model="resnet18", created_at=100.0)
+    ledger.start_phase("20260101-000000-abcd", "build", at=101.0)
+    ledger.end_phase("20260101-000000-abcd", "build", at=103.5)
+    ledger.update_run("20260101-000000-abcd", status="succeeded", exit_code=0)
+    run = ledger.get_run("20260101")  # unique prefix
+    assert (run.status, run.exit_code, run.model) == ("succeeded", 0, "resnet18")
+    [phase] = ledger.phases(run.run_id)
+    assert (phase.phase, phase.status, phase.duration_s) == ("build", "ok", 2.5)
+    with pytest.raises(RunNotFound):
+        ledger.get_run("nope")
+    with pytest.raises(ValueError):
+        ledger.update_run(run.run_id, colour="red")
+
+
+def test_events_and_metrics():
+    assert parse_event('{"event": "epoch", "epoch": 1}') == {"event": "epoch", "epoch": 1}
+    assert parse_event("Downloading weights...") is None
+    assert parse_event("{not json") is None
+    assert parse_event('{"no_event": 1}') is None
+    assert [status_for_exit(c) for c in (0, 75, 1, 137)] == ["succeeded", "stopped", "failed", "failed"]
+    text = '{"epoch": 1, "val_acc": 0.5}\n{"epoch": 2, "val_acc": 0.6}\n{"epoch": 2, "val_acc": 0.7}\n'
+    assert [m["val_acc"] for m in read_metrics(text)] == [0.5, 0.7]
+
+
+def test_image_tag_follows_content_and_base():
+    files = [("Dockerfile", b"FROM x"), ("trainer/train.py", b"print(1)")]
+    tag = image_tag(files, "gpu-run-base:cpu")
+    assert tag.startswith("gpu-run-trainer:") and len(tag.split(":")[1]) == 12
+    assert image_tag(list(files), "gpu-run-base:cpu") == tag
+    assert image_tag(files, "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime") != tag
+    assert image_tag([files[0], ("trainer/train.py", b"print(2)")], "gpu-run-base:cpu") != tag
