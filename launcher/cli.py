@@ -78,6 +78,16 @@ def print_summary(ui: UI, s: dict) -> None:
         ui.info(f"  stopped with a resumable last.pth: gpu-run train --resume {s['run_id']} ...")
 
 
+def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise GpuRunError(f"--env {pair!r}: write it as KEY=VALUE")
+        env[key] = value
+    return env
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="gpu-run")
@@ -102,12 +112,20 @@ def cli(debug: bool) -> None:
 @click.option("--amp", type=click.Choice(["auto", "off"]), default="auto", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--detach", is_flag=True, help="Start and return at once; follow later with `gpu-run attach`.")
+@click.option("--max-hours", type=float, default=0, help="Stop the job (and host) after this long; 0: no limit.")
+@click.option("--silence-minutes", type=float, default=0, help="Stop a job that logs nothing this long; 0: never.")
+@click.option("--stop-timeout", type=int, default=120, show_default=True,
+              help="Seconds the trainer gets to save last.pth when stopped before it is killed.")
+@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable).")
+@click.option("--keep-alive", is_flag=True, help="Do not run the host's stop command at the end.")
+@click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON, nothing else on stdout.")
 @handle_errors
 def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, workers, seed, gpus,
-          amp, compile_, detach, resume, runs_dir, as_json) -> None:
+          amp, compile_, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, accept_new_host_key, resume,
+          runs_dir, as_json) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost."""
     ledger = open_ledger()
     if data is None:
@@ -117,7 +135,9 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
     spec = pipeline.TrainSpec(
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
         step_size=step_size, gamma=gamma, image_size=image_size, workers=workers, seed=seed, gpus=gpus, amp=amp,
-        compile=compile_, detach=detach, runs_dir=runs_dir, resume=resume,
+        compile=compile_, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
+        stop_timeout_s=stop_timeout, keep_alive=keep_alive, accept_new_host_key=accept_new_host_key,
+        runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
     )
     ui = UI(quiet=as_json)
     summary = pipeline.train(spec, load_config(), ledger, ui)
@@ -155,6 +175,43 @@ def stop(run_id: str, as_json: bool) -> None:
         print_json(summary)
     elif "exit_code" in summary:
         print_summary(ui, summary)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def pull(run_id: str, as_json: bool) -> None:
+    """Fetch a run's outputs into runs/<run-id>/ (verified); finishes a run whose job has ended."""
+    ui = UI(quiet=as_json)
+    summary = pipeline.pull(run_id, load_config(), open_ledger(), ui)
+    if as_json:
+        print_json(summary)
+    elif "exit_code" in summary:
+        print_summary(ui, summary)
+    else:
+        ui.info(f"outputs of {summary['run_id']} ({summary['status']}) are in {summary['run_dir']}")
+
+
+@cli.command()
+@click.argument("host_name", metavar="HOST")
+@click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
+    """Check a host: SSH login, Docker, NVIDIA runtime and GPUs, free disk, rsync, clock offset."""
+    from launcher.doctor import check_host
+
+    checks = check_host(load_config().host(host_name), accept_new_host_key)
+    if as_json:
+        print_json(checks)
+    else:
+        table = Table("check", "result", "")
+        for c in checks:
+            table.add_row(c["check"], c["result"], "[green]ok[/green]" if c["ok"] else "[red]problem[/red]")
+        Console().print(table)
+    if not all(c["ok"] for c in checks if c["required"]):
+        sys.exit(1)
 
 
 @cli.command()

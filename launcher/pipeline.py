@@ -55,6 +55,11 @@ class TrainSpec:
     amp: str = "auto"
     compile: bool = False
     detach: bool = False
+    max_hours: float = 0.0  # 0: no limit; enforced by the watchdog on the host
+    silence_minutes: float = 0.0  # 0: no limit; a job that logs nothing this long is stopped
+    stop_timeout_s: int = 120
+    keep_alive: bool = False
+    accept_new_host_key: bool = False
     runs_dir: Path = Path("runs")
     resume: str | None = None  # a run id whose last.pth this run continues from
     extra_env: dict = field(default_factory=dict)
@@ -86,6 +91,8 @@ def check_spec(spec: TrainSpec) -> None:
         raise ConfigError(f"--image-size must be at least 32 pixels, got {spec.image_size}")
     if spec.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {spec.lr}")
+    if spec.max_hours < 0 or spec.silence_minutes < 0:
+        raise ConfigError("--max-hours and --silence-minutes must be 0 (no limit) or more")
     if spec.gpus < 0:
         raise ConfigError(f"--gpus must be 0 (CPU) or more, got {spec.gpus}")
     if spec.weights not in ("none", "imagenet") and not Path(spec.weights).expanduser().is_file():
@@ -152,18 +159,24 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             f"{info.num_train} train / {info.num_val} val images -> {run_dir}")
 
     try:
+        # Billing starts with the run's first action on the machine.
+        ledger.update_run(run_id, billed_from=None if host.is_free else time.time())
         with ledger.phase(run_id, "connect"):
-            backend = backend_for_host(host, ui)
-        ledger.update_run(run_id, backend=backend.name, billed_from=time.time() if not host.is_free else None)
+            backend = backend_for_host(host, ui, spec.accept_new_host_key)
+        ledger.update_run(run_id, backend=backend.name)
         ui.info(f"backend: {backend.describe()}")
+        with ledger.phase(run_id, "sync"):
+            data_dir = backend.stage_data(info.root.resolve(), info.dataset_id, ui)
         with ledger.phase(run_id, "build"):
             prepared = backend.prepare(ui)
         ledger.update_run(run_id, image_tag=prepared.image_tag)
         job = Job(
-            run_id=run_id, trainer_args=spec.trainer_args(), data_dir=str(info.root.resolve()),
-            out_dir=str(run_dir), weights=str(Path(spec.weights).expanduser().resolve())
-            if spec.weights not in ("none", "imagenet") else spec.weights,
+            run_id=run_id, trainer_args=spec.trainer_args(), data_dir=data_dir,
+            out_dir=backend.out_dir_for(run_id, run_dir),
+            weights=str(Path(spec.weights).expanduser().resolve()) if spec.weights not in ("none", "imagenet") else spec.weights,
             gpus=spec.gpus, env=dict(spec.extra_env),
+            max_runtime_s=int(spec.max_hours * 3600), silence_s=int(spec.silence_minutes * 60),
+            stop_timeout_s=spec.stop_timeout_s, keep_alive=spec.keep_alive,
         )
         ledger.start_phase(run_id, "train")
         handle = backend.start(job, prepared, ui)
@@ -208,6 +221,10 @@ def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledg
     except KeyboardInterrupt:
         ledger.update_run(run.run_id, status="detached")
         raise Detached(run.run_id) from None
+    except GpuRunError:
+        # The client lost the host, not the run: the watchdog still stops the machine.
+        ledger.update_run(run.run_id, status="detached")
+        raise
     return finish_run(run, host, backend, exit_code, ledger, ui)
 
 
@@ -217,13 +234,17 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
     status = status_for_exit(exit_code)
     ledger.end_phase(run.run_id, "train", "ok" if status != "failed" else "failed", f"exit code {exit_code}", at=ended)
     with ledger.phase(run.run_id, "pull"):
-        backend.finish(run.handle, run_dir)
+        ended_info = backend.finish(run.handle, run_dir, ui)
+    with ledger.phase(run.run_id, "stop"):
+        stopped_at = backend.release(run.handle, ui)
     missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
     if status == "succeeded" and missing:
         status = "failed"
         ui.error(f"the trainer exited 0 but {', '.join(missing)} did not arrive in {run_dir}")
-    ledger.update_run(run.run_id, billed_to=time.time() if run.billed_from is not None else None)
+    if run.billed_from is not None:
+        ledger.update_run(run.run_id, billed_to=stopped_at or time.time())
     summary = build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended)
+    summary.update(ended_info)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ledger.update_run(
         run.run_id, status=status, exit_code=exit_code, ended_at=ended, summary_json=json.dumps(summary),
@@ -289,6 +310,19 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     # Keep the log as it was at the end, as a followed run would have.
     (Path(run.run_dir) / "train.log").write_text("".join(line + "\n" for line in backend.read_logs(run.handle)))
     return finish_run(run, host, backend, exit_code, ledger, ui)
+
+
+def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+    """Fetch what the run has produced; a run whose trainer ended is finished as at a normal end."""
+    run = ledger.get_run(run_id)
+    host = config.host(run.host)
+    backend = backend_for_run(host, run.handle, ui)
+    if run.status in ("running", "detached", "created"):
+        code = backend.exit_code(run.handle)
+        if code is not None:
+            return finish_run(run, host, backend, code, ledger, ui)
+    backend.pull(run.handle, Path(run.run_dir), ui)
+    return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir}
 
 
 def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:

@@ -100,3 +100,67 @@ def events(stdout: str) -> list[dict]:
         if line.startswith("{"):
             out.append(json.loads(line))
     return out
+
+
+class SshHost:
+    """The test bed's sshd as a rented host `t4-box`, seen from a laptop whose HOME is a temp folder."""
+
+    def __init__(self, tmp_path: Path, gpu_run_home: Path, grace_s: int = 3):
+        bed = testbed_env()
+        if not bed:
+            missing_test_bed("no .testbed/env (sshd not set up)")
+        self.port = int(bed["GPU_RUN_TEST_SSH_PORT"])
+        self.key = bed["GPU_RUN_TEST_SSH_KEY"]
+        self.host_key = Path(bed["GPU_RUN_TEST_SSH_HOST_KEY"]).read_text().split()[:2]
+        self.home = tmp_path / "home"
+        (self.home / ".ssh").mkdir(parents=True)
+        self.known_hosts = self.home / ".ssh" / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {' '.join(self.host_key)}\n")
+        self.write_ssh_config(user=bed["GPU_RUN_TEST_SSH_USER"], key=self.key)
+        self.workdir = tmp_path / "remote-workdir"
+        self.stop_marker = tmp_path / "host-stopped"
+        self.work = tmp_path / "work"
+        self.work.mkdir(exist_ok=True)
+        self.write_config(grace_s=grace_s)
+        env = {**os.environ, "GPU_RUN_HOME": str(gpu_run_home), "HOME": str(self.home), "COLUMNS": "200"}
+        self.cli = CLI(self.work, env)
+        import socket
+
+        with socket.socket() as s:
+            s.settimeout(2)
+            if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                missing_test_bed(f"no sshd on 127.0.0.1:{self.port}")
+
+    def write_ssh_config(self, user: str, key: str, port: int | None = None) -> None:
+        (self.home / ".ssh" / "config").write_text(
+            f"Host t4-box\n  HostName 127.0.0.1\n  Port {port or self.port}\n  User {user}\n  IdentityFile {key}\n"
+        )
+
+    def write_config(self, grace_s: int = 3, extra: str = "") -> None:
+        (self.work / "gpu-run.toml").write_text(
+            "[hosts.t4-box]\n"
+            'ssh = "t4-box"\n'
+            "price_per_hour = 0.8\n"
+            'currency = "CNY"\n'
+            'billing = "per_second"\n'
+            f'stop_command = "date +%s > {self.stop_marker}"\n'
+            f'workdir = "{self.workdir}"\n'
+            f"grace_s = {grace_s}\n" + extra
+        )
+
+    def remote_run_dir(self, run_id: str) -> Path:
+        return self.workdir / "runs" / run_id
+
+
+def cut_ssh_connections() -> int:
+    """Kill every per-connection sshd process of the test bed: all client connections drop at once."""
+    pid = int((ROOT / ".testbed" / "ssh" / "sshd.pid").read_text())
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        subprocess.run(["kill", "-9", child])
+    return len(children)
+
+
+@pytest.fixture
+def ssh_host(tmp_path, gpu_run_home, docker_client) -> SshHost:
+    return SshHost(tmp_path, gpu_run_home)

@@ -305,6 +305,14 @@ def fault_injected_oom(micro_batch: int) -> None:
         raise torch.cuda.OutOfMemoryError(f"injected: micro-batch {micro_batch} > {limit}")
 
 
+def fault_injected_hang(step: int) -> None:
+    """Test seam: GPU_RUN_FAULT_HANG_AT_STEP=N makes the trainer hang (like a stuck NCCL call) at step N."""
+    if os.environ.get("GPU_RUN_FAULT_HANG_AT_STEP") == str(step):
+        print(f"hanging at step {step} (GPU_RUN_FAULT_HANG_AT_STEP)", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
 def forward_backward(model, criterion, images, targets, ctx: StepContext, optimizer):
     """One optimizer step over the batch, as ceil(batch / micro_batch) accumulated micro-batches."""
     optimizer.zero_grad(set_to_none=True)
@@ -564,6 +572,7 @@ def main(args) -> int:
                 if path not in skipped_seen:
                     skipped_seen.add(path)
                     emit("skipped_image", path=os.path.relpath(path, data))
+            fault_injected_hang(step + 1)
             # A lone image cannot train BatchNorm (one value per channel); it is rare and harmless to drop.
             if images is not None and len(images) > 1:
                 loss_sum, correct = train_step(model, criterion, images, targets, ctx, optimizer)

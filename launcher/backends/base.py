@@ -21,6 +21,12 @@ class Job:
     weights: str = "none"  # none | imagenet | a file path as that machine sees it
     gpus: int = 1  # trainer processes, one per GPU (N > 1 runs torchrun); 0 forces the CPU
     env: dict[str, str] = field(default_factory=dict)
+    # Limits the host-side watchdog enforces (0: none), and what it does at the end.
+    max_runtime_s: int = 0
+    silence_s: int = 0
+    stop_timeout_s: int = 120  # what the trainer gets to save last.pth before it is killed
+    keep_alive: bool = False
+    upload_command: str = ""
 
 
 @dataclass
@@ -45,6 +51,14 @@ class Backend(ABC):
     @abstractmethod
     def describe(self) -> str:
         """One line: what this backend is, for the user."""
+
+    def stage_data(self, local_root: Path, dataset_id: str, ui: UI) -> str:
+        """Put the dataset where the trainer can read it; its path as the trainer's machine sees it."""
+        return str(local_root)
+
+    def out_dir_for(self, run_id: str, local_run_dir: Path) -> str:
+        """Where the trainer writes outputs, as its machine sees it (locally: the run folder itself)."""
+        return str(local_run_dir)
 
     @abstractmethod
     def prepare(self, ui: UI) -> Prepared:
@@ -78,9 +92,17 @@ class Backend(ABC):
     def stop(self, handle: dict, timeout_s: int = 120) -> None:
         """SIGTERM (the trainer saves last.pth at the next step), then force after timeout_s."""
 
+    def pull(self, handle: dict, out_dir: Path, ui: UI) -> None:
+        """Bring the outputs that exist now into out_dir (nothing to do where they are written there)."""
+
     @abstractmethod
-    def finish(self, handle: dict, out_dir: Path) -> None:
-        """After the job ended: make sure all outputs are in out_dir and release what it held."""
+    def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
+        """After the job ended: make sure all outputs are in out_dir and release what it held.
+        Returns what the host recorded about the end (e.g. the watchdog's outcome), if anything."""
+
+    def release(self, handle: dict, ui: UI) -> float | None:
+        """Let the machine stop; when it stopped (None: nothing bills, or it was kept alive)."""
+        return None
 
 
 def trainer_argv(job: Job, data_dir: str, out_dir: str, weights: str) -> list[str]:

@@ -152,11 +152,12 @@ class DockerBackend(Backend):
         if container is not None and self.is_running(handle):
             container.stop(timeout=timeout_s)
 
-    def finish(self, handle: dict, out_dir: Path) -> None:
+    def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
         # Outputs were written straight into the mounted run folder; only the container remains.
         container = self._container(handle)
         if container is not None:
             container.remove(force=True)
+        return {}
 
     def exit_code(self, handle: dict) -> int | None:
         container = self._container(handle)

@@ -136,6 +136,7 @@ class ProcessBackend(Backend):
         except ProcessLookupError:
             pass
 
-    def finish(self, handle: dict, out_dir: Path) -> None:
+    def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
         for key in ("log", "exit_file"):
             Path(handle[key]).unlink(missing_ok=True)
+        return {}

@@ -46,7 +46,8 @@ mkdir -p "$ssh_dir"
 [ -f "$ssh_dir/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
 [ -f "$ssh_dir/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/id_ed25519"
 cp "$ssh_dir/id_ed25519.pub" "$ssh_dir/authorized_keys"
-chmod 600 "$ssh_dir/authorized_keys" "$ssh_dir/id_ed25519" "$ssh_dir/host_ed25519"
+chmod 600 "$ssh_dir/id_ed25519" "$ssh_dir/host_ed25519"
+chmod 644 "$ssh_dir/authorized_keys"  # read by sshd as each test login, root or not
 cat >"$ssh_dir/sshd_config" <<CONF
 Port $ssh_port
 ListenAddress 127.0.0.1
@@ -67,6 +68,10 @@ ClientAliveInterval 15
 Subsystem sftp internal-sftp
 CONF
 mkdir -p /run/sshd
+# A login that has no access to the Docker engine, for the "host without Docker" test.
+# (password '*': no password login, but not "locked", which sshd without PAM would refuse.)
+id gpurun-nodocker >/dev/null 2>&1 || useradd -m -s /bin/sh gpurun-nodocker
+usermod -p '*' gpurun-nodocker
 if ! (exec 3<>"/dev/tcp/127.0.0.1/$ssh_port") 2>/dev/null; then
   say "starting sshd on 127.0.0.1:$ssh_port"
   /usr/sbin/sshd -f "$ssh_dir/sshd_config" -E "$bed/sshd.log"

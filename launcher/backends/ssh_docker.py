@@ -1,0 +1,263 @@
+"""Backend: the trainer in a container on a rented host's Docker engine, driven over SSH.
+
+The engine is driven with the `docker` CLI on the host through one SSH connection (every command
+quoted by Remote): that needs nothing but sshd and Docker there, reuses a single connection, and
+keeps working when the laptop's SSH config is unusual. The watchdog shipped next to the run makes
+the host stop itself when the job ends, whether or not the laptop is still there.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import paramiko
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from launcher.backends.base import Backend, Job, Prepared, launcher_argv, trainer_argv
+from launcher.config import Host
+from launcher.errors import BackendError
+from launcher.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
+from launcher.remote import Remote, quote
+from launcher.state import project_root
+from launcher.sync import ssh_tar
+from launcher.ui import UI
+
+RUN_LABEL = "gpu-run.run-id"
+NO_GPU_DRIVER = "could not select device driver"
+RECONNECT_FOR_S = 600  # how long a lost connection is retried before the client gives up (the run goes on)
+_DROPPED = (paramiko.SSHException, OSError, EOFError)
+
+
+WATCHDOG_POLL_S = 2
+
+
+class SshDockerBackend(Backend):
+    name = "ssh"
+
+    def __init__(self, host: Host, remote: Remote, ui: UI):
+        self.host = host
+        self.remote = remote
+        home = remote.home()
+        self.workdir = remote.expand(host.workdir, home)
+        version = remote.run(["docker", "version", "--format", "{{.Server.Version}}"], check=False)
+        if version.code != 0:
+            reason = (version.stderr.strip() or version.stdout.strip()).splitlines()[-1:] or ["no output"]
+            raise BackendError(f"host {host.name} has no working Docker engine ({reason[0]}); install Docker there and let {remote.target.user} use it")
+        self.engine_version = version.stdout.strip()
+        runtimes = remote.run(["docker", "info", "--format", "{{json .Runtimes}}"], check=False).stdout
+        self.has_nvidia = "nvidia" in runtimes
+
+    def describe(self) -> str:
+        gpu = "NVIDIA runtime" if self.has_nvidia else "no NVIDIA runtime"
+        return f"{self.host.name} over SSH ({self.remote.target.display}), Docker {self.engine_version} ({gpu})"
+
+    def _docker(self, *args: str, check: bool = True, timeout_s: float | None = 300):
+        return self.remote.run(["docker", *args], check=check, timeout_s=timeout_s)
+
+    # Data and image ---------------------------------------------------------------------------
+
+    def stage_data(self, local_root: Path, dataset_id: str, ui: UI) -> str:
+        remote_root = f"{self.workdir}/data/{dataset_id}"
+        with ui.progress("syncing dataset", total=0, unit="bytes") as update:
+            stats = ssh_tar.push(self.remote, local_root, remote_root, progress=update)
+        ui.info(f"dataset synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
+                f"{stats.deleted} deleted on the host")
+        return remote_root
+
+    def _image_exists(self, ref: str) -> bool:
+        return self._docker("image", "inspect", ref, check=False).code == 0
+
+    def _ensure_base(self, base: str, ui: UI) -> None:
+        if self._image_exists(base):
+            return
+        if base == CPU_BASE_IMAGE:
+            script = (project_root() / "docker" / "build-base-cpu.sh").read_bytes()
+            with ui.spinner(f"building {CPU_BASE_IMAGE} on {self.host.name} (debootstrap, about 2 minutes)"):
+                self.remote.run(["bash", "-s", CPU_BASE_IMAGE], input=script, timeout_s=1800)
+            return
+        with ui.spinner(f"pulling {base} on {self.host.name}"):
+            self._docker("pull", base, timeout_s=3600)
+
+    def prepare(self, ui: UI) -> Prepared:
+        base = choose_base_image(self.host.base_image, self.has_nvidia)
+        files = context_files()
+        tag = image_tag(files, base)
+        if self._image_exists(tag):
+            ui.info(f"image {tag} is up to date on {self.host.name} (no build needed)")
+            return Prepared(image_tag=tag, image_built=False, device="gpu" if self.has_nvidia else "cpu")
+        self._ensure_base(base, ui)
+        with ui.spinner(f"building {tag} on {self.host.name}"):
+            self.remote.run(
+                ["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={base}", "--label", "gpu-run=trainer", "-t", tag, "-"],
+                input=context_tar(files).getvalue(), timeout_s=3600,
+            )
+        ui.info(f"built image {tag} on {self.host.name}")
+        return Prepared(image_tag=tag, image_built=True, device="gpu" if self.has_nvidia else "cpu")
+
+    # The run ----------------------------------------------------------------------------------
+
+    def run_dir(self, run_id: str) -> str:
+        return f"{self.workdir}/runs/{run_id}"
+
+    def _run_args(self, job: Job, prepared: Prepared, gpu: bool, uid_gid: str) -> list[str]:
+        weights = job.weights
+        args = [
+            "run", "-d", "--name", f"gpu-run-{job.run_id}", "--label", f"{RUN_LABEL}={job.run_id}",
+            "-v", f"{job.data_dir}:/data:ro", "-v", f"{job.out_dir}:/out",
+            "-v", f"{self.workdir}/cache:/cache", "-e", "TORCH_HOME=/cache/torch", "-e", "HOME=/tmp",
+            "--shm-size", "2g", "--user", uid_gid,
+        ]
+        if weights not in ("none", "imagenet"):
+            args += ["-v", f"{weights}:/weights/{Path(weights).name}:ro"]
+            weights = f"/weights/{Path(weights).name}"
+        for key, value in job.env.items():
+            args += ["-e", f"{key}={value}"]
+        if gpu:
+            args += ["--gpus", str(max(1, job.gpus))]
+        argv = launcher_argv("python3", max(1, job.gpus)) + trainer_argv(job, "/data", "/out", weights)
+        return args + ["--entrypoint", argv[0], prepared.image_tag, *argv[1:]]
+
+    def out_dir_for(self, run_id: str, local_run_dir: Path) -> str:
+        return f"{self.run_dir(run_id)}/out"
+
+    def start(self, job: Job, prepared: Prepared, ui: UI) -> dict:
+        run_dir = self.run_dir(job.run_id)
+        self.remote.run(["mkdir", "-p", job.out_dir, f"{self.workdir}/cache"])
+        if job.weights not in ("none", "imagenet"):
+            remote_weights = f"{run_dir}/weights/{Path(job.weights).name}"
+            self.remote.run(["mkdir", "-p", f"{run_dir}/weights"])
+            self.remote.run(f"cat > {quote([remote_weights])}", input=Path(job.weights).read_bytes(), timeout_s=3600)
+            job.weights = remote_weights
+        uid_gid = self.remote.run(["sh", "-c", 'printf %s:%s "$(id -u)" "$(id -g)"']).stdout
+        use_gpu = prepared.device == "gpu" and job.gpus != 0
+        result = self._docker(*self._run_args(job, prepared, use_gpu, uid_gid), check=False)
+        if result.code != 0 and use_gpu and NO_GPU_DRIVER in result.stderr:
+            self._docker("rm", "-f", f"gpu-run-{job.run_id}", check=False)
+            prepared.device = "cpu"
+            result = self._docker(*self._run_args(job, prepared, False, uid_gid), check=False)
+        if result.code != 0:
+            raise BackendError(f"could not start the trainer on {self.host.name}: {result.stderr.strip().splitlines()[-1:]}")
+        if prepared.device == "cpu":
+            ui.warn(f"{self.host.name} has no usable NVIDIA GPU: training runs on its CPU, which is slow and costs the same per hour")
+        container = f"gpu-run-{job.run_id}"
+        self._start_watchdog(run_dir, container, job)
+        return {"backend": self.name, "container": container, "run_dir": run_dir, "out_dir": job.out_dir}
+
+    def _start_watchdog(self, run_dir: str, container: str, job: Job) -> None:
+        script = resources.files("launcher.watchdog").joinpath("watchdog.sh").read_bytes()
+        keep_alive = job.keep_alive or not self.host.stop_command
+        settings = {
+            "CONTAINER": container, "GRACE_S": str(self.host.grace_s), "MAX_S": str(job.max_runtime_s),
+            "SILENCE_S": str(job.silence_s), "STOP_TIMEOUT_S": str(job.stop_timeout_s), "POLL_S": str(WATCHDOG_POLL_S),
+            "STOP_COMMAND": self.host.stop_command or "true", "KEEP_ALIVE": "1" if keep_alive else "0",
+            "UPLOAD_COMMAND": job.upload_command,
+        }
+        env = "".join(f"{k}={quote([v])}\n" for k, v in settings.items())
+        self.remote.run(["mkdir", "-p", run_dir])
+        self.remote.run(f"cat > {quote([run_dir + '/watchdog.sh'])}", input=script)
+        self.remote.run(f"cat > {quote([run_dir + '/watchdog.env'])}", input=env.encode())
+        # setsid + nohup + no inherited descriptors: it outlives this SSH session and the laptop.
+        # (No `cd dir &&` in front: a backgrounded list would keep this session's stdout open.)
+        self.remote.run(
+            f"nohup setsid sh {quote([run_dir + '/watchdog.sh'])} {quote([run_dir])} "
+            f">> {quote([run_dir + '/watchdog.log'])} 2>&1 < /dev/null &"
+        )
+
+    # Logs, with reconnects --------------------------------------------------------------------
+
+    def _reconnecting(self):
+        return Retrying(retry=retry_if_exception_type(_DROPPED), stop=stop_after_delay(RECONNECT_FOR_S),
+                        wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
+                        before_sleep=lambda _state: self.remote.close())
+
+    def follow_logs(self, handle: dict) -> Iterator[str]:
+        """All lines from the start; after a dropped connection, reconnect and skip what was shown."""
+        shown = 0
+        try:
+            for attempt in self._reconnecting():
+                with attempt:
+                    channel = self.remote.open(["docker", "logs", "-f", handle["container"]], timeout_s=None)
+                    # stdout and stderr interleave as the trainer wrote them.
+                    channel.set_combine_stderr(True)
+                    seen = 0
+                    for raw in channel.makefile("rb"):
+                        seen += 1
+                        if seen > shown:
+                            shown = seen
+                            yield raw.decode("utf-8", "replace").rstrip("\n")
+                    if channel.recv_exit_status() != 0 and self.exit_code(handle) is None:
+                        raise EOFError("log stream ended while the container runs")
+        except _DROPPED as e:
+            raise BackendError(f"lost the connection to {self.host.name} ({e}); the run goes on: `gpu-run attach` when it is back") from None
+
+    def read_logs(self, handle: dict) -> list[str]:
+        r = self.remote.run(f"docker logs {quote([handle['container']])} 2>&1", check=False)
+        return r.stdout.splitlines()
+
+    def exit_code(self, handle: dict) -> int | None:
+        r = self._docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", handle["container"], check=False)
+        if r.code != 0:
+            status = self.watchdog_status(handle)
+            return int(status["exit_code"]) if status else None
+        state, code = r.stdout.split()
+        return None if state in ("created", "running", "restarting") else int(code)
+
+    def is_running(self, handle: dict) -> bool:
+        return self.exit_code(handle) is None
+
+    def wait(self, handle: dict) -> int:
+        for attempt in self._reconnecting():
+            with attempt:
+                while (code := self.exit_code(handle)) is None:
+                    time.sleep(1)
+                return code
+        raise AssertionError("unreachable")
+
+    def stop(self, handle: dict, timeout_s: int = 120) -> None:
+        self._docker("stop", "-t", str(timeout_s), handle["container"], check=False, timeout_s=timeout_s + 60)
+
+    def watchdog_status(self, handle: dict) -> dict | None:
+        r = self.remote.run(["cat", f"{handle['run_dir']}/status"], check=False)
+        if r.code != 0:
+            return None
+        return dict(item.split("=", 1) for item in r.stdout.split())
+
+    # Outputs and the end ----------------------------------------------------------------------
+
+    def pull(self, handle: dict, out_dir: Path, ui: UI) -> ssh_tar.SyncStats:
+        with ui.spinner(f"pulling outputs from {self.host.name}"):
+            stats = ssh_tar.pull(self.remote, handle["out_dir"], out_dir,
+                                 verify=["checkpoints/best.pth", "checkpoints/last.pth"])
+        ui.info(f"pulled {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB; checkpoints verified (sha256)")
+        return stats
+
+    def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
+        self.pull(handle, out_dir, ui)
+        # Tell the watchdog the outputs are safe: it stops the host now instead of after the grace.
+        self.remote.run(["touch", f"{handle['run_dir']}/pulled"])
+        self._docker("rm", "-f", handle["container"], check=False)
+        status = self.watchdog_status(handle) or {}
+        if status.get("outcome") in ("max_runtime", "silent"):
+            why = "it reached --max-hours" if status["outcome"] == "max_runtime" else "it logged nothing for --silence-minutes"
+            ui.warn(f"the watchdog stopped the job because {why}")
+        return {"watchdog": status} if status else {}
+
+    def release(self, handle: dict, ui: UI, timeout_s: float = 120) -> float | None:
+        """Wait for the watchdog to run the stop command; returns when it did (None: keep-alive)."""
+        deadline = time.time() + timeout_s
+        with ui.spinner(f"waiting for {self.host.name} to stop"):
+            while time.time() < deadline:
+                try:
+                    r = self.remote.run(["cat", f"{handle['run_dir']}/stopped"], check=False, timeout_s=15)
+                except (BackendError, *_DROPPED):
+                    return time.time()  # the machine went away: it stopped
+                if r.code == 0:
+                    kind, at = r.stdout.split()
+                    return None if kind == "keep_alive" else float(at)
+                time.sleep(1)
+        ui.warn(f"the watchdog on {self.host.name} has not stopped it after {timeout_s:.0f}s; check with `gpu-run doctor {self.host.name}`")
+        return time.time()
+

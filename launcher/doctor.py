@@ -1,0 +1,58 @@
+"""`gpu-run doctor HOST`: what the host offers and what is missing, in one table."""
+
+from __future__ import annotations
+
+import time
+
+from launcher.backends import remote_for_host
+from launcher.config import Host
+from launcher.errors import GpuRunError
+from launcher.remote import quote
+
+
+def _row(check: str, result: str, ok: bool, required: bool = True) -> dict:
+    return {"check": check, "result": result, "ok": ok, "required": required}
+
+
+def check_host(host: Host, accept_new_host_key: bool = False) -> list[dict]:
+    if host.is_local:
+        from launcher.backends.docker_engine import connect
+
+        client = connect()
+        if client is None:
+            return [_row("docker engine", "not reachable (the trainer runs as a local process)", True, False)]
+        return [_row("docker engine", client.version().get("Version", "?"), True)]
+    remote = remote_for_host(host, accept_new_host_key)
+    try:
+        remote.connect()
+    except GpuRunError as e:
+        return [_row("ssh login", str(e), False)]
+    rows = [_row("ssh login", f"{remote.target.display} as {remote.target.user}", True)]
+    home = remote.home()
+    workdir = remote.expand(host.workdir, home)
+
+    version = remote.run(["docker", "version", "--format", "{{.Server.Version}}"], check=False)
+    docker_ok = version.code == 0
+    rows.append(_row("docker engine", version.stdout.strip() if docker_ok else
+                     ((version.stderr.strip() or "not found").splitlines()[-1]), docker_ok))
+    runtimes = remote.run(["docker", "info", "--format", "{{json .Runtimes}}"], check=False).stdout if docker_ok else ""
+    rows.append(_row("nvidia runtime", "yes" if "nvidia" in runtimes else "no (training would run on the CPU)",
+                     "nvidia" in runtimes, required=False))
+    gpus = remote.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], check=False)
+    rows.append(_row("gpus", "; ".join(gpus.stdout.strip().splitlines()) if gpus.code == 0 else "none found",
+                     gpus.code == 0, required=False))
+    df = remote.run(f"mkdir -p {quote([workdir])} 2>/dev/null; df -Pk {quote([workdir])} | tail -1", check=False)
+    try:
+        free_gb = int(df.stdout.split()[3]) / 2**20
+        rows.append(_row("free disk", f"{free_gb:.1f} GiB in {workdir}", free_gb > 5))
+    except (IndexError, ValueError):
+        rows.append(_row("free disk", f"unknown ({df.stderr.strip()})", False))
+    rsync = remote.run(["sh", "-c", "command -v rsync"], check=False)
+    rows.append(_row("rsync", rsync.stdout.strip() or "not installed (not needed: gpu-run syncs with tar)",
+                     True, required=False))
+    before = time.time()
+    remote_now = float(remote.run(["date", "+%s.%N"]).stdout.strip().replace("N", "0") or 0)
+    offset = remote_now - (before + time.time()) / 2
+    rows.append(_row("clock offset", f"{offset:+.2f} s", abs(offset) < 30, required=False))
+    remote.close()
+    return rows

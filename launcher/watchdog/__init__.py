@@ -1,0 +1,1 @@
+"""The watchdog script shipped to hosts (watchdog.sh)."""
