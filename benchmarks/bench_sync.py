@@ -30,7 +30,7 @@ from launcher.sync import ssh_tar  # noqa: E402
 
 def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
     """n noisy 180x180 JPEGs of about 20 KB in ImageFolder layout (cached between runs)."""
-    marker = root / f".done-{n}"
+    marker = root / f".done-{n}-180px"
     if marker.exists():
         return root
     shutil.rmtree(root, ignore_errors=True)

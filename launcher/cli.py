@@ -111,6 +111,7 @@ def cli(debug: bool) -> None:
 @click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs; >1 runs DDP; 0 forces the CPU.")
 @click.option("--amp", type=click.Choice(["auto", "off"]), default="auto", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--cache-size", type=int, default=0, help="Train on a copy resized to this short side (made once).")
 @click.option("--detach", is_flag=True, help="Start and return at once; follow later with `gpu-run attach`.")
 @click.option("--max-hours", type=float, default=0, help="Stop the job (and host) after this long; 0: no limit.")
 @click.option("--silence-minutes", type=float, default=0, help="Stop a job that logs nothing this long; 0: never.")
@@ -124,7 +125,7 @@ def cli(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON, nothing else on stdout.")
 @handle_errors
 def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, workers, seed, gpus,
-          amp, compile_, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, accept_new_host_key, resume,
+          amp, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, accept_new_host_key, resume,
           runs_dir, as_json) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost."""
     ledger = open_ledger()
@@ -135,7 +136,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
     spec = pipeline.TrainSpec(
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
         step_size=step_size, gamma=gamma, image_size=image_size, workers=workers, seed=seed, gpus=gpus, amp=amp,
-        compile=compile_, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
+        compile=compile_, cache_size=cache_size, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
         stop_timeout_s=stop_timeout, keep_alive=keep_alive, accept_new_host_key=accept_new_host_key,
         runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
     )
@@ -299,6 +300,83 @@ def hosts(as_json: bool) -> None:
                       r["billing"], r["stop_command"] or "-")
     Console().print(table)
     Console(stderr=True).print(f"config: {config.source or 'none (built-in local host only)'}")
+
+
+def run_dir_of(run_id: str) -> tuple[str, Path]:
+    run = open_ledger().get_run(run_id)
+    return run.run_id, Path(run.run_dir or "")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset folder, if it moved (for the mistakes grid).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def report(run_id: str, data: Path | None, as_json: bool) -> None:
+    """Draw the thesis figures and report.md into runs/<run-id>/report/."""
+    from launcher.report import write_report
+
+    run = open_ledger().get_run(run_id)
+    ui = UI(quiet=as_json)
+    with ui.spinner("drawing figures"):
+        out = write_report(Path(run.run_dir), data or (Path(run.data_path) if run.data_path else None))
+    files = sorted(str(p) for p in out.iterdir())
+    if as_json:
+        print_json({"run_id": run.run_id, "report_dir": str(out), "files": files})
+    else:
+        ui.info(f"report written to {out}/report.md")
+        for f in files:
+            ui.info(f"  {f}")
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN...")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for compare.csv/.md and the figure.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
+    """Tabulate runs against each other: model, parameters, accuracy, speed, cost."""
+    from launcher.compare import run_row, write_comparison
+
+    rows = [run_row(*run_dir_of(r)) for r in run_ids]
+    out = out or Path("runs") / f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    files = write_comparison(rows, out)
+    if as_json:
+        print_json({"rows": rows, "files": {k: str(v) for k, v in files.items()}})
+        return
+    table = Table("run", "model", "parameters", "best val acc", "train img/s", "s/epoch", "cost")
+    for r in rows:
+        table.add_row(r["run"], r["model"], f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "?",
+                      f"{r['best_val_acc'] * 100:.2f}%", f"{r['train_images_per_s']:.1f}", f"{r['epoch_time_s']:.1f}",
+                      f"{r['cost']:.2f} {r['currency']}")
+    Console().print(table)
+    UI().info(f"written: {files['markdown']}, {files['csv']}, {files['figure']}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--top", type=int, default=3, show_default=True)
+@click.option("--export", "export_format", type=click.Choice(["onnx", "torchscript"]), help="Write a deployable model.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def predict(run_id: str, images: tuple[Path, ...], top: int, export_format: str | None, as_json: bool) -> None:
+    """Classify images with the run's best checkpoint on this machine's CPU."""
+    from launcher import predict as predictor
+
+    _, run_dir = run_dir_of(run_id)
+    if not images and not export_format:
+        raise GpuRunError("give IMAGE paths to classify, or --export onnx|torchscript")
+    results = predictor.predict(run_dir, list(images), top) if images else []
+    exported = str(predictor.export(run_dir, export_format)) if export_format else None
+    if as_json:
+        print_json({"predictions": results, "exported": exported})
+        return
+    for r in results:
+        best = ", ".join(f"{t['class']} {t['probability'] * 100:.1f}%" for t in r["top"])
+        click.echo(f"{r['image']}: {best}")
+    if exported:
+        UI().info(f"exported {exported}")
 
 
 @cli.group()

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from launcher.backends import Backend, Job, backend_for_host, backend_for_run
+from launcher.cache import cached_dataset
 from launcher.config import Config, Host
 from launcher.cost import billed_seconds, cost_of, format_money
 from launcher.dataset import DatasetInfo, validate_dataset
@@ -54,6 +55,7 @@ class TrainSpec:
     gpus: int = 1
     amp: str = "auto"
     compile: bool = False
+    cache_size: int = 0  # >0: train on a copy resized to this short side (made once, on the laptop)
     detach: bool = False
     max_hours: float = 0.0  # 0: no limit; enforced by the watchdog on the host
     silence_minutes: float = 0.0  # 0: no limit; a job that logs nothing this long is stopped
@@ -87,6 +89,8 @@ def check_spec(spec: TrainSpec) -> None:
     for name in ("epochs", "batch_size"):
         if getattr(spec, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(spec, name)}")
+    if spec.cache_size and spec.cache_size < spec.image_size:
+        raise ConfigError(f"--cache-size {spec.cache_size} is smaller than --image-size {spec.image_size}; use at least the image size")
     if spec.image_size < 32:
         raise ConfigError(f"--image-size must be at least 32 pixels, got {spec.image_size}")
     if spec.lr <= 0:
@@ -165,8 +169,13 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             backend = backend_for_host(host, ui, spec.accept_new_host_key)
         ledger.update_run(run_id, backend=backend.name)
         ui.info(f"backend: {backend.describe()}")
+        data_root, data_id = info.root.resolve(), info.dataset_id
+        if spec.cache_size:
+            with ui.progress(f"resizing images to a short side of {spec.cache_size} px", total=0) as update:
+                data_root = cached_dataset(data_root, spec.cache_size, progress=update)
+            data_id = f"{data_id}-s{spec.cache_size}"
         with ledger.phase(run_id, "sync"):
-            data_dir = backend.stage_data(info.root.resolve(), info.dataset_id, ui)
+            data_dir = backend.stage_data(data_root, data_id, ui)
         with ledger.phase(run_id, "build"):
             prepared = backend.prepare(ui)
         ledger.update_run(run_id, image_tag=prepared.image_tag)

@@ -1,0 +1,80 @@
+"""`gpu-run predict RUN IMAGE...` on the laptop's CPU, and `--export onnx|torchscript`."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+from launcher.errors import GpuRunError
+
+
+def load_model(run_dir: Path):
+    """best.pth -> (eval-mode model on CPU, classes, eval transform), exactly as the trainer built them."""
+    import torch
+
+    from trainer.train import build_transforms, classification_models, replace_head
+    import torchvision
+
+    path = run_dir / "checkpoints" / "best.pth"
+    if not path.is_file():
+        raise GpuRunError(f"{path} does not exist; `gpu-run pull` the run first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    name = ckpt["model_name"]
+    if name not in classification_models():
+        raise GpuRunError(f"this torchvision has no model {name!r}; install the version the run used ({ckpt['versions']})")
+    model = replace_head(torchvision.models.get_model(name, weights=None), len(ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    _, eval_tf = build_transforms(ckpt["image_size"])
+    return model, ckpt["classes"], eval_tf, ckpt["image_size"]
+
+
+def predict(run_dir: Path, images: list[Path], top: int = 3) -> list[dict]:
+    import torch
+    from PIL import Image
+
+    model, classes, eval_tf, _ = load_model(run_dir)
+    results = []
+    for image in images:
+        try:
+            with Image.open(image) as im:
+                x = eval_tf(im.convert("RGB")).unsqueeze(0)
+        except (OSError, ValueError) as e:
+            raise GpuRunError(f"cannot read image {image}: {e}") from None
+        with torch.no_grad():
+            probs = model(x).softmax(1)[0]
+        values, indices = probs.topk(min(top, len(classes)))
+        results.append({
+            "image": str(image),
+            "top": [{"class": classes[i], "probability": float(v)} for v, i in zip(values.tolist(), indices.tolist())],
+        })
+    return results
+
+
+def export(run_dir: Path, fmt: str) -> Path:
+    import torch
+
+    model, classes, _, size = load_model(run_dir)
+    out = run_dir / "export"
+    out.mkdir(exist_ok=True)
+    example = torch.randn(1, 3, size, size)
+    if fmt == "torchscript":
+        path = out / "model.torchscript.pt"
+        with torch.no_grad():
+            torch.jit.trace(model, example).save(str(path))
+    elif fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise GpuRunError("ONNX export needs the onnx and onnxscript packages: pip install 'gpu-run[export]'") from None
+        path = out / "model.onnx"
+        # The exporter prints its progress on stdout, which belongs to --json.
+        with contextlib.redirect_stdout(sys.stderr):
+            torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}})
+    else:
+        raise GpuRunError(f"unknown export format {fmt!r}; use onnx or torchscript")
+    (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    return path

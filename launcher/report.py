@@ -1,0 +1,219 @@
+"""`gpu-run report RUN`: the thesis figures, drawn on the laptop from the pulled outputs.
+
+Everything comes from metrics.jsonl, predictions.csv, summary.json and the dataset (for the
+misclassified-image grid), so the trainer image stays lean. Figures are PNG at 300 dpi; class
+names in CJK render when a CJK font is installed (matplotlib falls back per glyph along the
+font list).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a server, and none needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from launcher.errors import GpuRunError  # noqa: E402
+from launcher.events import read_metrics  # noqa: E402
+
+DPI = 300
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
+             "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
+
+
+def setup_fonts() -> None:
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = [name for name in CJK_FONTS if name in installed]
+    plt.rcParams["font.family"] = ["DejaVu Sans", *cjk]
+    plt.rcParams["axes.unicode_minus"] = False
+
+
+@dataclass
+class Prediction:
+    path: str
+    true: str
+    predicted: str
+    confidence: float
+
+
+def read_predictions(path: Path) -> list[Prediction]:
+    with open(path, newline="") as f:
+        return [Prediction(r["path"], r["true"], r["predicted"], float(r["confidence"])) for r in csv.DictReader(f)]
+
+
+def confusion(preds: list[Prediction], classes: list[str]) -> list[list[int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = [[0] * len(classes) for _ in classes]
+    for p in preds:
+        matrix[index[p.true]][index[p.predicted]] += 1
+    return matrix
+
+
+def per_class_scores(matrix: list[list[int]], classes: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class (pure arithmetic on the confusion matrix)."""
+    rows = []
+    for i, name in enumerate(classes):
+        tp = matrix[i][i]
+        predicted = sum(matrix[r][i] for r in range(len(classes)))
+        support = sum(matrix[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": support})
+    return rows
+
+
+def plot_curves(metrics: list[dict], out: Path) -> Path:
+    epochs = [m["epoch"] for m in metrics]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(8, 3.2))
+    acc.plot(epochs, [m["train_acc"] * 100 for m in metrics], "o-", label="train")
+    acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "s-", label="validation")
+    acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
+    loss.plot(epochs, [m["val_loss"] for m in metrics], "s-", label="validation")
+    loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    for ax in (acc, loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Path:
+    n = len(classes)
+    size = max(3.2, 0.55 * n + 1.8)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 0.8, size))
+    normalised = [[v / max(1, sum(row)) for v in row] for row in matrix]
+    for ax, data, title, fmt in ((axes[0], matrix, "Confusion matrix (counts)", "{:d}"),
+                                 (axes[1], normalised, "Normalised by true class", "{:.2f}")):
+        top = max(max(r) for r in data) or 1
+        im = ax.imshow(data, cmap="Blues", vmin=0, vmax=top)
+        ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
+        ax.set_xticklabels(classes, rotation=45, ha="right")
+        ax.set_yticklabels(classes)
+        for r in range(n):
+            for c in range(n):
+                ax.text(c, r, fmt.format(data[r][c]), ha="center", va="center",
+                        color="white" if data[r][c] > top / 2 else "black", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    path = out / "confusion_matrix.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class(rows: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.0))
+    ax.axis("off")
+    cells = [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"])] for r in rows]
+    table = ax.table(cellText=cells, colLabels=["class", "precision", "recall", "F1", "support"], loc="center")
+    table.scale(1, 1.4)
+    ax.set_title("Per-class precision, recall and F1 (validation)")
+    fig.tight_layout()
+    path = out / "per_class.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Path, limit: int = 16) -> Path | None:
+    wrong = sorted((p for p in preds if p.true != p.predicted), key=lambda p: -p.confidence)[:limit]
+    if not wrong or data_root is None:
+        return None
+    cols = min(4, len(wrong))
+    rows = -(-len(wrong) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, p in zip(axes.flat, wrong):
+        try:
+            with Image.open(data_root / p.path) as im:
+                ax.imshow(im.convert("RGB"))
+        except OSError:
+            ax.text(0.5, 0.5, "image not found", ha="center", va="center")
+        ax.set_title(f"true: {p.true}\npred: {p.predicted} ({p.confidence:.0%})", fontsize=8)
+    fig.suptitle("Most confident mistakes (validation)")
+    fig.tight_layout()
+    path = out / "misclassified.png"
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, data_root: Path | None = None) -> Path:
+    """Draw every figure into run_dir/report/ and write report.md; returns the report folder."""
+    metrics_path, preds_path = run_dir / "metrics.jsonl", run_dir / "predictions.csv"
+    if not metrics_path.is_file() or not preds_path.is_file():
+        raise GpuRunError(f"{run_dir} has no metrics.jsonl / predictions.csv yet; `gpu-run pull` the run first")
+    setup_fonts()
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    metrics = read_metrics(metrics_path.read_text())
+    preds = read_predictions(preds_path)
+    classes = summary.get("classes") or sorted({p.true for p in preds} | {p.predicted for p in preds})
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    matrix = confusion(preds, classes)
+    scores = per_class_scores(matrix, classes)
+    figures = [plot_curves(metrics, out), plot_confusion(matrix, classes, out), plot_per_class(scores, out)]
+    mistakes = plot_misclassified(preds, data_root if data_root and data_root.is_dir() else None, out)
+    with open(out / "per_class.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+        w.writeheader()
+        w.writerows(scores)
+    (out / "report.md").write_text(report_markdown(summary, metrics, scores, figures, mistakes, preds))
+    return out
+
+
+def report_markdown(summary: dict, metrics: list[dict], scores: list[dict], figures: list[Path],
+                    mistakes: Path | None, preds: list[Prediction]) -> str:
+    best = max(metrics, key=lambda m: m["val_acc"]) if metrics else {}
+    cost = summary.get("cost", {})
+    epoch_s = sum(m["epoch_time_s"] for m in metrics) / len(metrics) if metrics else 0
+    lines = [
+        f"# Run {summary.get('run_id', '?')}",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| model | {summary.get('model', '?')} |",
+        f"| classes | {', '.join(summary.get('classes', []))} |",
+        f"| epochs | {summary.get('epochs_completed', len(metrics))} of {summary.get('epochs', '?')} |",
+        f"| dataset | {summary.get('dataset', {}).get('train_images', '?')} train / {len(preds)} validation images |",
+        f"| host | {summary.get('host', '?')} ({summary.get('device', '?')}) |",
+        f"| best validation accuracy | {best.get('val_acc', 0) * 100:.2f}% (epoch {best.get('epoch', '?')}) |",
+        f"| training speed | {sum(m['train_images_per_s'] for m in metrics) / max(1, len(metrics)):.1f} images/s, "
+        f"{epoch_s:.1f} s per epoch |",
+        f"| duration | {summary.get('duration_s', 0):.0f} s |",
+        f"| cost | {cost.get('amount', 0):.2f} {cost.get('currency', '')} ({cost.get('billed_s', 0)} s billed) |",
+        "",
+        "## Accuracy and loss",
+        "",
+        f"![Accuracy and loss curves]({figures[0].name})",
+        "",
+        "## Confusion matrix",
+        "",
+        f"![Confusion matrix]({figures[1].name})",
+        "",
+        "## Per-class scores",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+        *[f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for r in scores],
+        "",
+        f"![Per-class scores]({figures[2].name})",
+        "",
+    ]
+    if mistakes:
+        lines += ["## Most confident mistakes", "", f"![Misclassified validation images]({mistakes.name})", ""]
+    return "\n".join(lines)
