@@ -119,13 +119,17 @@ def cli(debug: bool) -> None:
               help="Seconds the trainer gets to save last.pth when stopped before it is killed.")
 @click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable).")
 @click.option("--keep-alive", is_flag=True, help="Do not run the host's stop command at the end.")
+@click.option("--terminate", is_flag=True, help="Cloud hosts: terminate the instance at the end instead of stopping it.")
+@click.option("--budget", type=float, default=0, help="Most to spend, in the host's currency; the host enforces it.")
+@click.option("--epoch-time", type=float, default=0, help="Seconds per epoch, for the budget estimate (default: measured).")
+@click.option("--force", is_flag=True, help="Start even when the estimated cost is over --budget.")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON, nothing else on stdout.")
 @handle_errors
 def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, workers, seed, gpus,
-          amp, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, accept_new_host_key, resume,
+          amp, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
           runs_dir, as_json) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost."""
     ledger = open_ledger()
@@ -137,7 +141,8 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
         step_size=step_size, gamma=gamma, image_size=image_size, workers=workers, seed=seed, gpus=gpus, amp=amp,
         compile=compile_, cache_size=cache_size, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
-        stop_timeout_s=stop_timeout, keep_alive=keep_alive, accept_new_host_key=accept_new_host_key,
+        stop_timeout_s=stop_timeout, keep_alive=keep_alive, terminate=terminate, budget=budget,
+        epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,
         runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
     )
     ui = UI(quiet=as_json)
@@ -165,13 +170,30 @@ def attach(run_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("target", metavar="RUN|HOST")
+@click.option("--terminate", is_flag=True, help="With a cloud HOST: terminate instead of stop.")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def stop(run_id: str, as_json: bool) -> None:
-    """Stop a run: the trainer saves a resumable last.pth, outputs are pulled, the host stops."""
+def stop(target: str, terminate: bool, as_json: bool) -> None:
+    """Stop a run (the trainer saves a resumable last.pth, outputs are pulled, the host stops),
+    or a cloud HOST's instance by name."""
     ui = UI(quiet=as_json)
-    summary = pipeline.stop(run_id, load_config(), open_ledger(), ui)
+    config = load_config()
+    host = config.hosts.get(target)
+    if host is not None:
+        if host.kind != "aws":
+            raise GpuRunError(f"host {target} is not a cloud instance gpu-run can stop; stop a run by its id")
+        from launcher.providers.aws import AwsInstance
+
+        instance = AwsInstance(host)
+        instance.stop(terminate=terminate)
+        state = instance.state()
+        if as_json:
+            print_json({"host": target, "instance_id": host.instance_id, "state": state})
+        else:
+            ui.info(f"instance {host.instance_id} of {target}: {state} (a stopped instance still bills for its disk)")
+        return
+    summary = pipeline.stop(target, config, open_ledger(), ui)
     if as_json:
         print_json(summary)
     elif "exit_code" in summary:
@@ -300,6 +322,47 @@ def hosts(as_json: bool) -> None:
                       r["billing"], r["stop_command"] or "-")
     Console().print(table)
     Console(stderr=True).print(f"config: {config.source or 'none (built-in local host only)'}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@handle_errors
+def cost(as_json: bool, as_csv: bool) -> None:
+    """What every run cost: billed time, idle after the job, amount; totals per host and month."""
+    from launcher.cost_report import cost_rows, totals
+
+    rows = cost_rows(open_ledger(), load_config())
+    by_host, by_month = totals(rows, "host"), totals(rows, "month")
+    if as_json:
+        print_json({"runs": rows, "per_host": by_host, "per_month": by_month})
+        return
+    if as_csv:
+        import csv as csv_module
+
+        w = csv_module.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["run_id"])
+        w.writeheader()
+        w.writerows(rows)
+        return
+    console = Console(highlight=False)
+    table = Table(title="runs")
+    table.add_column("run", no_wrap=True)
+    for column in ("host", "started", "billed", "idle after job", "amount"):
+        table.add_column(column, justify="right" if column != "host" else "left")
+    for r in rows:
+        so_far = " so far" if r["so_far"] else ""
+        table.add_row(r["run_id"], r["host"], r["started"], f"{r['billed_s']} s", f"{r['idle_after_job_s']:.0f} s",
+                      f"{r['amount']:.2f} {r['currency']}{so_far}")
+    console.print(table)
+    for title, data, key in (("per host", by_host, "host"), ("per month", by_month, "month")):
+        t = Table(title=title)
+        for column in (key, "runs", "amount"):
+            t.add_column(column)
+        for d in data:
+            t.add_row(d[key], str(d["runs"]), f"{d['amount']:.2f} {d['currency']}")
+        console.print(t)
+    if any(r["cloud"] for r in rows):
+        console.print("Stopped cloud instances still bill for their disks (EBS); that is not in these amounts.")
 
 
 def run_dir_of(run_id: str) -> tuple[str, Path]:

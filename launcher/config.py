@@ -14,6 +14,7 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from launcher.errors import ConfigError
+from launcher.prices import hourly_price
 
 CONFIG_FILENAME = "gpu-run.toml"
 BILLING_RULES = ("per_second", "per_minute", "per_hour")
@@ -124,6 +125,16 @@ def parse_host(name: str, table: dict) -> Host:
             if not values.get(key):
                 raise ConfigError(f"[hosts.{name}]: provider = \"aws\" needs {key} = \"...\"")
         values.setdefault("min_billed_s", 60)  # EC2 Linux bills per second with a 60 s minimum
+        if "price_per_hour" not in values:
+            price = hourly_price(values.get("instance_type", ""), values["region"]) if values.get("instance_type") else None
+            if price is None:
+                raise ConfigError(
+                    f"[hosts.{name}]: no shipped price for instance_type {values.get('instance_type')!r} in "
+                    f"{values['region']}; set instance_type to a known one or price_per_hour = <USD per hour>"
+                )
+            values["price_per_hour"] = price
+            values.setdefault("currency", "USD")
+        values.setdefault("stop_command", "sudo shutdown -h now")
     for key, value in values.items():
         if key in ("price_per_hour", "grace_s", "min_billed_s"):
             continue

@@ -29,3 +29,16 @@ def cost_of(duration_s: float, price_per_hour: float, billing: str, min_billed_s
 
 def format_money(amount: Decimal | float, currency: str) -> str:
     return f"{Decimal(str(amount)).quantize(Decimal('0.01'))} {currency}"
+
+
+def budget_seconds(budget: float, price_per_hour: float, billing: str, min_billed_s: int = 0) -> int:
+    """The longest billed span whose cost stays within the budget (0 if not even the minimum fits)."""
+    if price_per_hour <= 0:
+        raise ValueError("a free host has no budget limit")
+    unit = BILLING_UNIT_S[billing]
+    affordable = Decimal(str(budget)) / Decimal(str(price_per_hour)) * 3600
+    seconds = int(affordable // unit) * unit
+    # Rounding to the cent may allow a little more; never allow a span that costs over the budget.
+    while seconds > 0 and cost_of(seconds, price_per_hour, billing, min_billed_s) > Decimal(str(budget)):
+        seconds -= unit
+    return seconds if seconds >= min_billed_s else 0

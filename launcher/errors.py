@@ -19,5 +19,9 @@ class BackendError(GpuRunError):
     """The place a container should run (an engine, a host) cannot do what was asked."""
 
 
+class Unreachable(BackendError):
+    """The machine does not answer (yet): worth waiting for while an instance boots."""
+
+
 class RunNotFound(GpuRunError):
     """A run id that is not in the ledger."""

@@ -18,14 +18,16 @@ from pathlib import Path
 from launcher.backends import Backend, Job, backend_for_host, backend_for_run
 from launcher.cache import cached_dataset
 from launcher.config import Config, Host
-from launcher.cost import billed_seconds, cost_of, format_money
+from launcher.cost import billed_seconds, budget_seconds, cost_of, format_money
 from launcher.dataset import DatasetInfo, validate_dataset
-from launcher.errors import ConfigError, GpuRunError
+from launcher.errors import BackendError, ConfigError, GpuRunError
 from launcher.events import read_metrics, status_for_exit
-from launcher.ledger import Ledger, RunRecord
+from launcher.ledger import FINAL_STATUSES, Ledger, RunRecord
 from launcher.ui import UI, TrainingDisplay
 
 STOP_TIMEOUT_S = 120  # time the trainer gets to finish its step and write last.pth
+SETUP_ESTIMATE_S = 120  # connect, sync and build, for the budget estimate
+BUDGET_MARGIN_S = 10  # slack between the watchdog's deadline and the budget's
 
 
 class Detached(Exception):
@@ -61,6 +63,10 @@ class TrainSpec:
     silence_minutes: float = 0.0  # 0: no limit; a job that logs nothing this long is stopped
     stop_timeout_s: int = 120
     keep_alive: bool = False
+    terminate: bool = False
+    budget: float = 0.0  # in the host's currency; 0: none
+    epoch_time_s: float = 0.0  # a known time per epoch, for the budget estimate
+    force: bool = False  # start even when the estimate is over the budget
     accept_new_host_key: bool = False
     runs_dir: Path = Path("runs")
     resume: str | None = None  # a run id whose last.pth this run continues from
@@ -132,6 +138,55 @@ def copy_resume_state(ledger: Ledger, resume: str, run_dir: Path) -> str:
     return previous.run_id
 
 
+def measured_epoch_time(ledger: Ledger, host: str, model: str, dataset: str) -> float | None:
+    """Median time per epoch of earlier runs of this model on this dataset and host."""
+    times = []
+    for run in ledger.list_runs(host=host, limit=20):
+        if run.model == model and run.dataset_id == dataset and run.run_dir:
+            path = Path(run.run_dir) / "metrics.jsonl"
+            if path.is_file():
+                times += [m["epoch_time_s"] for m in read_metrics(path.read_text())]
+    return sorted(times)[len(times) // 2] if times else None
+
+
+def check_budget(spec: TrainSpec, host: Host, info: DatasetInfo, ledger: Ledger, ui: UI) -> int:
+    """Refuse, before anything starts, a run that cannot fit the budget; return its billable seconds."""
+    if not spec.budget:
+        return 0
+    if host.is_free:
+        ui.warn(f"host {host.name} costs nothing; --budget has no effect")
+        return 0
+    limit_s = budget_seconds(spec.budget, host.price_per_hour, host.billing, host.min_billed_s)
+    needed_s = host.grace_s + spec.stop_timeout_s + BUDGET_MARGIN_S + 30
+    if limit_s < needed_s:
+        raise ConfigError(f"--budget {spec.budget} {host.currency} buys {limit_s}s on {host.name}, less than the "
+                          f"{needed_s}s that stopping safely needs; raise the budget")
+    epoch_s = spec.epoch_time_s or measured_epoch_time(ledger, host.name, spec.model, info.dataset_id)
+    if epoch_s:
+        estimate_s = spec.epochs * epoch_s + SETUP_ESTIMATE_S + host.grace_s
+        estimate = cost_of(estimate_s, host.price_per_hour, host.billing, host.min_billed_s)
+        if estimate > Decimal(str(spec.budget)) and not spec.force:
+            raise ConfigError(
+                f"estimated cost {format_money(estimate, host.currency)} ({spec.epochs} epochs x {epoch_s:.0f}s "
+                f"+ setup and grace) is over the budget of {spec.budget} {host.currency}; raise --budget, "
+                f"lower --epochs, or add --force to run until the budget stops it"
+            )
+        ui.info(f"estimated cost {format_money(estimate, host.currency)} of a {spec.budget} {host.currency} budget")
+    else:
+        ui.info(f"no time per epoch known yet for {spec.model} on this dataset and host; "
+                f"the budget is enforced as a runtime cap of {limit_s}s")
+    return limit_s
+
+
+def watchdog_max_runtime_s(spec: TrainSpec, host: Host, budget_limit_s: int, billed_from: float | None) -> int:
+    """The tighter of --max-hours and what the budget leaves once setup is paid and the end is provided for."""
+    limits = [int(spec.max_hours * 3600)] if spec.max_hours else []
+    if budget_limit_s:
+        spent = time.time() - (billed_from or time.time())
+        limits.append(max(1, int(budget_limit_s - spent - host.grace_s - spec.stop_timeout_s - BUDGET_MARGIN_S)))
+    return min(limits) if limits else 0
+
+
 def run_cost(host: Host, run: RunRecord, now: float | None = None) -> tuple[Decimal, int]:
     """Amount and billed seconds of a run, so far if it has not ended."""
     if run.billed_from is None:
@@ -145,6 +200,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
     host = config.host(spec.host)
     check_spec(spec)
     info = check_dataset(spec.data, ui)
+    budget_limit_s = check_budget(spec, host, info, ledger, ui)
 
     run_id = new_run_id()
     run_dir = (spec.runs_dir / run_id).resolve()
@@ -164,11 +220,16 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
 
     try:
         # Billing starts with the run's first action on the machine.
-        ledger.update_run(run_id, billed_from=None if host.is_free else time.time())
+        billed_from = None if host.is_free else time.time()
+        ledger.update_run(run_id, billed_from=billed_from)
         with ledger.phase(run_id, "connect"):
             backend = backend_for_host(host, ui, spec.accept_new_host_key)
         ledger.update_run(run_id, backend=backend.name)
         ui.info(f"backend: {backend.describe()}")
+        # The image first: the S3 path fetches the dataset on the host with a helper in it.
+        with ledger.phase(run_id, "build"):
+            prepared = backend.prepare(ui)
+        ledger.update_run(run_id, image_tag=prepared.image_tag)
         data_root, data_id = info.root.resolve(), info.dataset_id
         if spec.cache_size:
             with ui.progress(f"resizing images to a short side of {spec.cache_size} px", total=0) as update:
@@ -176,16 +237,14 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             data_id = f"{data_id}-s{spec.cache_size}"
         with ledger.phase(run_id, "sync"):
             data_dir = backend.stage_data(data_root, data_id, ui)
-        with ledger.phase(run_id, "build"):
-            prepared = backend.prepare(ui)
-        ledger.update_run(run_id, image_tag=prepared.image_tag)
         job = Job(
             run_id=run_id, trainer_args=spec.trainer_args(), data_dir=data_dir,
             out_dir=backend.out_dir_for(run_id, run_dir),
             weights=str(Path(spec.weights).expanduser().resolve()) if spec.weights not in ("none", "imagenet") else spec.weights,
             gpus=spec.gpus, env=dict(spec.extra_env),
-            max_runtime_s=int(spec.max_hours * 3600), silence_s=int(spec.silence_minutes * 60),
-            stop_timeout_s=spec.stop_timeout_s, keep_alive=spec.keep_alive,
+            max_runtime_s=watchdog_max_runtime_s(spec, host, budget_limit_s, billed_from),
+            silence_s=int(spec.silence_minutes * 60),
+            stop_timeout_s=spec.stop_timeout_s, keep_alive=spec.keep_alive, terminate=spec.terminate,
         )
         ledger.start_phase(run_id, "train")
         handle = backend.start(job, prepared, ui)
@@ -322,16 +381,49 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
 
 
 def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
-    """Fetch what the run has produced; a run whose trainer ended is finished as at a normal end."""
+    """Fetch what the run has produced; a run whose trainer ended is finished as at a normal end.
+    When the host is gone and it synced through S3, the outputs come from S3 instead."""
     run = ledger.get_run(run_id)
     host = config.host(run.host)
-    backend = backend_for_run(host, run.handle, ui)
+    try:
+        backend = backend_for_run(host, run.handle, ui)
+    except BackendError as e:
+        if host.sync != "s3":
+            raise
+        ui.warn(f"{e}; fetching the outputs from S3 instead")
+        return pull_from_s3(run, host, ledger, ui)
     if run.status in ("running", "detached", "created"):
         code = backend.exit_code(run.handle)
         if code is not None:
             return finish_run(run, host, backend, code, ledger, ui)
     backend.pull(run.handle, Path(run.run_dir), ui)
     return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir}
+
+
+def pull_from_s3(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
+    from launcher.sync.s3 import S3Store
+
+    run_dir = Path(run.run_dir)
+    with ui.spinner(f"downloading {run.run_id} from S3"):
+        count = S3Store(host).download_run(run.run_id, run_dir)
+    ui.info(f"fetched {count} file(s) from S3 (sha256 verified)")
+    if run.status in FINAL_STATUSES:
+        return run.summary or {"run_id": run.run_id, "status": run.status, "run_dir": str(run_dir)}
+    # The host is gone with its exit code; the checkpoint tells whether every epoch ran.
+    import torch
+
+    last = run_dir / "checkpoints" / "last.pth"
+    epochs_done = torch.load(last, map_location="cpu", weights_only=True)["epoch"] if last.is_file() else 0
+    status = "succeeded" if epochs_done >= run.args.get("spec", {}).get("epochs", 0) else "stopped"
+    ended = time.time()
+    if run.billed_from is not None and run.billed_to is None:
+        ledger.update_run(run.run_id, billed_to=ended)
+    summary = build_summary(ledger.get_run(run.run_id), host, status, None, ended)
+    summary["pulled_from"] = "s3"
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ledger.update_run(run.run_id, status=status, ended_at=ended, summary_json=json.dumps(summary),
+                      best_val_acc=summary["best_val_acc"], cost_amount=summary["cost"]["amount"])
+    return summary
 
 
 def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paramiko
 
-from launcher.errors import BackendError
+from launcher.errors import BackendError, Unreachable
 
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15
@@ -154,7 +154,7 @@ class Remote:
         except (OSError, socket.timeout, paramiko.SSHException) as e:
             client.close()
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise BackendError(f"cannot reach {t.alias} ({t.display}): {reason}; check the address and that the machine is running") from None
+            raise Unreachable(f"cannot reach {t.alias} ({t.display}): {reason}; check the address and that the machine is running") from None
         client.get_transport().set_keepalive(KEEPALIVE_S)
         self._client = client
         return client
@@ -189,6 +189,16 @@ class Remote:
             last = (stderr.strip() or stdout.strip()).splitlines()[-1:] or [f"exit code {code}"]
             raise BackendError(f"on {self.target.alias}: `{shown[:120]}` failed: {last[0]}")
         return Result(code, stdout, stderr)
+
+    def run_with_env(self, command: str, env: dict[str, str], **kwargs) -> Result:
+        """Run with secrets in the environment, passed on stdin: never on a command line (ps,
+        logs) or in a file on the host."""
+        for key in env:
+            if not key.replace("_", "").isalnum():
+                raise ValueError(f"bad environment variable name {key!r}")
+        prelude = "".join(f"IFS= read -r {key}; export {key}; " for key in env)
+        data = "".join(f"{value}\n" for value in env.values()).encode()
+        return self.run(prelude + command, input=data, **kwargs)
 
     def home(self) -> str:
         return self.run(["sh", "-c", 'printf %s "$HOME"']).stdout

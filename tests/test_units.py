@@ -7,8 +7,10 @@ from decimal import Decimal
 import pytest
 
 from launcher.config import parse_hosts
-from launcher.cost import billed_seconds, cost_of
-from launcher.errors import ConfigError, RunNotFound
+from launcher.cost import BILLING_UNIT_S, billed_seconds, budget_seconds, cost_of
+from launcher.cost_report import totals
+from launcher.errors import BackendError, ConfigError, RunNotFound
+from launcher.providers.aws import wait_for_state
 from launcher.events import parse_event, read_metrics, status_for_exit
 from launcher.image import image_tag
 from launcher.ledger import Ledger
@@ -60,9 +62,53 @@ def test_config_errors_name_the_problem(table, message):
         parse_hosts({"hosts": {"box": table}})
 
 
-def test_aws_hosts_bill_at_least_a_minute():
-    host = parse_hosts({"hosts": {"g4": {"provider": "aws", "instance_id": "i-1", "region": "us-east-1"}}})["g4"]
+def test_aws_hosts_bill_at_least_a_minute_at_the_shipped_price():
+    host = parse_hosts({"hosts": {"g4": {"provider": "aws", "instance_id": "i-1", "region": "us-east-1",
+                                         "instance_type": "g4dn.xlarge"}}})["g4"]
     assert host.kind == "aws" and host.min_billed_s == 60
+    assert (host.price_per_hour, host.currency) == (0.526, "USD")
+    assert host.stop_command == "sudo shutdown -h now"
+    eu = parse_hosts({"hosts": {"g5": {"provider": "aws", "instance_id": "i-2", "region": "eu-west-1",
+                                       "instance_type": "g5.xlarge", "price_per_hour": 1.5}}})["g5"]
+    assert eu.price_per_hour == 1.5  # the config overrides the table
+    with pytest.raises(ConfigError, match="no shipped price for instance_type 'x9.huge'"):
+        parse_hosts({"hosts": {"g": {"provider": "aws", "instance_id": "i", "region": "us-east-1", "instance_type": "x9.huge"}}})
+
+
+def test_budget_seconds_never_exceed_the_budget():
+    assert budget_seconds(1.0, 3600, "per_second") == 1
+    assert budget_seconds(20, 0.8, "per_second") == 90_000  # 25 hours
+    assert budget_seconds(20, 0.8, "per_hour") == 25 * 3600
+    assert budget_seconds(1.0, 0.8, "per_hour") == 3600
+    assert budget_seconds(0.5, 0.8, "per_hour") == 0  # not even one billed hour fits
+    assert budget_seconds(0.01, 0.526, "per_second", 60) == 68  # 68 s cost 0.00994, rounded 0.01
+    assert budget_seconds(0.004, 0.526, "per_second", 60) == 0  # below the 60 s minimum
+    for budget, price, rule in [(3.33, 0.526, "per_second"), (7, 1.212, "per_minute"), (0.05, 3.06, "per_second")]:
+        s = budget_seconds(budget, price, rule)
+        assert cost_of(s, price, rule) <= Decimal(str(budget)) < cost_of(s + BILLING_UNIT_S[rule] * 2, price, rule)
+
+
+def test_wait_for_state_polls_until_running_or_times_out():
+    states = iter(["stopped", "pending", "pending", "running"])
+    clock = iter(range(100))
+    slept = []
+    assert wait_for_state(lambda: next(states), "running", 60, poll_s=3, sleep=slept.append,
+                          clock=lambda: next(clock)) == "running"
+    assert slept == [3, 3, 3]
+    with pytest.raises(BackendError, match="still pending after 5s"):
+        t = iter(range(0, 100, 2))
+        wait_for_state(lambda: "pending", "running", 5, sleep=lambda s: None, clock=lambda: next(t))
+    with pytest.raises(BackendError, match="is terminated"):
+        wait_for_state(lambda: "terminated", "running", 5, sleep=lambda s: None)
+
+
+def test_cost_totals_keep_currencies_apart():
+    rows = [{"host": "a", "month": "2026-11", "currency": "CNY", "amount": 1.25},
+            {"host": "a", "month": "2026-11", "currency": "CNY", "amount": 0.10},
+            {"host": "b", "month": "2026-12", "currency": "USD", "amount": 0.53}]
+    assert totals(rows, "host") == [{"host": "a", "currency": "CNY", "runs": 2, "amount": 1.35},
+                                    {"host": "b", "currency": "USD", "runs": 1, "amount": 0.53}]
+    assert [t["month"] for t in totals(rows, "month")] == ["2026-11", "2026-12"]
 
 
 def test_ledger_records_runs_and_phases(tmp_path):

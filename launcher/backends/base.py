@@ -26,7 +26,7 @@ class Job:
     silence_s: int = 0
     stop_timeout_s: int = 120  # what the trainer gets to save last.pth before it is killed
     keep_alive: bool = False
-    upload_command: str = ""
+    terminate: bool = False  # cloud instances: terminate instead of stop at the end
 
 
 @dataclass

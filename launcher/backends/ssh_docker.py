@@ -8,6 +8,7 @@ the host stop itself when the job ends, whether or not the laptop is still there
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,7 @@ from launcher.image import CPU_BASE_IMAGE, choose_base_image, context_files, con
 from launcher.remote import Remote, quote
 from launcher.state import project_root
 from launcher.sync import ssh_tar
+from launcher.sync.s3 import S3Store
 from launcher.ui import UI
 
 RUN_LABEL = "gpu-run.run-id"
@@ -37,9 +39,12 @@ WATCHDOG_POLL_S = 2
 class SshDockerBackend(Backend):
     name = "ssh"
 
-    def __init__(self, host: Host, remote: Remote, ui: UI):
+    def __init__(self, host: Host, remote: Remote, ui: UI, store: S3Store | None = None, provider=None):
         self.host = host
         self.remote = remote
+        self.store = store
+        self.provider = provider  # a cloud instance to stop through its API at the end, if any
+        self.image_tag: str | None = None
         home = remote.home()
         self.workdir = remote.expand(host.workdir, home)
         version = remote.run(["docker", "version", "--format", "{{.Server.Version}}"], check=False)
@@ -59,12 +64,44 @@ class SshDockerBackend(Backend):
 
     # Data and image ---------------------------------------------------------------------------
 
+    def _uid_gid(self) -> str:
+        return self.remote.run(["sh", "-c", 'printf %s:%s "$(id -u)" "$(id -g)"']).stdout
+
+    def _helper(self, mounts: list[str], args: list[str]) -> str:
+        """A `docker run` of trainer/s3sync.py in the trainer image; credentials come from the
+        caller's environment by name (-e NAME), so their values appear on no command line."""
+        env_args = [a for key in self.store.credentials_env() for a in ("-e", key)]
+        volumes = [a for m in mounts for a in ("-v", m)]
+        endpoint = ["--endpoint-url", self.store.endpoint_url] if self.store.endpoint_url else []
+        return quote(["docker", "run", "--rm", "--network", "host", "--user", self._uid_gid(), *env_args, *volumes,
+                      "--entrypoint", "python3", self.image_tag, "-m", "trainer.s3sync", *args, *endpoint])
+
     def stage_data(self, local_root: Path, dataset_id: str, ui: UI) -> str:
         remote_root = f"{self.workdir}/data/{dataset_id}"
+        if self.store is not None:
+            return self._stage_via_s3(local_root, dataset_id, remote_root, ui)
         with ui.progress("syncing dataset", total=0, unit="bytes") as update:
             stats = ssh_tar.push(self.remote, local_root, remote_root, progress=update)
         ui.info(f"dataset synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
                 f"{stats.deleted} deleted on the host")
+        return remote_root
+
+    def _stage_via_s3(self, local_root: Path, dataset_id: str, remote_root: str, ui: UI) -> str:
+        with ui.progress("uploading dataset to S3", total=0, unit="bytes") as update:
+            stats = self.store.upload_dataset(local_root, dataset_id, progress=update)
+        uri = self.store.uri(self.store.dataset_prefix(dataset_id))
+        ui.info(f"dataset in {uri}: {stats.uploaded} file(s) uploaded, {stats.bytes / 1e6:.1f} MB, {stats.deleted} deleted")
+        self.remote.run(["mkdir", "-p", remote_root])
+        with ui.spinner(f"{self.host.name} fetches the dataset from S3"):
+            result = self.remote.run_with_env(
+                self._helper([f"{remote_root}:/data"], ["download", uri, "/data"]),
+                self.store.credentials_env(), check=False, timeout_s=3600,
+            )
+        if result.code != 0:
+            last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
+            raise BackendError(f"{self.host.name} could not fetch the dataset from S3: {last[0]}")
+        fetched = json.loads(result.stdout.strip().splitlines()[-1])
+        ui.info(f"{self.host.name} fetched {fetched['fetched']} of {fetched['objects']} object(s) from S3")
         return remote_root
 
     def _image_exists(self, ref: str) -> bool:
@@ -87,6 +124,7 @@ class SshDockerBackend(Backend):
         tag = image_tag(files, base)
         if self._image_exists(tag):
             ui.info(f"image {tag} is up to date on {self.host.name} (no build needed)")
+            self.image_tag = tag
             return Prepared(image_tag=tag, image_built=False, device="gpu" if self.has_nvidia else "cpu")
         self._ensure_base(base, ui)
         with ui.spinner(f"building {tag} on {self.host.name}"):
@@ -95,6 +133,7 @@ class SshDockerBackend(Backend):
                 input=context_tar(files).getvalue(), timeout_s=3600,
             )
         ui.info(f"built image {tag} on {self.host.name}")
+        self.image_tag = tag
         return Prepared(image_tag=tag, image_built=True, device="gpu" if self.has_nvidia else "cpu")
 
     # The run ----------------------------------------------------------------------------------
@@ -131,7 +170,8 @@ class SshDockerBackend(Backend):
             self.remote.run(["mkdir", "-p", f"{run_dir}/weights"])
             self.remote.run(f"cat > {quote([remote_weights])}", input=Path(job.weights).read_bytes(), timeout_s=3600)
             job.weights = remote_weights
-        uid_gid = self.remote.run(["sh", "-c", 'printf %s:%s "$(id -u)" "$(id -g)"']).stdout
+        uid_gid = self._uid_gid()
+        self.image_tag = prepared.image_tag
         use_gpu = prepared.device == "gpu" and job.gpus != 0
         result = self._docker(*self._run_args(job, prepared, use_gpu, uid_gid), check=False)
         if result.code != 0 and use_gpu and NO_GPU_DRIVER in result.stderr:
@@ -144,7 +184,8 @@ class SshDockerBackend(Backend):
             ui.warn(f"{self.host.name} has no usable NVIDIA GPU: training runs on its CPU, which is slow and costs the same per hour")
         container = f"gpu-run-{job.run_id}"
         self._start_watchdog(run_dir, container, job)
-        return {"backend": self.name, "container": container, "run_dir": run_dir, "out_dir": job.out_dir}
+        return {"backend": self.name, "container": container, "run_dir": run_dir, "out_dir": job.out_dir,
+                "keep_alive": job.keep_alive, "terminate": job.terminate}
 
     def _start_watchdog(self, run_dir: str, container: str, job: Job) -> None:
         script = resources.files("launcher.watchdog").joinpath("watchdog.sh").read_bytes()
@@ -153,7 +194,9 @@ class SshDockerBackend(Backend):
             "CONTAINER": container, "GRACE_S": str(self.host.grace_s), "MAX_S": str(job.max_runtime_s),
             "SILENCE_S": str(job.silence_s), "STOP_TIMEOUT_S": str(job.stop_timeout_s), "POLL_S": str(WATCHDOG_POLL_S),
             "STOP_COMMAND": self.host.stop_command or "true", "KEEP_ALIVE": "1" if keep_alive else "0",
-            "UPLOAD_COMMAND": job.upload_command,
+            "UPLOAD_COMMAND": self._helper([f"{run_dir}/out:/out:ro"],
+                                           ["upload", "/out", self.store.uri(self.store.run_prefix(job.run_id))])
+            if self.store else "",
         }
         env = "".join(f"{k}={quote([v])}\n" for k, v in settings.items())
         self.remote.run(["mkdir", "-p", run_dir])
@@ -161,9 +204,11 @@ class SshDockerBackend(Backend):
         self.remote.run(f"cat > {quote([run_dir + '/watchdog.env'])}", input=env.encode())
         # setsid + nohup + no inherited descriptors: it outlives this SSH session and the laptop.
         # (No `cd dir &&` in front: a backgrounded list would keep this session's stdout open.)
-        self.remote.run(
+        # S3 credentials reach the watchdog as environment through stdin, never as a file.
+        self.remote.run_with_env(
             f"nohup setsid sh {quote([run_dir + '/watchdog.sh'])} {quote([run_dir])} "
-            f">> {quote([run_dir + '/watchdog.log'])} 2>&1 < /dev/null &"
+            f">> {quote([run_dir + '/watchdog.log'])} 2>&1 < /dev/null &",
+            self.store.credentials_env() if self.store else {},
         )
 
     # Logs, with reconnects --------------------------------------------------------------------
@@ -246,7 +291,15 @@ class SshDockerBackend(Backend):
         return {"watchdog": status} if status else {}
 
     def release(self, handle: dict, ui: UI, timeout_s: float = 120) -> float | None:
-        """Wait for the watchdog to run the stop command; returns when it did (None: keep-alive)."""
+        """Wait for the watchdog to run the stop command (a cloud instance is also stopped through
+        its API); returns when the machine stopped (None: kept alive)."""
+        if self.provider is not None:
+            if handle.get("keep_alive"):
+                return None
+            stopped = self.provider.stop(terminate=handle.get("terminate", False))
+            ui.info(f"instance {self.provider.instance_id} {'terminated' if handle.get('terminate') else 'stopped'}"
+                    " (a stopped instance still bills for its disk)")
+            return stopped
         deadline = time.time() + timeout_s
         with ui.spinner(f"waiting for {self.host.name} to stop"):
             while time.time() < deadline:
