@@ -85,7 +85,9 @@ def test_budget_seconds_never_exceed_the_budget():
     assert budget_seconds(0.004, 0.526, "per_second", 60) == 0  # below the 60 s minimum
     for budget, price, rule in [(3.33, 0.526, "per_second"), (7, 1.212, "per_minute"), (0.05, 3.06, "per_second")]:
         s = budget_seconds(budget, price, rule)
-        assert cost_of(s, price, rule) <= Decimal(str(budget)) < cost_of(s + BILLING_UNIT_S[rule] * 2, price, rule)
+        assert cost_of(s, price, rule) <= Decimal(str(budget))
+        # One more billing unit would cost more than the budget before rounding.
+        assert Decimal(str(price)) * (s + BILLING_UNIT_S[rule]) / 3600 > Decimal(str(budget))
 
 
 def test_wait_for_state_polls_until_running_or_times_out():
