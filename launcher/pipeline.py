@@ -22,7 +22,7 @@ from launcher.cost import billed_seconds, budget_seconds, cost_of, format_money
 from launcher.dataset import DatasetInfo, validate_dataset
 from launcher.errors import BackendError, ConfigError, GpuRunError
 from launcher.events import read_metrics, status_for_exit
-from launcher.ledger import FINAL_STATUSES, Ledger, RunRecord
+from launcher.ledger import ACTIVE_STATUSES, FINAL_STATUSES, Ledger, RunRecord
 from launcher.ui import UI, TrainingDisplay
 
 STOP_TIMEOUT_S = 120  # time the trainer gets to finish its step and write last.pth
@@ -354,24 +354,28 @@ def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended
 # Commands on an existing run -------------------------------------------------------------------
 
 
-def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+def reconnect(run_id: str, config: Config, ledger: Ledger, ui: UI) -> tuple[RunRecord, Host, Backend | None]:
+    """A run with its host and, while it is active, its backend reconnected (None once it ended)."""
     run = ledger.get_run(run_id)
-    if run.status not in ("running", "detached", "created"):
-        ui.info(f"run {run.run_id} already ended ({run.status})")
-        return run.summary or {"run_id": run.run_id, "status": run.status}
     host = config.host(run.host)
-    backend = backend_for_run(host, run.handle, ui)
+    if run.status not in ACTIVE_STATUSES:
+        ui.info(f"run {run.run_id} already ended ({run.status})")
+        return run, host, None
+    return run, host, backend_for_run(host, run.handle, ui)
+
+
+def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+    run, host, backend = reconnect(run_id, config, ledger, ui)
+    if backend is None:
+        return run.summary or {"run_id": run.run_id, "status": run.status}
     return follow_and_finish(run, host, backend, ledger, ui)
 
 
 def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     """Ask the trainer to stop (it writes last.pth), then pull and record, as at a normal end."""
-    run = ledger.get_run(run_id)
-    if run.status not in ("running", "detached", "created"):
-        ui.info(f"run {run.run_id} already ended ({run.status})")
+    run, host, backend = reconnect(run_id, config, ledger, ui)
+    if backend is None:
         return run.summary or {"run_id": run.run_id, "status": run.status}
-    host = config.host(run.host)
-    backend = backend_for_run(host, run.handle, ui)
     with ui.spinner(f"stopping {run.run_id}: the trainer finishes its step and saves last.pth"):
         backend.stop(run.handle, STOP_TIMEOUT_S)
         exit_code = backend.wait(run.handle)
@@ -392,7 +396,7 @@ def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
             raise
         ui.warn(f"{e}; fetching the outputs from S3 instead")
         return pull_from_s3(run, host, ledger, ui)
-    if run.status in ("running", "detached", "created"):
+    if run.status in ACTIVE_STATUSES:
         code = backend.exit_code(run.handle)
         if code is not None:
             return finish_run(run, host, backend, code, ledger, ui)
@@ -438,7 +442,7 @@ def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
             for p in ledger.phases(run.run_id)
         ],
     }
-    if run.status in ("running", "detached") and run.handle:
+    if run.status in ACTIVE_STATUSES and run.handle:
         host = config.host(run.host)
         try:
             backend = backend_for_run(host, run.handle, ui)
@@ -458,7 +462,7 @@ def log_lines(run_id: str, follow: bool, config: Config, ledger: Ledger, ui: UI)
     """The run's log: from the backend while the run is live, else the saved train.log."""
     run = ledger.get_run(run_id)
     saved = Path(run.run_dir or "") / "train.log"
-    if run.status in ("running", "detached") and run.handle:
+    if run.status in ACTIVE_STATUSES and run.handle:
         backend = backend_for_run(config.host(run.host), run.handle, ui)
         yield from backend.follow_logs(run.handle) if follow else backend.read_logs(run.handle)
         return

@@ -95,7 +95,7 @@ def test_runs_status_logs_commands(cli, dataset):
     assert listed[0]["status"] == "succeeded"
     state = cli.json("status", run_id[:15])  # a unique prefix is enough
     assert state["run_id"] == run_id
-    assert [p["phase"] for p in state["phases"]] == ["connect", "build", "train", "pull"]
+    assert [p["phase"] for p in state["phases"]] == ["connect", "build", "sync", "train", "pull", "stop"]
     assert all(p["status"] == "ok" and p["ended_at"] >= p["started_at"] for p in state["phases"])
     logs = cli("logs", run_id, check=True)
     assert '"event": "done"' in logs.stdout

@@ -107,14 +107,19 @@ def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_
 def test_connection_cut_during_sync_resumes_without_resending(ssh_host, tmp_path):
     from launcher.demo_data import make_dataset
 
-    data = make_dataset(tmp_path / "big", classes=2, train_per_class=300, val_per_class=10, size=96)
+    data = make_dataset(tmp_path / "big", classes=2, train_per_class=300, val_per_class=10, size=128)
     target = resolve_target("t4-box", ssh_config_path=ssh_host.home / ".ssh" / "config")
     target = target.__class__(**{**target.__dict__, "known_hosts": str(ssh_host.known_hosts)})
     remote = Remote(target)
     cuts = []
 
+    chunks = []
+
     def progress(completed=None, total=None, **_):
-        if completed and not cuts:
+        # Cut after the third MiB went out, so the first ones have surely been unpacked there.
+        if completed:
+            chunks.append(completed)
+        if len(chunks) == 3 and not cuts:
             cuts.append(cut_ssh_connections())
 
     remote_root = str(ssh_host.workdir / "data" / "big")
