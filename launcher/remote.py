@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,21 @@ class Remote:
         prelude = "".join(f"IFS= read -r {key}; export {key}; " for key in env)
         data = "".join(f"{value}\n" for value in env.values()).encode()
         return self.run(prelude + command, input=data, **kwargs)
+
+    def openssh_argv(self) -> list[str] | None:
+        """The OpenSSH client command for this target, for bulk streams (it moves bytes about twice
+        as fast as paramiko); None when there is no `ssh` binary. Host keys were checked (or
+        accepted) by connect() against the same known_hosts file, and are checked again here."""
+        ssh = shutil.which("ssh")
+        if ssh is None:
+            return None
+        t = self.target
+        argv = [ssh, "-p", str(t.port), "-l", t.user, "-o", f"UserKnownHostsFile={t.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+                "-o", f"ServerAliveInterval={KEEPALIVE_S}"]
+        for key in t.key_files:
+            argv += ["-i", key, "-o", "IdentitiesOnly=yes"]
+        return argv + [t.hostname]
 
     def home(self) -> str:
         return self.run(["sh", "-c", 'printf %s "$HOME"']).stdout

@@ -28,8 +28,20 @@ CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQ
              "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
 
 
+CJK_FILE_HINTS = ("cjk", "wqy", "simhei", "msyh", "pingfang", "sourcehan", "uming", "ukai", "droidsansfallback")
+
+
 def setup_fonts() -> None:
     installed = {f.name for f in font_manager.fontManager.ttflist}
+    if not any(name in installed for name in CJK_FONTS):
+        # matplotlib's font cache predates a CJK font installed later: register such files now.
+        for path in font_manager.findSystemFonts():
+            if any(hint in Path(path).name.lower() for hint in CJK_FILE_HINTS):
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    pass
+        installed = {f.name for f in font_manager.fontManager.ttflist}
     cjk = [name for name in CJK_FONTS if name in installed]
     plt.rcParams["font.family"] = ["DejaVu Sans", *cjk]
     plt.rcParams["axes.unicode_minus"] = False

@@ -162,3 +162,35 @@ def test_two_processes_through_the_launcher(cli, dataset):
     log = (Path(summary["run_dir"]) / "train.log").read_text()
     start = next(json.loads(x) for x in log.splitlines() if x.startswith('{"event": "start"'))
     assert start["world_size"] == 2
+
+
+def test_report_renders_cjk_class_names(tmp_path):
+    """Class names in Chinese must not come out as empty boxes (needs a CJK font: the test bed installs one)."""
+    import warnings
+
+    from launcher.report import write_report
+
+    if not Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc").exists():
+        from tests.conftest import missing_test_bed
+
+        missing_test_bed("no CJK font (fonts-wqy-zenhei)")
+    run = tmp_path / "run"
+    run.mkdir()
+    classes = ["男性", "女性"]
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 10, "val_loss": 1.1 / e,
+                    "val_acc": 0.5 + e / 12, "train_images_per_s": 100.0, "epoch_time_s": 2.0}) + "\n"
+        for e in (1, 2, 3)))
+    with open(run / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", "confidence", "epoch"])
+        for i in range(10):
+            w.writerow([f"val/{classes[i % 2]}/{i}.jpg", classes[i % 2], classes[(i // 3) % 2], 0.9, 3])
+    (run / "summary.json").write_text(json.dumps({"run_id": "r1", "classes": classes, "model": "resnet18"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = write_report(run)
+    missing = [str(w.message) for w in caught if "missing from" in str(w.message)]
+    assert not missing, missing[:2]
+    assert "| 男性 |" in (out / "report.md").read_text()
+    assert pixels(out / "confusion_matrix.png").size[1] == 960

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import paramiko
+import pytest
 import torch
 
 from launcher.dataset import dataset_id
@@ -104,22 +105,21 @@ def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_connection_cut_during_sync_resumes_without_resending(ssh_host, tmp_path):
+@pytest.mark.parametrize("client", ["paramiko", "openssh"])
+def test_connection_cut_during_sync_resumes_without_resending(client, ssh_host, tmp_path, monkeypatch):
     from launcher.demo_data import make_dataset
 
+    # Small streams go over the open paramiko connection, big ones through the OpenSSH client.
+    monkeypatch.setattr(ssh_tar, "OPENSSH_FROM_BYTES", 0 if client == "openssh" else 1 << 40)
     data = make_dataset(tmp_path / "big", classes=2, train_per_class=300, val_per_class=10, size=128)
     target = resolve_target("t4-box", ssh_config_path=ssh_host.home / ".ssh" / "config")
     target = target.__class__(**{**target.__dict__, "known_hosts": str(ssh_host.known_hosts)})
     remote = Remote(target)
     cuts = []
 
-    chunks = []
-
     def progress(completed=None, total=None, **_):
-        # Cut after the third MiB went out, so the first ones have surely been unpacked there.
-        if completed:
-            chunks.append(completed)
-        if len(chunks) == 3 and not cuts:
+        # Cut once 3 MiB went out, so the first of them have surely been unpacked there.
+        if completed and completed >= 3 << 20 and not cuts:
             cuts.append(cut_ssh_connections())
 
     remote_root = str(ssh_host.workdir / "data" / "big")

@@ -1,8 +1,9 @@
 """Move folders between the laptop and a host over one SSH channel, incrementally.
 
 Both sides list their files as a manifest (path -> size, mtime in whole seconds); only files that
-differ travel, as one `tar` stream through a single SSH exec channel (measured faster than rsync
-for the first copy of many small files, and as fast for a no-change re-sync: see benchmarks/), and
+differ travel, as one `tar` stream through one SSH connection (the OpenSSH client when the laptop
+has it, paramiko otherwise; faster than rsync for the first copy of many small files and for a
+no-change re-sync: see benchmarks/bench_sync.py), and
 files gone from the source are deleted at the destination. tar restores mtimes, so a file that
 arrived whole matches on the next comparison; a file cut off by a dropped connection does not, and
 is sent again on the retry, while everything that arrived is not.
@@ -89,6 +90,53 @@ def tar_size(sizes: list[int]) -> int:
 # Laptop -> host -------------------------------------------------------------------------------
 
 
+OPENSSH_FROM_BYTES = 32 << 20  # below this, the open paramiko connection beats a new ssh handshake
+
+
+class _Sink:
+    """Where the tar stream goes: the OpenSSH client for big streams when there is one (it moves
+    bytes faster), else a channel on the paramiko connection that is already open."""
+
+    def __init__(self, remote: Remote, command: str, size: int):
+        self.remote = remote
+        argv = remote.openssh_argv() if size >= OPENSSH_FROM_BYTES else None
+        self.proc = self.channel = None
+        if argv:
+            self.proc = subprocess.Popen([*argv, command], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, bufsize=0)
+        else:
+            self.channel = remote.open(command)
+
+    def write(self, chunk: bytes) -> None:
+        if self.proc:
+            try:
+                self.proc.stdin.write(chunk)
+            except BrokenPipeError:
+                raise ConnectionError(f"the connection to {self.remote.target.alias} dropped") from None
+        else:
+            self.channel.sendall(chunk)
+
+    def close(self) -> tuple[int, str]:
+        if self.proc:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            code = self.proc.wait()
+            err = self.proc.stderr.read().decode(errors="replace").strip()
+            if code == 255:  # ssh's own failure: the connection, not the command
+                raise ConnectionError(f"the connection to {self.remote.target.alias} dropped: {err}")
+            return code, err
+        self.channel.shutdown_write()
+        code = self.channel.recv_exit_status()
+        return code, self.channel.makefile_stderr("rb").read().decode(errors="replace").strip()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncStats,
                progress: Callable[..., None]) -> None:
     send, delete = diff_manifests(local_manifest(local_root), remote_manifest(remote, remote_root))
@@ -97,31 +145,33 @@ def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncSt
         stats.deleted += len(delete)
     if not send:
         return
-    progress(total=stats.bytes_sent + tar_size([os.path.getsize(local_root / p) for p in send]))
-    channel = remote.open(f"mkdir -p {quote([remote_root])} && tar -C {quote([remote_root])} -xf -")
+    size = tar_size([os.path.getsize(local_root / p) for p in send])
+    progress(total=stats.bytes_sent + size)
+    sink = _Sink(remote, f"mkdir -p {quote([remote_root])} && tar -C {quote([remote_root])} -xf -", size)
+    # Unbuffered: each read returns what the pipe holds, so tar, this loop and ssh run
+    # concurrently instead of taking turns over 1 MiB buffers.
     tar = subprocess.Popen(
         ["tar", "-C", str(local_root), "--null", "-T", "-", "-cf", "-"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
     )
     # The file list goes in on a thread so a long list cannot block on tar's full output pipe.
     feeder = threading.Thread(target=lambda: (tar.stdin.write("\0".join(send).encode()), tar.stdin.close()))
     feeder.start()
     try:
         while chunk := tar.stdout.read(CHUNK):
-            channel.sendall(chunk)
+            sink.write(chunk)
             stats.bytes_sent += len(chunk)
             progress(completed=stats.bytes_sent)
-        channel.shutdown_write()
-        code = channel.recv_exit_status()
+        code, err = sink.close()
     finally:
         feeder.join()
+        sink.kill()
         if tar.poll() is None:
             tar.kill()
         tar.wait()
     if tar.returncode != 0:
         raise BackendError(f"local tar failed: {tar.stderr.read().decode(errors='replace').strip()}")
     if code != 0:
-        err = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
         raise BackendError(f"unpacking on {remote.target.alias} failed: {err or f'exit code {code}'}")
     stats.files_sent += len(send)
 

@@ -18,6 +18,8 @@ command -v dockerd >/dev/null || need+=(docker.io)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v rsync >/dev/null || need+=(rsync)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+# A CJK font, so the report test can check that Chinese class names render.
+[ -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || need+=(fonts-wqy-zenhei)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "the test bed needs ${need[*]}: run as root or install them (apt-get install ${need[*]})" >&2
