@@ -218,6 +218,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
     ui.info(f"run {run_id} on host {host.name}: {spec.model}, {len(info.classes)} classes, "
             f"{info.num_train} train / {info.num_val} val images -> {run_dir}")
 
+    backend: Backend | None = None
     try:
         # Billing starts with the run's first action on the machine.
         billed_from = None if host.is_free else time.time()
@@ -251,7 +252,10 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         handle.update(image_built=prepared.image_built, device=prepared.device)
         ledger.update_run(run_id, handle_json=json.dumps(handle), status="running")
     except BaseException as e:
-        ledger.update_run(run_id, status="failed", ended_at=time.time())
+        # Nothing runs yet: the machine must not stay up (and bill) because setup failed.
+        stopped_at = backend.abort(ui, spec.keep_alive) if backend is not None else None
+        ledger.update_run(run_id, status="failed", ended_at=time.time(),
+                          billed_to=(stopped_at or time.time()) if billed_from else None)
         if isinstance(e, GpuRunError):
             ledger.end_phase(run_id, "train", "failed", str(e))
         raise

@@ -174,3 +174,18 @@ def test_over_budget_estimate_is_refused_before_anything_starts(ssh_host, datase
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is over the budget of 1.0 CNY" in lines[0] and "--force" in lines[0]
     assert not ssh_host.workdir.exists() and not (ssh_host.work / "runs").exists()
+
+
+def test_setup_failure_never_leaves_the_instance_running(ssh_host, moto, dataset):
+    iid = make_instance(moto)
+    use_ec2(ssh_host, moto, iid)
+    toml = ssh_host.work / "gpu-run.toml"
+    # S3 data path to a bucket that does not exist: the sync fails after the instance started.
+    toml.write_text(toml.read_text() + f'sync = "s3"\nbucket = "no-such-bucket"\ns3_endpoint_url = "{moto}"\n')
+    proc = ssh_host.cli("train", "--host", "g4", *FAST, "--epochs", "1", "--data", str(dataset))
+    assert proc.returncode != 0
+    assert "NoSuchBucket" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "instance " + iid + " stopped" in proc.stdout
+    assert instance_state(moto, iid) == "stopped"
+    runs = ssh_host.cli.json("runs")
+    assert runs[0]["status"] == "failed"

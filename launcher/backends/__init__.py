@@ -67,9 +67,14 @@ def backend_for_host(host: Host, ui: UI, accept_new_host_key: bool = False) -> B
     if host.kind == "aws":
         instance = AwsInstance(host)
         instance.start(ui)
-        remote = remote_for_instance(host, instance, accept_new_host_key)
-        wait_for_ssh(remote, ui)
-        return SshDockerBackend(host, remote, ui, store_for_host(host), provider=instance)
+        try:
+            remote = remote_for_instance(host, instance, accept_new_host_key)
+            wait_for_ssh(remote, ui)
+            return SshDockerBackend(host, remote, ui, store_for_host(host), provider=instance)
+        except BaseException:
+            instance.stop()  # started for this run and unusable: never leave it billing
+            ui.warn(f"instance {host.instance_id} stopped again")
+            raise
     raise BackendError(f"host {host.name!r} is a {host.kind} host, which this version of gpu-run cannot run on yet")
 
 

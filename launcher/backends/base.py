@@ -100,6 +100,11 @@ class Backend(ABC):
         """After the job ended: make sure all outputs are in out_dir and release what it held.
         Returns what the host recorded about the end (e.g. the watchdog's outcome), if anything."""
 
+    def abort(self, ui: UI, keep_alive: bool = False) -> float | None:
+        """Setup failed before the trainer started: stop the machine rather than leave it billing.
+        Returns when it stopped (None: nothing to stop)."""
+        return None
+
     def release(self, handle: dict, ui: UI) -> float | None:
         """Let the machine stop; when it stopped (None: nothing bills, or it was kept alive)."""
         return None

@@ -290,6 +290,23 @@ class SshDockerBackend(Backend):
             ui.warn(f"the watchdog stopped the job because {why}")
         return {"watchdog": status} if status else {}
 
+    def abort(self, ui: UI, keep_alive: bool = False) -> float | None:
+        if keep_alive:
+            ui.warn(f"{self.host.name} is left running (--keep-alive)")
+            return None
+        if self.provider is not None:
+            stopped = self.provider.stop()
+            ui.warn(f"nothing is running on {self.host.name}: instance {self.provider.instance_id} stopped")
+            return stopped
+        if self.host.stop_command:
+            try:
+                self.remote.run(["sh", "-c", self.host.stop_command], check=False, timeout_s=30)
+            except (BackendError, *_DROPPED):
+                pass  # a shutdown may take the connection with it
+            ui.warn(f"nothing is running on {self.host.name}: ran its stop command (--keep-alive keeps it up)")
+            return time.time()
+        return None
+
     def release(self, handle: dict, ui: UI, timeout_s: float = 120) -> float | None:
         """Wait for the watchdog to run the stop command (a cloud instance is also stopped through
         its API); returns when the machine stopped (None: kept alive)."""
