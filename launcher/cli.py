@@ -65,6 +65,16 @@ def when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def render_result(ui: UI, result: dict, as_json: bool) -> None:
+    """A run summary as JSON or as the closing lines; anything else as where the outputs are."""
+    if as_json:
+        print_json(result)
+    elif "exit_code" in result:
+        print_summary(ui, result)
+    elif "run_dir" in result:
+        ui.info(f"outputs of {result['run_id']} ({result['status']}) are in {result['run_dir']}")
+
+
 def print_summary(ui: UI, s: dict) -> None:
     best = f"{s['best_val_acc'] * 100:.1f}%" if s.get("best_val_acc") is not None else "-"
     ui.info("")
@@ -162,11 +172,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
 def attach(run_id: str, as_json: bool) -> None:
     """Re-attach the live display to a running job, then pull its outputs."""
     ui = UI(quiet=as_json)
-    summary = pipeline.attach(run_id, load_config(), open_ledger(), ui)
-    if as_json:
-        print_json(summary)
-    elif "exit_code" in summary:
-        print_summary(ui, summary)
+    render_result(ui, pipeline.attach(run_id, load_config(), open_ledger(), ui), as_json)
 
 
 @cli.command()
@@ -193,11 +199,7 @@ def stop(target: str, terminate: bool, as_json: bool) -> None:
         else:
             ui.info(f"instance {host.instance_id} of {target}: {state} (a stopped instance still bills for its disk)")
         return
-    summary = pipeline.stop(target, config, open_ledger(), ui)
-    if as_json:
-        print_json(summary)
-    elif "exit_code" in summary:
-        print_summary(ui, summary)
+    render_result(ui, pipeline.stop(target, config, open_ledger(), ui), as_json)
 
 
 @cli.command()
@@ -207,13 +209,7 @@ def stop(target: str, terminate: bool, as_json: bool) -> None:
 def pull(run_id: str, as_json: bool) -> None:
     """Fetch a run's outputs into runs/<run-id>/ (verified); finishes a run whose job has ended."""
     ui = UI(quiet=as_json)
-    summary = pipeline.pull(run_id, load_config(), open_ledger(), ui)
-    if as_json:
-        print_json(summary)
-    elif "exit_code" in summary:
-        print_summary(ui, summary)
-    else:
-        ui.info(f"outputs of {summary['run_id']} ({summary['status']}) are in {summary['run_dir']}")
+    render_result(ui, pipeline.pull(run_id, load_config(), open_ledger(), ui), as_json)
 
 
 @cli.command()

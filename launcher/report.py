@@ -82,6 +82,14 @@ def per_class_scores(matrix: list[list[int]], classes: list[str]) -> list[dict]:
     return rows
 
 
+def save(fig, out: Path, name: str) -> Path:
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(metrics: list[dict], out: Path) -> Path:
     epochs = [m["epoch"] for m in metrics]
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -95,11 +103,7 @@ def plot_curves(metrics: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save(fig, out, "curves.png")
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Path:
@@ -119,11 +123,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Pa
                 ax.text(c, r, fmt.format(data[r][c]), ha="center", va="center",
                         color="white" if data[r][c] > top / 2 else "black", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path = out / "confusion_matrix.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save(fig, out, "confusion_matrix.png")
 
 
 def plot_per_class(rows: list[dict], out: Path) -> Path:
@@ -133,11 +133,7 @@ def plot_per_class(rows: list[dict], out: Path) -> Path:
     table = ax.table(cellText=cells, colLabels=["class", "precision", "recall", "F1", "support"], loc="center")
     table.scale(1, 1.4)
     ax.set_title("Per-class precision, recall and F1 (validation)")
-    fig.tight_layout()
-    path = out / "per_class.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save(fig, out, "per_class.png")
 
 
 def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Path, limit: int = 16) -> Path | None:
@@ -157,11 +153,7 @@ def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Pat
             ax.text(0.5, 0.5, "image not found", ha="center", va="center")
         ax.set_title(f"true: {p.true}\npred: {p.predicted} ({p.confidence:.0%})", fontsize=8)
     fig.suptitle("Most confident mistakes (validation)")
-    fig.tight_layout()
-    path = out / "misclassified.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save(fig, out, "misclassified.png")
 
 
 def write_report(run_dir: Path, data_root: Path | None = None) -> Path:

@@ -8,6 +8,7 @@ the host stop itself when the job ends, whether or not the laptop is still there
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from importlib import resources
@@ -64,7 +65,9 @@ class SshDockerBackend(Backend):
 
     # Data and image ---------------------------------------------------------------------------
 
-    def _uid_gid(self) -> str:
+    @functools.cached_property
+    def uid_gid(self) -> str:
+        """The SSH user's uid:gid, so containers write files that user owns."""
         return self.remote.run(["sh", "-c", 'printf %s:%s "$(id -u)" "$(id -g)"']).stdout
 
     def _helper(self, mounts: list[str], args: list[str]) -> str:
@@ -73,7 +76,7 @@ class SshDockerBackend(Backend):
         env_args = [a for key in self.store.credentials_env() for a in ("-e", key)]
         volumes = [a for m in mounts for a in ("-v", m)]
         endpoint = ["--endpoint-url", self.store.endpoint_url] if self.store.endpoint_url else []
-        return quote(["docker", "run", "--rm", "--network", "host", "--user", self._uid_gid(), *env_args, *volumes,
+        return quote(["docker", "run", "--rm", "--network", "host", "--user", self.uid_gid, *env_args, *volumes,
                       "--entrypoint", "python3", self.image_tag, "-m", "trainer.s3sync", *args, *endpoint])
 
     def stage_data(self, local_root: Path, dataset_id: str, ui: UI) -> str:
@@ -141,13 +144,13 @@ class SshDockerBackend(Backend):
     def run_dir(self, run_id: str) -> str:
         return f"{self.workdir}/runs/{run_id}"
 
-    def _run_args(self, job: Job, prepared: Prepared, gpu: bool, uid_gid: str) -> list[str]:
+    def _run_args(self, job: Job, prepared: Prepared, gpu: bool) -> list[str]:
         weights = job.weights
         args = [
             "run", "-d", "--name", f"gpu-run-{job.run_id}", "--label", f"{RUN_LABEL}={job.run_id}",
             "-v", f"{job.data_dir}:/data:ro", "-v", f"{job.out_dir}:/out",
             "-v", f"{self.workdir}/cache:/cache", "-e", "TORCH_HOME=/cache/torch", "-e", "HOME=/tmp",
-            "--shm-size", "2g", "--user", uid_gid,
+            "--shm-size", "2g", "--user", self.uid_gid,
         ]
         if weights not in ("none", "imagenet"):
             args += ["-v", f"{weights}:/weights/{Path(weights).name}:ro"]
@@ -170,14 +173,13 @@ class SshDockerBackend(Backend):
             self.remote.run(["mkdir", "-p", f"{run_dir}/weights"])
             self.remote.run(f"cat > {quote([remote_weights])}", input=Path(job.weights).read_bytes(), timeout_s=3600)
             job.weights = remote_weights
-        uid_gid = self._uid_gid()
         self.image_tag = prepared.image_tag
         use_gpu = prepared.device == "gpu" and job.gpus != 0
-        result = self._docker(*self._run_args(job, prepared, use_gpu, uid_gid), check=False)
+        result = self._docker(*self._run_args(job, prepared, use_gpu), check=False)
         if result.code != 0 and use_gpu and NO_GPU_DRIVER in result.stderr:
             self._docker("rm", "-f", f"gpu-run-{job.run_id}", check=False)
             prepared.device = "cpu"
-            result = self._docker(*self._run_args(job, prepared, False, uid_gid), check=False)
+            result = self._docker(*self._run_args(job, prepared, False), check=False)
         if result.code != 0:
             raise BackendError(f"could not start the trainer on {self.host.name}: {result.stderr.strip().splitlines()[-1:]}")
         if prepared.device == "cpu":
