@@ -246,6 +246,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             max_runtime_s=watchdog_max_runtime_s(spec, host, budget_limit_s, billed_from),
             silence_s=int(spec.silence_minutes * 60),
             stop_timeout_s=spec.stop_timeout_s, keep_alive=spec.keep_alive, terminate=spec.terminate,
+            seed_dir=str(run_dir) if resumed_from else None,
         )
         ledger.start_phase(run_id, "train")
         handle = backend.start(job, prepared, ui)

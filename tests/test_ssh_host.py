@@ -218,3 +218,20 @@ def test_host_without_docker_wrong_key_or_unreachable(ssh_host, dataset, tmp_pat
     ssh_host.write_ssh_config(user="root", key=ssh_host.key, port=1)
     line = one_line_error(ssh_host.cli("train", *FAST, "--data", str(dataset)))
     assert line.startswith("error: cannot reach t4-box (root@127.0.0.1:1)")
+
+
+def test_stop_on_the_host_then_resume_there(ssh_host, dataset):
+    started = ssh_host.cli.json("train", *FAST, "--image-size", "64", "--epochs", "40", "--detach", "--data", str(dataset))
+    run_id = started["run_id"]
+    wait_for(lambda: (ssh_host.remote_run_dir(run_id) / "out" / "metrics.jsonl").exists(), 120, "the first epoch")
+    stopped = ssh_host.cli.json("stop", run_id)
+    assert stopped["status"] == "stopped" and stopped["exit_code"] == 75
+    assert ssh_host.stop_marker.exists()  # the pull let the watchdog stop the host at once
+    last = torch.load(Path(stopped["run_dir"]) / "checkpoints" / "last.pth", weights_only=True)
+    resumed = ssh_host.cli.json("train", "--resume", run_id, *FAST, "--image-size", "64",
+                                "--epochs", str(last["epoch"] + 1))
+    assert resumed["status"] == "succeeded" and resumed["resumed_from"] == run_id
+    log = (Path(resumed["run_dir"]) / "train.log").read_text()
+    assert f'"event": "resumed", ' in log
+    epochs = [json.loads(x)["epoch"] for x in (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[-1] == last["epoch"] + 1 and 1 in epochs  # the history came along

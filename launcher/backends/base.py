@@ -27,6 +27,7 @@ class Job:
     stop_timeout_s: int = 120  # what the trainer gets to save last.pth before it is killed
     keep_alive: bool = False
     terminate: bool = False  # cloud instances: terminate instead of stop at the end
+    seed_dir: str | None = None  # a local folder (a resumed run's checkpoints) to put in out_dir first
 
 
 @dataclass

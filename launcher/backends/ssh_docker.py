@@ -168,6 +168,8 @@ class SshDockerBackend(Backend):
     def start(self, job: Job, prepared: Prepared, ui: UI) -> dict:
         run_dir = self.run_dir(job.run_id)
         self.remote.run(["mkdir", "-p", job.out_dir, f"{self.workdir}/cache"])
+        if job.seed_dir:  # a resumed run continues from the last.pth it brought along
+            ssh_tar.push(self.remote, Path(job.seed_dir), job.out_dir)
         if job.weights not in ("none", "imagenet"):
             remote_weights = f"{run_dir}/weights/{Path(job.weights).name}"
             self.remote.run(["mkdir", "-p", f"{run_dir}/weights"])
