@@ -47,14 +47,20 @@ ssh_dir="$bed/ssh"
 mkdir -p "$ssh_dir"
 [ -f "$ssh_dir/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/host_ed25519"
 [ -f "$ssh_dir/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$ssh_dir/id_ed25519"
-cp "$ssh_dir/id_ed25519.pub" "$ssh_dir/authorized_keys"
+# sshd reads authorized_keys as the login user; the clone may sit under a folder other users
+# cannot enter (/root), so the file goes to a world-readable place.
+keys_dir="$ssh_dir"
+[ "$(id -u)" = 0 ] && keys_dir=/etc/gpu-run-testbed
+mkdir -p "$keys_dir"
+cp "$ssh_dir/id_ed25519.pub" "$keys_dir/authorized_keys"
 chmod 600 "$ssh_dir/id_ed25519" "$ssh_dir/host_ed25519"
-chmod 644 "$ssh_dir/authorized_keys"  # read by sshd as each test login, root or not
+chmod 755 "$keys_dir"
+chmod 644 "$keys_dir/authorized_keys"
 cat >"$ssh_dir/sshd_config" <<CONF
 Port $ssh_port
 ListenAddress 127.0.0.1
 HostKey $ssh_dir/host_ed25519
-AuthorizedKeysFile $ssh_dir/authorized_keys
+AuthorizedKeysFile $keys_dir/authorized_keys
 PidFile $ssh_dir/sshd.pid
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -74,7 +80,14 @@ mkdir -p /run/sshd
 # (password '*': no password login, but not "locked", which sshd without PAM would refuse.)
 id gpurun-nodocker >/dev/null 2>&1 || useradd -m -s /bin/sh gpurun-nodocker
 usermod -p '*' gpurun-nodocker
-if ! (exec 3<>"/dev/tcp/127.0.0.1/$ssh_port") 2>/dev/null; then
+if (exec 3<>"/dev/tcp/127.0.0.1/$ssh_port") 2>/dev/null; then
+  if [ -f "$ssh_dir/sshd.pid" ] && kill -HUP "$(cat "$ssh_dir/sshd.pid")" 2>/dev/null; then
+    say "sshd on 127.0.0.1:$ssh_port reloaded its config"
+  else
+    echo "port $ssh_port is taken by another process; set GPU_RUN_TEST_SSH_PORT to a free one" >&2
+    exit 1
+  fi
+else
   say "starting sshd on 127.0.0.1:$ssh_port"
   /usr/sbin/sshd -f "$ssh_dir/sshd_config" -E "$bed/sshd.log"
   for _ in $(seq 1 20); do (exec 3<>"/dev/tcp/127.0.0.1/$ssh_port") 2>/dev/null && break; sleep 0.25; done
