@@ -68,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth if it exists")
     p.add_argument("--amp", default="auto", choices=["auto", "off"], help="mixed precision on GPU (bf16 if supported, else fp16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only; slow first epoch)")
-    p.add_argument("--log-every", type=int, default=10, help="emit a step event every this many steps")
+    p.add_argument("--log-every", type=int, default=10, help="emit a step event every this many steps (and every 2 s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 
@@ -567,6 +567,7 @@ def main(args) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step, tick = start_step, time.perf_counter()
+        last_event = tick
         for images, targets, _indices, skipped in train_loader:
             for path in skipped:
                 if path not in skipped_seen:
@@ -583,7 +584,9 @@ def main(args) -> int:
             now = time.perf_counter()
             partial["time_s"] += now - tick
             tick = now
-            if step % args.log_every == 0 or step == steps_per_epoch:
+            # Every --log-every steps, and at least every 2 s so a slow run's display still moves.
+            if step % args.log_every == 0 or step == steps_per_epoch or now - last_event >= 2.0:
+                last_event = now
                 emit(
                     "step",
                     epoch=epoch + 1,
