@@ -508,7 +508,8 @@ def main(args) -> int:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved on CPU or with bf16; an fp16 GPU then starts a fresh scale
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
         partial = ckpt["partial"]
         ctx.micro_batch = min(ctx.micro_batch, ckpt.get("micro_batch", ctx.micro_batch))
