@@ -20,11 +20,6 @@ from launcher.state import ledger_path
 from launcher.ui import UI
 
 
-class Context:
-    def __init__(self, debug: bool):
-        self.debug = debug
-
-
 def handle_errors(func):
     """One line for an error the user can fix (traceback only with --debug), non-zero exit."""
 
@@ -358,7 +353,10 @@ def cost(as_json: bool, as_csv: bool) -> None:
             t.add_row(d[key], str(d["runs"]), f"{d['amount']:.2f} {d['currency']}")
         console.print(t)
     if any(r["cloud"] for r in rows):
+        from launcher.prices import PRICES_TAKEN
+
         console.print("Stopped cloud instances still bill for their disks (EBS); that is not in these amounts.")
+        console.print(f"Cloud prices without price_per_hour come from the shipped table, taken {PRICES_TAKEN}.")
 
 
 def run_dir_of(run_id: str) -> tuple[str, Path]:

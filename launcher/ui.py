@@ -91,8 +91,6 @@ class TrainingDisplay:
         self.task = None
         self.steps_per_epoch = 0
         self.epochs = 0
-        self.last: dict = {}
-        self.events: list[dict] = []
 
     def __enter__(self) -> "TrainingDisplay":
         if not self.ui.quiet:
@@ -123,7 +121,6 @@ class TrainingDisplay:
             if line.strip():
                 self._print(line.rstrip(), style="dim")
             return None
-        self.events.append(event)
         handler = getattr(self, f"_on_{event['event']}", None)
         if handler:
             handler(event)
@@ -149,7 +146,6 @@ class TrainingDisplay:
             self.progress.update(self.task, cost=self.cost_so_far(), **fields)
 
     def _on_step(self, e: dict) -> None:
-        self.last = e
         self._update(
             completed=(e["epoch"] - 1) * e["steps"] + e["step"],
             epoch=f"{e['epoch']}/{self.epochs}",

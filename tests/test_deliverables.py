@@ -8,8 +8,6 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -138,7 +136,7 @@ def test_stop_then_resume_on_the_launcher(cli, dataset):
     metrics = [json.loads(x)["epoch"] for x in (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1] == last["epoch"] + 1 and sorted(set(metrics)) == list(range(1, last["epoch"] + 2))
     log = (Path(resumed["run_dir"]) / "train.log").read_text()
-    assert f'"event": "resumed", ' in log
+    assert '"event": "resumed", ' in log
 
 
 def test_cache_size_resizes_once(cli, dataset, gpu_run_home):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -232,6 +231,6 @@ def test_stop_on_the_host_then_resume_there(ssh_host, dataset):
                                 "--epochs", str(last["epoch"] + 1))
     assert resumed["status"] == "succeeded" and resumed["resumed_from"] == run_id
     log = (Path(resumed["run_dir"]) / "train.log").read_text()
-    assert f'"event": "resumed", ' in log
+    assert '"event": "resumed", ' in log
     epochs = [json.loads(x)["epoch"] for x in (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1] == last["epoch"] + 1 and 1 in epochs  # the history came along

@@ -280,12 +280,6 @@ def remove_stale_temp_files(folder: Path) -> None:
         tmp.unlink()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # 6. one training step
 

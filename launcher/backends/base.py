@@ -37,7 +37,6 @@ class Prepared:
     image_tag: str | None
     image_built: bool
     device: str  # "gpu" or "cpu"
-    gpu_count: int = 0
 
 
 class Backend(ABC):

@@ -50,7 +50,7 @@ class ProcessBackend(Backend):
         except ImportError:
             raise BackendError("no Docker engine and no torch in this Python: start Docker or `pip install torch torchvision`") from None
         gpus = torch.cuda.device_count()
-        return Prepared(image_tag=None, image_built=False, device="gpu" if gpus else "cpu", gpu_count=gpus)
+        return Prepared(image_tag=None, image_built=False, device="gpu" if gpus else "cpu")
 
     def start(self, job: Job, prepared: Prepared, ui: UI) -> dict:
         log_path = self.state_dir / f"{job.run_id}.log"

@@ -30,7 +30,6 @@ from launcher.errors import BackendError, ConfigError
 from launcher.sync.ssh_tar import diff_manifests, local_manifest
 
 MANIFEST = ".gpu-run-manifest.json"
-CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
 
 
 @dataclass
