@@ -29,11 +29,24 @@ def split_uri(uri: str):
 
 
 def list_objects(client, bucket: str, prefix: str) -> dict:
+    """relative key -> (size, etag), without the empty "folder" objects (keys ending in /) that
+    many S3 consoles create: they are no file."""
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         for obj in page.get("Contents", []):
-            out[obj["Key"][len(prefix) + 1 :]] = (obj["Size"], obj["ETag"])
+            if not obj["Key"].endswith("/"):
+                out[obj["Key"][len(prefix) + 1 :]] = (obj["Size"], obj["ETag"])
     return out
+
+
+def confined(root: Path, key: str):
+    """Where `key` lands below root (already resolved), or None when it would land elsewhere: an
+    absolute key, a `..` part, or a folder on the way that is a symlink pointing out."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        return None
+    target = (root / key).resolve()
+    return target if root in target.parents else None
 
 
 def download(client, uri: str, dest: Path) -> None:
@@ -41,12 +54,22 @@ def download(client, uri: str, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     state_path = dest / STATE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    remote = {k: v for k, v in list_objects(client, bucket, prefix).items() if not k.startswith(".")}
+    root = dest.resolve()
+    remote, refused = {}, []
+    for key, meta in list_objects(client, bucket, prefix).items():
+        if confined(root, key) is None:
+            refused.append(key)
+        elif not key.startswith("."):
+            remote[key] = meta
+    for key in refused:
+        print(f"s3sync: skipped {prefix}/{key}: it would land outside {dest}", file=sys.stderr)
     todo = [k for k, (size, etag) in remote.items()
             if state.get(k) != etag or not (dest / k).is_file() or (dest / k).stat().st_size != size]
 
     def fetch(key: str) -> None:
-        target = dest / key
+        target = confined(root, key)
+        if target is None:  # a folder on the way became a symlink since the listing
+            raise SystemExit(f"s3sync: refusing {prefix}/{key}: it would land outside {dest}")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
         client.download_file(bucket, f"{prefix}/{key}", str(tmp))
@@ -62,7 +85,8 @@ def download(client, uri: str, dest: Path) -> None:
     tmp_state = dest / f"{STATE}.tmp"
     tmp_state.write_text(json.dumps({k: etag for k, (_, etag) in remote.items()}))
     os.replace(tmp_state, state_path)
-    print(json.dumps({"event": "s3_download", "objects": len(remote), "fetched": len(todo), "removed": removed}))
+    print(json.dumps({"event": "s3_download", "objects": len(remote), "fetched": len(todo), "removed": removed,
+                      "refused": len(refused)}))
 
 
 def sha256(path: Path) -> str:

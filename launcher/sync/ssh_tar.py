@@ -4,15 +4,18 @@ Both sides list their files as a manifest (path -> size, mtime in whole seconds)
 differ travel, as one `tar` stream through one SSH connection (the OpenSSH client when the laptop
 has it, paramiko otherwise; faster than rsync for the first copy of many small files and for a
 no-change re-sync: see benchmarks/bench_sync.py), and
-files gone from the source are deleted at the destination. tar restores mtimes, so a file that
-arrived whole matches on the next comparison; a file cut off by a dropped connection does not, and
-is sent again on the retry, while everything that arrived is not.
+files gone from the source are deleted at the destination. Each file that arrived whole gets its
+source mtime, so it matches on the next comparison; a file cut off by a dropped connection does
+not, and is sent again on the retry, while everything that arrived is not. Pulls treat the host as
+untrusted (see "Host -> laptop" below).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
+import stat
 import subprocess
 import tarfile
 import threading
@@ -203,6 +206,13 @@ def push(remote: Remote, local_root: Path, remote_root: str, progress: Callable[
 
 
 # Host -> laptop -------------------------------------------------------------------------------
+# The host is not trusted: whoever controls it controls the tar stream, and on some Python
+# versions (3.11.7 here, CVE-2025-4517) tarfile's own "data" filter can be talked past. So the
+# stream is only *parsed* by tarfile; every byte is written here, and only regular files that the
+# laptop asked for, of the size the host listed, whose sha256 matches the one the host's
+# sha256sum gave, ever become visible in the run folder.
+
+PULL_HEADER_SLACK = 2048  # bytes of tar headers a file may bring beyond its own (long-name / pax records)
 
 
 def sha256_file(path: Path) -> str:
@@ -213,29 +223,216 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def safe_relpath(name: str) -> bool:
+    """A plain relative path below the folder: no absolute path, no `..`, `.` or empty parts."""
+    return bool(name) and "\0" not in name and "\\" not in name and not name.startswith("/") and all(
+        part not in ("", ".", "..") for part in name.split("/"))
+
+
+_SHA256SUM_ESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
+
+
+def parse_sha256sum(raw: str) -> dict[str, str]:
+    """`sha256sum` output -> {path: hex digest}. GNU sha256sum marks a line whose name holds a
+    newline or backslash with a leading backslash and escapes them, so each file is one line."""
+    out: dict[str, str] = {}
+    for line in raw.split("\n"):
+        escaped = line.startswith("\\")
+        if escaped:
+            line = line[1:]
+        if len(line) < 66 or line[64:66] not in ("  ", " *"):
+            continue
+        name = line[66:]
+        if escaped:
+            chars, i = [], 0
+            while i < len(name):
+                if name[i] == "\\" and i + 1 < len(name):
+                    chars.append(_SHA256SUM_ESCAPES.get(name[i + 1], name[i : i + 2]))
+                    i += 2
+                else:
+                    chars.append(name[i])
+                    i += 1
+            name = "".join(chars)
+        out[name] = line[:64].lower()
+    return out
+
+
+def remote_sha256(remote: Remote, root: str, paths: list[str]) -> dict[str, str]:
+    """The host's sha256 of each path (a file it cannot read is simply absent)."""
+    out = remote.run(f"cd {quote([root])} && xargs -0 sha256sum --", input="\0".join(paths).encode(), check=False)
+    return parse_sha256sum(out.stdout)
+
+
+class _Capped:
+    """A read-only stream that refuses to deliver more than `limit` bytes: tarfile buffers whole
+    pax and long-name headers in memory, so a hostile host could otherwise make it swallow gigabytes."""
+
+    def __init__(self, raw, limit: int, host: str):
+        self.raw, self.limit, self.host, self.count = raw, limit, host, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n if n is not None and n >= 0 else self.limit - self.count + 1)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise BackendError(f"{self.host} sent more than the {self.limit} bytes the asked files take; "
+                               f"refusing the pull: the host is misbehaving")
+        return data
+
+
+def _safe_parent(root: Path, name: str) -> Path:
+    """The folder `name` goes in, created as needed; a symlink (or a file) on the way is refused,
+    since writing through it could land anywhere on the laptop."""
+    current = root
+    for part in name.split("/")[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            try:
+                os.mkdir(current, 0o755)
+            except OSError as e:
+                raise BackendError(f"cannot create {current}: {e.strerror}") from None
+            continue
+        if not stat.S_ISDIR(st.st_mode):  # lstat: a symlink to a folder is not a folder here
+            raise BackendError(f"{current} is a symlink or a file, not a folder; refusing to write {name} through it. "
+                               f"Remove it and run `gpu-run pull` again")
+    return current
+
+
+def _write_verified(root: Path, name: str, source, size: int, mtime: int, digest: str, host: str) -> None:
+    """Copy one member into a fresh temp file beside its target; it replaces the target only once
+    its size and sha256 are right (a cut-off or corrupted copy never shows)."""
+    parent = _safe_parent(root, name)
+    base = name.rsplit("/", 1)[-1]
+    target = parent / base
+    # Dot-named: local_manifest ignores it, so a leftover never counts as having arrived.
+    tmp = parent / f".{base}.part-{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except OSError as e:
+            raise BackendError(f"cannot write {tmp}: {e.strerror}") from None
+        h = hashlib.sha256()
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := source.read(CHUNK):  # a dropped connection raises here: retried
+                written += len(chunk)
+                h.update(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as e:
+                    raise BackendError(f"cannot write {tmp}: {e.strerror}") from None
+        if written != size:
+            raise tarfile.ReadError(f"{name} arrived with {written} of {size} bytes")
+        if h.hexdigest() != digest:
+            raise BackendError(f"{name} from {host} does not match the sha256 the host gave for it; nothing was "
+                               f"replaced. Run `gpu-run pull` again; if it repeats, the host is corrupting data")
+        try:
+            os.utime(tmp, (mtime, mtime))  # the next manifest comparison sees it as arrived
+            if target.is_dir() and not target.is_symlink():
+                raise BackendError(f"{target} is a folder where {host} has a file; move it away and pull again")
+            os.replace(tmp, target)
+        except OSError as e:
+            raise BackendError(f"cannot write {target}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _refusal(member: tarfile.TarInfo, expected: dict[str, tuple[int, int, str]], seen: set[str]) -> str | None:
+    """Why this member must not be written, or None when it is a file that was asked for."""
+    if not safe_relpath(member.name):
+        return "a path outside the run folder"
+    if member.issym() or member.islnk():
+        return f"a link (to {member.linkname!r})"
+    if not member.isreg() or member.issparse():
+        return "something that is not a regular file"
+    if member.name not in expected:
+        return "a file that was not asked for"
+    if member.name in seen:
+        return "the same file twice"
+    if member.size != expected[member.name][0]:
+        return f"{member.size} bytes where its listing said {expected[member.name][0]}"
+    return None
+
+
+class _Incomplete(BackendError):
+    """The stream ended cleanly without every asked file (the host's tar failed, or lied)."""
+
+
+def extract_stream(stream, local_root: Path, expected: dict[str, tuple[int, int, str]], host: str = "the host",
+                   stats: SyncStats | None = None) -> SyncStats:
+    """Write the files of a tar stream into local_root. `expected` maps each asked path to (size,
+    mtime, sha256) as the host listed them; any other member (a link, a device, a folder, a path
+    outside, a file not asked for or sent twice, a size that differs) aborts with BackendError
+    before a byte of it is written. Files already written stay: they were verified."""
+    stats = stats or SyncStats()
+    limit = tar_size([size for size, _, _ in expected.values()]) + sum(
+        PULL_HEADER_SLACK + 2 * len(p.encode()) for p in expected)
+    capped = _Capped(stream, limit, host)
+    seen: set[str] = set()
+    try:
+        with tarfile.open(fileobj=capped, mode="r|") as tar:
+            for member in tar:
+                why = _refusal(member, expected, seen)
+                if why:
+                    raise BackendError(f"{host} sent {why}: {member.name!r}; refusing the pull (nothing of it "
+                                       f"was written): the host is misbehaving")
+                seen.add(member.name)
+                size, mtime, digest = expected[member.name]
+                _write_verified(local_root, member.name, tar.extractfile(member), size, mtime, digest, host)
+                stats.files_sent += 1
+                stats.bytes_sent += size
+        while capped.read(CHUNK):  # the rest of tar's last record: bounded like the rest
+            pass
+    except tarfile.ReadError:
+        raise
+    except tarfile.TarError as e:
+        raise BackendError(f"{host} sent an unreadable archive ({e}); refusing the pull") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise _Incomplete(f"{host} sent {len(seen)} of the {len(expected)} files asked for ({missing[0]} is missing)")
+    return stats
+
+
 def _fetch_once(remote: Remote, remote_root: str, local_root: Path, stats: SyncStats) -> None:
-    send, _ = diff_manifests(remote_manifest(remote, remote_root), local_manifest(local_root))
+    host = remote.target.alias
+    manifest = remote_manifest(remote, remote_root)
+    send, _ = diff_manifests(manifest, local_manifest(local_root))
     if not send:
         return
+    unsafe = [p for p in send if not safe_relpath(p)]
+    if unsafe:
+        raise BackendError(f"{host} listed a file outside its output folder ({unsafe[0]!r}); refusing the pull: "
+                           f"the host is misbehaving")
+    # A second round trip, before the stream: the hashes every file must match to be kept.
+    sums = remote_sha256(remote, remote_root, send)
+    unhashed = [p for p in send if p not in sums]
+    if unhashed:
+        raise BackendError(f"{host} gave no sha256 for {unhashed[0]} (it vanished or is unreadable there); "
+                           f"`gpu-run pull` tries again")
+    expected = {p: (manifest[p][0], manifest[p][1], sums[p]) for p in send}
     channel = remote.open(f"cd {quote([remote_root])} && tar --null -T - -cf -")
     channel.sendall("\0".join(send).encode())
     channel.shutdown_write()
-    stream = channel.makefile("rb")
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        # The 'data' filter refuses absolute paths, '..', links and devices: nothing from the
-        # host can land outside the run folder.
-        tar.extractall(local_root, filter="data")
-    code = channel.recv_exit_status()
-    if code != 0:
-        err = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
-        raise BackendError(f"packing outputs on {remote.target.alias} failed: {err or f'exit code {code}'}")
-    stats.files_sent += len(send)
-    stats.bytes_sent += sum(os.path.getsize(local_root / p) for p in send)
+    try:
+        extract_stream(channel.makefile("rb"), local_root, expected, host, stats)
+    except (tarfile.ReadError, _Incomplete):
+        # A tar that failed on the host explains a short stream better than a dropped connection.
+        channel.status_event.wait(5)
+        if channel.exit_status_ready() and (code := channel.recv_exit_status()) != 0:
+            err = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
+            raise BackendError(f"packing outputs on {host} failed: {err or f'exit code {code}'}") from None
+        raise
+    finally:
+        channel.close()
 
 
 def pull(remote: Remote, remote_root: str, local_root: Path, verify: list[str] | None = None,
          attempts: int = 6) -> SyncStats:
-    """Bring new or changed files from remote_root into local_root; check sha256 of `verify` files."""
+    """Bring new or changed files from remote_root into local_root, every one sha256-verified;
+    reconnects and resumes after a dropped connection. `verify` is still accepted from callers
+    that named the files to check: every pulled file is checked now."""
     stats = SyncStats()
     local_root = Path(local_root)
     local_root.mkdir(parents=True, exist_ok=True)
@@ -254,12 +451,4 @@ def pull(remote: Remote, remote_root: str, local_root: Path, verify: list[str] |
         attempt()
     except _RETRYABLE + (tarfile.ReadError,) as e:
         raise BackendError(f"lost the connection to {remote.target.alias} while pulling ({e}); `gpu-run pull` resumes") from None
-    present = [p for p in (verify or []) if (local_root / p).is_file()]
-    if present:
-        out = remote.run(f"cd {quote([remote_root])} && sha256sum -- {quote(present)}").stdout
-        remote_sums = {line[66:]: line[:64] for line in out.splitlines() if len(line) > 66}
-        for p in present:
-            if remote_sums.get(p) != sha256_file(local_root / p):
-                (local_root / p).unlink()
-                raise BackendError(f"{p} arrived corrupted (sha256 differs from the host's copy); `gpu-run pull` fetches it again")
     return stats

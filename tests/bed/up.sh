@@ -109,3 +109,22 @@ GPU_RUN_TEST_SSH_HOST_KEY=$ssh_dir/host_ed25519.pub
 GPU_RUN_TEST_MOTO_URL=http://127.0.0.1:$moto_port
 ENV
 say "ready (.testbed/env)"
+
+# 6. A hostile host, for tests/test_hostile_host.py ----------------------------------------------
+# The login `gpurun-evil` answers gpu-run's pull (`... tar --null -T - -cf -`) with whatever archive
+# the test put at /tmp/gpu-run-evil/archive.tar; every other command (the manifest, sha256sum) runs
+# as on an honest host. sshd runs a login shell as `SHELL -c COMMAND`.
+if [ "$(id -u)" = 0 ]; then
+  mkdir -p /usr/local/lib/gpu-run-testbed
+  cat >/usr/local/lib/gpu-run-testbed/evil-shell <<'EVIL'
+#!/bin/sh
+case "$2" in
+  *"tar --null -T - -cf -"*) cat >/dev/null; exec cat /tmp/gpu-run-evil/archive.tar ;;
+esac
+exec /bin/sh -c "$2"
+EVIL
+  chmod 755 /usr/local/lib/gpu-run-testbed/evil-shell
+  id gpurun-evil >/dev/null 2>&1 || useradd -m -s /usr/local/lib/gpu-run-testbed/evil-shell gpurun-evil
+  usermod -s /usr/local/lib/gpu-run-testbed/evil-shell -p '*' gpurun-evil
+  say "hostile login gpurun-evil ready"
+fi
