@@ -6,7 +6,9 @@ its tests need no files. `load_config` adds the file lookup and `.env`.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +21,10 @@ from launcher.prices import hourly_price
 CONFIG_FILENAME = "gpu-run.toml"
 BILLING_RULES = ("per_second", "per_minute", "per_hour")
 LOCAL_HOST = "local"
+# Host names end up in tables (where rich reads `[...]` as markup), file names and the ledger.
+_HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# user@host:port or host:port (an IPv6 host in brackets); an ssh_config alias has no port here.
+_SSH_PORT = re.compile(r"^(?:[^@]+@)?(?:\[[^\]]+\]|[^:\[\]]+):(?P<port>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class Host:
     bucket: str | None = None
     prefix: str = "gpu-run"
     s3_endpoint_url: str | None = None
+    # What the host gets to reach S3: short-lived keys scoped to bucket/prefix from STS (assuming
+    # s3_role_arn when set), or "laptop": the laptop's own keys, for stores without STS.
+    s3_host_credentials: str = "scoped"  # scoped | laptop
+    s3_role_arn: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -86,6 +96,8 @@ _HOST_KEYS = {f.name for f in fields(Host)} - {"name", "kind"} | {"provider"}
 
 def parse_host(name: str, table: dict) -> Host:
     """One [hosts.NAME] table -> Host; every mistake becomes one ConfigError line."""
+    if not _HOST_NAME.match(name):
+        raise ConfigError(f"host name {name!r} in {CONFIG_FILENAME}: use letters, digits, '-', '_' and '.' only")
     if not isinstance(table, dict):
         raise ConfigError(f"[hosts.{name}] must be a table of settings")
     unknown = sorted(set(table) - _HOST_KEYS)
@@ -106,18 +118,22 @@ def parse_host(name: str, table: dict) -> Host:
     else:
         raise ConfigError(f"[hosts.{name}]: say how to reach it: ssh = \"alias\" or provider = \"aws\"")
 
+    # bool is an int in Python, and TOML allows nan and inf: both would pass a plain type check.
     for key in ("price_per_hour",):
         if key in values:
-            if not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or values[key] < 0:
-                raise ConfigError(f"[hosts.{name}]: {key} must be a number >= 0, got {values[key]!r}")
-            values[key] = float(values[key])
+            value = values[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"[hosts.{name}]: {key} must be a number >= 0, got {value!r}")
+            values[key] = float(value)
     for key in ("grace_s", "min_billed_s"):
-        if key in values and (not isinstance(values[key], int) or values[key] < 0):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0):
             raise ConfigError(f"[hosts.{name}]: {key} must be a whole number of seconds >= 0, got {values[key]!r}")
     if values.get("billing", "per_second") not in BILLING_RULES:
         raise ConfigError(f"[hosts.{name}]: billing must be one of {', '.join(BILLING_RULES)}, got {values['billing']!r}")
     if values.get("sync", "ssh") not in ("ssh", "s3"):
         raise ConfigError(f"[hosts.{name}]: sync must be \"ssh\" or \"s3\", got {values['sync']!r}")
+    if values.get("s3_host_credentials", "scoped") not in ("scoped", "laptop"):
+        raise ConfigError(f"[hosts.{name}]: s3_host_credentials must be \"scoped\" or \"laptop\", got {values['s3_host_credentials']!r}")
     if values.get("sync") == "s3" and not values.get("bucket"):
         raise ConfigError(f"[hosts.{name}]: sync = \"s3\" needs bucket = \"...\"")
     if kind == "aws":
@@ -140,15 +156,28 @@ def parse_host(name: str, table: dict) -> Host:
             continue
         if not isinstance(value, str):
             raise ConfigError(f"[hosts.{name}]: {key} must be a string, got {value!r}")
+    check_ssh_port(name, values.get("ssh"))
     return Host(name=name, kind=kind, **values)
+
+
+def check_ssh_port(name: str, ssh: str | None) -> None:
+    """A port outside 1..65535 in `ssh = "user@host:PORT"` is refused here, not at connect time."""
+    if ssh is not None and not ssh.strip():
+        raise ConfigError(f"[hosts.{name}]: ssh is empty; write an ~/.ssh/config alias or user@host:port")
+    m = _SSH_PORT.match(ssh or "")
+    if m and not 1 <= int(m.group("port")) <= 65535:
+        raise ConfigError(f"[hosts.{name}]: ssh = {ssh!r} has port {m.group('port')}; a port is 1 to 65535")
 
 
 def parse_hosts(document: dict) -> dict[str, Host]:
     unknown = sorted(set(document) - {"hosts"})
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] in {CONFIG_FILENAME}; only [hosts.NAME] tables are read")
+    tables = document.get("hosts", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"hosts in {CONFIG_FILENAME} must be tables: write [hosts.NAME] sections, not hosts = {tables!r}")
     hosts = {LOCAL_HOST: builtin_local_host()}
-    for name, table in document.get("hosts", {}).items():
+    for name, table in tables.items():
         hosts[name] = parse_host(name, table)
     return hosts
 
@@ -171,7 +200,12 @@ def load_config(cwd: Path | None = None) -> Config:
     if path is None:
         return Config(hosts={LOCAL_HOST: builtin_local_host()}, source=None)
     try:
-        document = tomllib.loads(path.read_text())
+        # TOML is UTF-8; "utf-8-sig" also takes the byte-order mark Windows editors add.
+        document = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text (UTF-16?); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}; check that it is a file you can read") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     return Config(hosts=parse_hosts(document), source=path)

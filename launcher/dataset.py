@@ -6,8 +6,11 @@ names the folder and the fix.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -72,12 +75,75 @@ def is_readable_image(path: Path) -> bool:
         return False
 
 
+def _shown(path: str) -> str:
+    """A path fit for a message: a name that is not UTF-8 shows its bad bytes as U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def check_entry(root: str, dirpath: str, name: str, is_dir: bool) -> None:
+    """One file or folder the sync will send: anything it cannot send whole is refused here,
+    before billing starts, not found by tar or the trainer on the host."""
+    full = os.path.join(dirpath, name)
+    rel = _shown(os.path.relpath(full, root))
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatasetError(f"{rel} in {_shown(root)}: the file name is not valid UTF-8; rename it") from None
+    st = os.lstat(full)
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            os.stat(full)
+        except OSError as e:
+            what = "is a symlink loop" if e.errno == errno.ELOOP else "is a broken symlink (its target is gone)"
+            raise DatasetError(f"{rel} in {_shown(root)} {what}; remove it or replace it with the real file") from None
+        target, real_root = os.path.realpath(full), os.path.realpath(root)
+        if os.path.commonpath([target, real_root]) != real_root:
+            raise DatasetError(f"{rel} in {_shown(root)} is a symlink to {_shown(target)}, outside the dataset, "
+                               f"which the sync does not follow; replace it with a copy of the file or remove it")
+        if os.path.isabs(os.readlink(full)):
+            raise DatasetError(f"{rel} in {_shown(root)} is a symlink with an absolute target, which breaks on the "
+                               f"host; make it relative or replace it with a copy of the file")
+        return
+    if is_dir:
+        # Inside a class folder (split/class/NAME and deeper), where images are expected.
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS and rel.count(os.sep) >= 2:
+            raise DatasetError(f"{rel} in {_shown(root)} is a folder named like an image; rename or remove it")
+        if not os.access(full, os.R_OK | os.X_OK):
+            raise DatasetError(f"folder {rel} in {_shown(root)} cannot be read; fix its permissions (chmod a+rx) or remove it")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        # Reading a FIFO blocks forever; sockets and devices are not data either.
+        raise DatasetError(f"{rel} in {_shown(root)} is not a regular file (a FIFO, socket or device); remove it")
+    try:
+        os.close(os.open(full, os.O_RDONLY))
+    except OSError as e:
+        raise DatasetError(f"{rel} in {_shown(root)} cannot be read ({e.strerror}); fix its permissions "
+                           f"(chmod a+r) or remove it") from None
+
+
+def check_entries(root: Path) -> None:
+    """Every file and folder the sync sends (the same walk, the same hidden-name rule as its manifest)."""
+    top = str(root)
+    for dirpath, dirnames, filenames in os.walk(top, onerror=_raise_walk_error):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in dirnames:
+            check_entry(top, dirpath, name, is_dir=True)
+        for name in filenames:
+            if not name.startswith("."):
+                check_entry(top, dirpath, name, is_dir=False)
+
+
+def _raise_walk_error(e: OSError) -> None:
+    raise DatasetError(f"cannot read folder {_shown(e.filename or '')} ({e.strerror}); fix its permissions or remove it")
+
+
 def check_layout(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
     """The ImageFolder rules; returns (classes, split -> class -> image paths)."""
     if not root.exists():
         raise DatasetError(f"dataset {root} does not exist; pass --data DIR with train/ and val/ inside")
     if not root.is_dir():
         raise DatasetError(f"dataset {root} is a file; pass the folder that holds train/ and val/")
+    check_entries(root)
     files: dict[str, dict[str, list[Path]]] = {}
     for split in SPLITS:
         split_dir = root / split
@@ -100,6 +166,9 @@ def check_layout(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]
         if only_val:
             parts.append(f"only in val/: {', '.join(only_val)}")
         raise DatasetError(f"train/ and val/ must have the same class folders ({'; '.join(parts)})")
+    if len(train_classes) < 2:
+        raise DatasetError(f"dataset {root} has one class ({train_classes[0]}); a classifier needs at least 2 classes: "
+                           f"add another class folder to train/ and val/")
     return train_classes, files
 
 

@@ -12,7 +12,23 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from launcher.errors import ConfigError
+
 PATTERNS = ("horizontal", "vertical", "dots", "diagonal")
+# A pattern's period is at least 4 px: below two periods a class is noise. Above the maximum, the
+# per-pixel speckle loop takes minutes and the images are far larger than any model's input.
+MIN_SIZE, MAX_SIZE = 8, 1024
+
+
+def check_options(classes: int, train_per_class: int, val_per_class: int, size: int) -> None:
+    """Values that cannot make a usable dataset, refused before any file is written."""
+    if not 2 <= classes <= len(PATTERNS):
+        raise ConfigError(f"--classes must be between 2 and {len(PATTERNS)}, got {classes}")
+    for option, count in (("--train-per-class", train_per_class), ("--val-per-class", val_per_class)):
+        if count < 1:
+            raise ConfigError(f"{option} must be at least 1, got {count}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ConfigError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
 
 
 def draw_pattern(pattern: str, size: int, rng: random.Random) -> Image.Image:
@@ -55,8 +71,7 @@ def make_dataset(
     fmt: str = "JPEG",
 ) -> Path:
     """Write root/{train,val}/<pattern>/NNNN.jpg and return root."""
-    if not 2 <= classes <= len(PATTERNS):
-        raise ValueError(f"classes must be between 2 and {len(PATTERNS)}")
+    check_options(classes, train_per_class, val_per_class, size)
     root = Path(root)
     rng = random.Random(seed)
     ext = ".jpg" if fmt == "JPEG" else f".{fmt.lower()}"

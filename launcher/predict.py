@@ -19,7 +19,10 @@ def load_model(run_dir: Path):
     path = run_dir / "checkpoints" / "best.pth"
     if not path.is_file():
         raise GpuRunError(f"{path} does not exist; `gpu-run pull` the run first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors for a damaged file
+        raise GpuRunError(f"{path} is not a readable checkpoint ({type(e).__name__}); `gpu-run pull` the run again") from None
     name = ckpt["model_name"]
     if name not in classification_models():
         raise GpuRunError(f"this torchvision has no model {name!r}; install the version the run used ({ckpt['versions']})")
@@ -34,6 +37,8 @@ def predict(run_dir: Path, images: list[Path], top: int = 3) -> list[dict]:
     import torch
     from PIL import Image
 
+    if top < 1:
+        raise GpuRunError(f"--top must be at least 1, got {top}")
     model, classes, eval_tf, _ = load_model(run_dir)
     results = []
     for image in images:

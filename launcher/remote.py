@@ -60,7 +60,11 @@ def resolve_target(spec: str, user: str | None = None, key_file: str | None = No
         raise BackendError(f"cannot read the SSH address {spec!r}; use an ~/.ssh/config alias or user@host:port")
     entry = config.lookup(m.group("host").strip("[]"))
     hostname = entry.get("hostname", m.group("host").strip("[]"))
-    port = int(m.group("port") or entry.get("port", 22))
+    port_text = str(m.group("port") or entry.get("port", 22))
+    # Out of range, socket.connect raises OverflowError, not an error a user can read.
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise BackendError(f"SSH address {spec!r} has port {port_text}; a port is 1 to 65535 (check ssh = or ~/.ssh/config)")
+    port = int(port_text)
     login = user or m.group("user") or entry.get("user") or os.environ.get("USER") or "root"
     keys = [key_file] if key_file else entry.get("identityfile", [])
     known = entry.get("userknownhostsfile", "~/.ssh/known_hosts").split()[0]

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,6 +27,16 @@ class _NullStatus:
         pass
 
 
+class _PlainStatus:
+    """A spinner whose updates (build log lines, host names) are shown as text, never as markup."""
+
+    def __init__(self, status):
+        self._status = status
+
+    def update(self, message: str) -> None:
+        self._status.update(escape(message))
+
+
 class UI:
     """All terminal output goes through here; quiet (for --json) keeps stdout clean for the result."""
 
@@ -39,18 +50,19 @@ class UI:
 
     def warn(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+            # The message holds user text (host names, paths, `[hosts.NAME]`), never markup.
+            self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
     def error(self, message: str) -> None:
-        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", soft_wrap=True)
+        Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
 
     @contextmanager
     def spinner(self, message: str) -> Iterator:
         if self.quiet:
             yield _NullStatus()
             return
-        with self.console.status(message) as status:
-            yield status
+        with self.console.status(escape(message)) as status:
+            yield _PlainStatus(status)
 
     @contextmanager
     def progress(self, description: str, total: int, unit: str = "files") -> Iterator[Callable[..., None]]:
@@ -63,7 +75,7 @@ class UI:
             columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
         columns.append(TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task(description, total=total)
+            task = progress.add_task(escape(description), total=total)
 
             def update(completed: int | None = None, total: int | None = None, advance: int = 0) -> None:
                 kwargs = {}

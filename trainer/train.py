@@ -49,26 +49,44 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # 1. arguments
 
 
+def number(kind: type, low: float, low_inclusive: bool = True):
+    """An argparse type: a finite `kind` above `low`. argparse's float takes nan and inf, and a
+    zero --step-size only fails (ZeroDivisionError) after the first epoch has been paid for."""
+    bound = ("a whole number" if kind is int else "a finite number") + (f" >= {low}" if low_inclusive else f" > {low}")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not (value >= low if low_inclusive else value > low):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="gpu-run trainer: fine-tune an image classifier")
     p.add_argument("--data", required=True, help="dataset root holding train/<class>/ and val/<class>/")
     p.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, predictions.csv")
     p.add_argument("--model", default="resnet18", help="torchvision classification model name")
     p.add_argument("--weights", default="none", help="none, imagenet, or a path to a state_dict / checkpoint")
-    p.add_argument("--epochs", type=int, default=20, help="number of epochs to train in total")
-    p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step (per process)")
-    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate of SGD")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--step-size", type=int, default=5, help="multiply the lr by --gamma every this many epochs")
-    p.add_argument("--gamma", type=float, default=0.5, help="lr decay factor applied every --step-size epochs")
-    p.add_argument("--image-size", type=int, default=224, help="training crop size (eval: resize to 256/224 of it, centre crop)")
-    p.add_argument("--workers", type=int, default=-1, help="data loading processes; -1 picks from the host's cores")
+    p.add_argument("--epochs", type=number(int, 1), default=20, help="number of epochs to train in total")
+    p.add_argument("--batch-size", type=number(int, 1), default=32, help="images per optimizer step (per process)")
+    p.add_argument("--lr", type=number(float, 0, low_inclusive=False), default=1e-3, help="initial learning rate of SGD")
+    p.add_argument("--momentum", type=number(float, 0), default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=number(float, 0), default=1e-4, help="SGD weight decay")
+    p.add_argument("--step-size", type=number(int, 1), default=5, help="multiply the lr by --gamma every this many epochs")
+    p.add_argument("--gamma", type=number(float, 0, low_inclusive=False), default=0.5,
+                   help="lr decay factor applied every --step-size epochs")
+    p.add_argument("--image-size", type=number(int, 1), default=224, help="training crop size (eval: resize to 256/224 of it, centre crop)")
+    p.add_argument("--workers", type=number(int, -1), default=-1, help="data loading processes; -1 picks from the host's cores")
     p.add_argument("--seed", type=int, default=0, help="seed for weights init, sample order and augmentation")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth if it exists")
     p.add_argument("--amp", default="auto", choices=["auto", "off"], help="mixed precision on GPU (bf16 if supported, else fp16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only; slow first epoch)")
-    p.add_argument("--log-every", type=int, default=10, help="emit a step event every this many steps (and every 2 s)")
+    p.add_argument("--log-every", type=number(int, 1), default=10, help="emit a step event every this many steps (and every 2 s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 
