@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from launcher import pipeline
 from launcher.config import load_config
@@ -60,14 +62,24 @@ def when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+# Exit codes of the commands that run or finish a run (documented in the README).
+EXIT_FAILED = 1  # the training failed
+EXIT_NOT_STOPPED = 3  # the training ended but its machine is not confirmed stopped: it may be billing
+
+
 def render_result(ui: UI, result: dict, as_json: bool) -> None:
-    """A run summary as JSON or as the closing lines; anything else as where the outputs are."""
+    """A run summary as JSON or as the closing lines; anything else as where the outputs are.
+    Exits non-zero when the machine may still be billing."""
     if as_json:
         print_json(result)
     elif "exit_code" in result:
         print_summary(ui, result)
     elif "run_dir" in result:
         ui.info(f"outputs of {result['run_id']} ({result['status']}) are in {result['run_dir']}")
+        if result.get("stop") and not result["stop"]["ok"]:
+            ui.error(f"the machine is NOT confirmed stopped: {result['stop']['detail']}")
+    if result.get("stop") and not result["stop"]["ok"]:
+        sys.exit(EXIT_NOT_STOPPED)
 
 
 def print_summary(ui: UI, s: dict) -> None:
@@ -81,6 +93,19 @@ def print_summary(ui: UI, s: dict) -> None:
     ui.info(f"  cost: {cost['amount']:.2f} {cost['currency']} ({cost['billed_s']} s billed)")
     if s["status"] == "stopped":
         ui.info(f"  stopped with a resumable last.pth: gpu-run train --resume {s['run_id']} ...")
+    stop = s.get("stop") or {}
+    if stop.get("state"):
+        ui.info(f"  machine: {stop['state']} ({stop['detail']})")
+    if stop and not stop.get("ok", True):
+        ui.error(f"the machine of run {s['run_id']} is NOT confirmed stopped and may still be billing: "
+                 f"{stop['detail']}. Check it in the provider's console; `gpu-run stop {s['run_id']}` tries again")
+
+
+def warn_not_stopped(records) -> None:
+    """Runs whose machine may still be billing, said in red below any listing that shows them."""
+    for r in records:
+        UI().error(f"run {r.run_id} on {r.host}: machine NOT confirmed stopped ({r.stop_detail}); "
+                   f"`gpu-run stop {r.run_id}` tries again")
 
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -157,7 +182,9 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
     elif summary.get("status") != "detached":
         print_summary(ui, summary)
     if summary.get("status") == "failed":
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+    if not summary.get("stop", {}).get("ok", True):
+        sys.exit(EXIT_NOT_STOPPED)
 
 
 @cli.command()
@@ -249,9 +276,11 @@ def status(run_id: str, as_json: bool) -> None:
         print_json(state)
         return
     console = Console(highlight=False)
-    console.print(f"run {state['run_id']} on {state['host']} [{state['backend']}]: [bold]{state['status']}[/bold]")
+    # Host names, trainer states and paths are the user's text: escaped, so a `[` is never markup.
+    console.print(f"run {escape(state['run_id'])} on {escape(state['host'])} \\[{escape(str(state['backend']))}]: "
+                  f"[bold]{escape(state['status'])}[/bold]")
     if "trainer" in state:
-        console.print(f"  trainer: {state['trainer']}")
+        console.print(f"  trainer: {state['trainer']}", markup=False)
     if state.get("best_val_acc") is not None:
         console.print(f"  best val acc {state['best_val_acc'] * 100:.1f}%")
     if "last_epoch" in state:
@@ -262,7 +291,13 @@ def status(run_id: str, as_json: bool) -> None:
         table.add_row(p["phase"], p["status"], when(p["started_at"]),
                       f"{p['duration_s']:.1f}s" if p["duration_s"] is not None else "running")
     console.print(table)
-    console.print(f"  outputs: {state['run_dir']}")
+    console.print(f"  outputs: {state['run_dir']}", markup=False)
+    stop = state.get("stop") or {}
+    if stop.get("state"):
+        console.print(f"  machine: {stop['state']} ({stop['detail']})", markup=False,
+                      style=None if stop["ok"] else "bold red")
+    if stop and not stop["ok"]:
+        UI().error(f"the machine is NOT confirmed stopped and may still be billing; `gpu-run stop {state['run_id']}` tries again")
 
 
 @cli.command()
@@ -277,7 +312,8 @@ def runs(host: str | None, limit: int, as_json: bool) -> None:
         print_json([
             {"run_id": r.run_id, "host": r.host, "model": r.model, "status": r.status, "exit_code": r.exit_code,
              "created_at": r.created_at, "ended_at": r.ended_at, "best_val_acc": r.best_val_acc,
-             "cost": r.cost_amount, "currency": r.currency, "run_dir": r.run_dir}
+             "cost": r.cost_amount, "currency": r.currency, "run_dir": r.run_dir,
+             "stop": {"ok": not r.stop_failed, "state": r.stop_status, "detail": r.stop_detail}}
             for r in records
         ])
         return
@@ -288,8 +324,12 @@ def runs(host: str | None, limit: int, as_json: bool) -> None:
     for r in records:
         acc = f"{r.best_val_acc * 100:.1f}%" if r.best_val_acc is not None else "-"
         cost = f"{r.cost_amount:.2f} {r.currency}" if r.cost_amount is not None else "-"
-        table.add_row(r.run_id, r.host, r.model or "-", r.status, when(r.created_at), acc, cost)
+        status = Text(r.status)
+        if r.stop_failed:
+            status.append(" NOT STOPPED", style="bold red")
+        table.add_row(r.run_id, r.host, r.model or "-", status, when(r.created_at), acc, cost)
     Console().print(table)
+    warn_not_stopped([r for r in records if r.stop_failed])
 
 
 @cli.command()
@@ -341,9 +381,10 @@ def cost(as_json: bool, as_csv: bool) -> None:
     for column in ("host", "started", "billed", "idle after job", "amount"):
         table.add_column(column, justify="right" if column != "host" else "left")
     for r in rows:
-        so_far = " so far" if r["so_far"] else ""
-        table.add_row(r["run_id"], r["host"], r["started"], f"{r['billed_s']} s", f"{r['idle_after_job_s']:.0f} s",
-                      f"{r['amount']:.2f} {r['currency']}{so_far}")
+        amount = Text(f"{r['amount']:.2f} {r['currency']}" + (" so far" if r["so_far"] else ""))
+        if r["stop_failed"]:
+            amount.append(" NOT STOPPED", style="bold red")
+        table.add_row(r["run_id"], r["host"], r["started"], f"{r['billed_s']} s", f"{r['idle_after_job_s']:.0f} s", amount)
     console.print(table)
     for title, data, key in (("per host", by_host, "host"), ("per month", by_month, "month")):
         t = Table(title=title)
@@ -352,6 +393,7 @@ def cost(as_json: bool, as_csv: bool) -> None:
         for d in data:
             t.add_row(d[key], str(d["runs"]), f"{d['amount']:.2f} {d['currency']}")
         console.print(t)
+    warn_not_stopped([open_ledger().get_run(r["run_id"]) for r in rows if r["stop_failed"]])
     if any(r["cloud"] for r in rows):
         from launcher.prices import PRICES_TAKEN
 
@@ -421,6 +463,8 @@ def predict(run_id: str, images: tuple[Path, ...], top: int, export_format: str 
     """Classify images with the run's best checkpoint on this machine's CPU."""
     from launcher import predict as predictor
 
+    if top < 1:
+        raise GpuRunError(f"--top must be at least 1, got {top}")
     _, run_dir = run_dir_of(run_id)
     if not images and not export_format:
         raise GpuRunError("give IMAGE paths to classify, or --export onnx|torchscript")
@@ -468,14 +512,18 @@ def image_build_base() -> None:
 @handle_errors
 def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int, size: int, seed: int) -> None:
     """Write a small generated ImageFolder dataset (textures a CNN learns in an epoch or two)."""
-    from launcher.demo_data import PATTERNS, make_dataset
+    from launcher.demo_data import check_options, make_dataset
 
-    if not 2 <= classes <= len(PATTERNS):
-        raise GpuRunError(f"--classes must be between 2 and {len(PATTERNS)}")
+    check_options(classes, train_per_class, val_per_class, size)
+    if path.exists() and not path.is_dir():
+        raise GpuRunError(f"{path} is a file; give a new or empty folder for the dataset")
     if path.exists() and any(path.iterdir()):
         UI().info(f"{path} already exists; keeping it")
         return
-    make_dataset(path, classes, train_per_class, val_per_class, size, seed)
+    try:
+        make_dataset(path, classes, train_per_class, val_per_class, size, seed)
+    except OSError as e:
+        raise GpuRunError(f"cannot write the dataset to {path}: {e.strerror}; give a folder you can write") from None
     UI().info(f"wrote {classes} classes x ({train_per_class} train + {val_per_class} val) images to {path}")
 
 

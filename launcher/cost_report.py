@@ -38,6 +38,7 @@ def cost_rows(ledger: Ledger, config: Config, now: float | None = None) -> list[
             "amount": float(amount),
             "currency": run.currency or (host.currency if host else ""),
             "so_far": run.billed_to is None and run.billed_from is not None,
+            "stop_failed": run.stop_failed,
             "cloud": bool(host and host.kind == "aws"),
         })
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from launcher.errors import RunNotFound
+from launcher.errors import GpuRunError, RunNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -34,7 +35,9 @@ CREATE TABLE IF NOT EXISTS runs (
     billed_to     REAL,
     cost_amount   REAL,
     currency      TEXT,
-    resumed_from  TEXT
+    resumed_from  TEXT,
+    stop_status   TEXT,
+    stop_detail   TEXT
 );
 CREATE TABLE IF NOT EXISTS phases (
     run_id      TEXT NOT NULL REFERENCES runs(run_id),
@@ -49,8 +52,17 @@ CREATE TABLE IF NOT EXISTS phases (
 
 RUN_FIELDS = (
     "host backend model data_path dataset_id image_tag status exit_code created_at ended_at run_dir "
-    "args_json handle_json summary_json best_val_acc billed_from billed_to cost_amount currency resumed_from"
+    "args_json handle_json summary_json best_val_acc billed_from billed_to cost_amount currency resumed_from "
+    "stop_status stop_detail"
 ).split()
+
+# Columns added after the first release, with their types: an older runs.db gains them on open.
+ADDED_COLUMNS = {"stop_status": "TEXT", "stop_detail": "TEXT"}
+
+# How a run's machine ended (stop_status). STOP_CLOSED ends the run's billing; a stop that failed or
+# was never confirmed (STOP_OPEN) leaves it billing until a later `gpu-run stop RUN` confirms one.
+STOP_CLOSED = ("stopped", "kept_alive", "not_needed", "handed_over")
+STOP_OPEN = ("failed", "unconfirmed")
 
 # Statuses a run can be in; the last four are final.
 ACTIVE_STATUSES = ("created", "running", "detached")
@@ -93,6 +105,12 @@ class RunRecord:
     cost_amount: float | None
     currency: str | None
     resumed_from: str | None
+    stop_status: str | None = None
+    stop_detail: str | None = None
+
+    @property
+    def stop_failed(self) -> bool:
+        return self.stop_status in STOP_OPEN
 
     @property
     def args(self) -> dict:
@@ -107,14 +125,41 @@ class RunRecord:
         return json.loads(self.summary_json or "{}")
 
 
+class LedgerError(GpuRunError):
+    """runs.db cannot be opened or read."""
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching what starts with `prefix`: its own % and _ are literal (ESCAPE '\\')."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Several gpu-run processes (train, attach, status) may share the file.
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        try:
+            # Private from the start: it holds every run's history, paths and costs. SQLite gives
+            # its -wal and -shm files the database file's mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise LedgerError(f"cannot create the ledger {self.path}: {e.strerror}; check GPU_RUN_HOME") from None
+        try:
+            # Several gpu-run processes (train, attach, status) may share the file.
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+        except sqlite3.Error as e:
+            raise LedgerError(
+                f"the ledger {self.path} is unreadable ({e}); move it aside (mv {self.path} {self.path}.broken) "
+                f"and gpu-run starts a new, empty one"
+            ) from None
 
     def close(self) -> None:
         self._db.close()
@@ -154,14 +199,18 @@ class Ledger:
     def get_run(self, run_id: str) -> RunRecord:
         row = self._db.execute(f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
         if row is None:
-            # Accept a unique prefix, as git does for commits.
+            if not run_id:
+                raise RunNotFound("the run id is empty; `gpu-run runs` lists the run ids")
+            # Accept a unique prefix, as git does for commits; `_` and `%` in it are not wildcards.
             rows = self._db.execute(
-                f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE run_id LIKE ? ORDER BY created_at",
-                [run_id.replace("%", "") + "%"],
+                f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE run_id LIKE ? ESCAPE '\\' ORDER BY created_at",
+                [like_prefix(run_id)],
             ).fetchall()
-            if len(rows) != 1:
-                hint = "several runs match" if rows else "no such run"
-                raise RunNotFound(f"run {run_id!r}: {hint}; `gpu-run runs` lists the run ids")
+            if not rows:
+                raise RunNotFound(f"run {run_id!r}: no such run; `gpu-run runs` lists the run ids")
+            if len(rows) > 1:
+                shown = ", ".join(r[0] for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
+                raise RunNotFound(f"run {run_id!r} is ambiguous: {len(rows)} runs match ({shown}); give more of the id")
             row = rows[0]
         return RunRecord(*row)
 

@@ -8,6 +8,8 @@ lands in the Ledger and in runs/<run-id>/summary.json.
 from __future__ import annotations
 
 import json
+import math
+import os
 import secrets
 import shutil
 import time
@@ -16,16 +18,18 @@ from decimal import Decimal
 from pathlib import Path
 
 from launcher.backends import Backend, Job, backend_for_host, backend_for_run
+from launcher.providers.base import StopResult
 from launcher.cache import cached_dataset
 from launcher.config import Config, Host
 from launcher.cost import billed_seconds, budget_seconds, cost_of, format_money
 from launcher.dataset import DatasetInfo, validate_dataset
-from launcher.errors import BackendError, ConfigError, GpuRunError
+from launcher.errors import BackendError, ConfigError, GpuRunError, Unreachable
 from launcher.events import read_metrics, status_for_exit
 from launcher.ledger import ACTIVE_STATUSES, FINAL_STATUSES, Ledger, RunRecord
 from launcher.ui import UI, TrainingDisplay
 
 STOP_TIMEOUT_S = 120  # time the trainer gets to finish its step and write last.pth
+MAX_STOP_TIMEOUT_S = 3600  # a stop that waits longer than this is a hang, and the host bills meanwhile
 SETUP_ESTIMATE_S = 120  # connect, sync and build, for the budget estimate
 BUDGET_MARGIN_S = 10  # slack between the watchdog's deadline and the budget's
 
@@ -92,9 +96,27 @@ def new_run_id() -> str:
 
 def check_spec(spec: TrainSpec) -> None:
     """Command-line values that cannot work, caught before anything starts."""
-    for name in ("epochs", "batch_size"):
+    # nan passes every comparison below (nan < 0 is False), so it is refused first.
+    for name, option in (("lr", "--lr"), ("gamma", "--gamma"), ("max_hours", "--max-hours"),
+                         ("silence_minutes", "--silence-minutes"), ("budget", "--budget"),
+                         ("epoch_time_s", "--epoch-time")):
+        if not math.isfinite(getattr(spec, name)):
+            raise ConfigError(f"{option} must be a finite number, got {getattr(spec, name)}")
+    for name in ("epochs", "batch_size", "step_size"):
         if getattr(spec, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(spec, name)}")
+    if spec.gamma <= 0:
+        raise ConfigError(f"--gamma must be positive (the lr is multiplied by it), got {spec.gamma}")
+    if spec.budget < 0 or spec.epoch_time_s < 0:
+        raise ConfigError("--budget and --epoch-time must be 0 (none) or more")
+    if not 1 <= spec.stop_timeout_s <= MAX_STOP_TIMEOUT_S:
+        raise ConfigError(f"--stop-timeout must be between 1 and {MAX_STOP_TIMEOUT_S} seconds, got {spec.stop_timeout_s}")
+    if spec.workers < -1:
+        raise ConfigError(f"--workers must be -1 (from the host's cores), 0 (in the main process) or more, got {spec.workers}")
+    if not 0 <= spec.seed < 2**32:
+        raise ConfigError(f"--seed must be between 0 and {2**32 - 1}, got {spec.seed}")
+    if spec.cache_size < 0:
+        raise ConfigError(f"--cache-size must be 0 (no cache) or a size in pixels, got {spec.cache_size}")
     if spec.cache_size and spec.cache_size < spec.image_size:
         raise ConfigError(f"--cache-size {spec.cache_size} is smaller than --image-size {spec.image_size}; use at least the image size")
     if spec.image_size < 32:
@@ -112,6 +134,21 @@ def check_spec(spec: TrainSpec) -> None:
     models = torchvision.models.list_models(module=torchvision.models)
     if spec.model not in models:
         raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(sorted(models))}")
+    check_runs_dir(spec.runs_dir)
+
+
+def check_runs_dir(runs_dir: Path) -> None:
+    """--runs-dir must be a folder this user can create run folders in; found out now, not after the run."""
+    path = runs_dir.absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir} is a file; pass a folder for the run outputs")
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir} cannot be created: {existing} is not a folder; pass another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--runs-dir {runs_dir}: {existing} is not writable; pass a folder you can write")
 
 
 def check_dataset(data: Path, ui: UI) -> DatasetInfo:
@@ -123,13 +160,18 @@ def check_dataset(data: Path, ui: UI) -> DatasetInfo:
     return info
 
 
-def copy_resume_state(ledger: Ledger, resume: str, run_dir: Path) -> str:
-    """Seed the new run folder with the stopped run's last.pth (and its history)."""
+def resume_source(ledger: Ledger, resume: str) -> RunRecord:
+    """The run --resume names, refused before the new run's folder and ledger row exist."""
     previous = ledger.get_run(resume)
-    source = Path(previous.run_dir or "")
-    last = source / "checkpoints" / "last.pth"
-    if not last.is_file():
+    if not previous.run_dir or not (Path(previous.run_dir) / "checkpoints" / "last.pth").is_file():
         raise ConfigError(f"run {previous.run_id} has no checkpoints/last.pth to resume from; `gpu-run pull {previous.run_id}` first")
+    return previous
+
+
+def copy_resume_state(previous: RunRecord, run_dir: Path) -> str:
+    """Seed the new run folder with the stopped run's last.pth (and its history)."""
+    source = Path(previous.run_dir)
+    last = source / "checkpoints" / "last.pth"
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     shutil.copy2(last, run_dir / "checkpoints" / "last.pth")
     for name in ("checkpoints/best.pth", "metrics.jsonl", "predictions.csv"):
@@ -196,18 +238,35 @@ def run_cost(host: Host, run: RunRecord, now: float | None = None) -> tuple[Deci
     return cost_of(span, host.price_per_hour, host.billing, host.min_billed_s), billed_seconds(span, host.billing, host.min_billed_s)
 
 
+def check_stop_setting(host: Host, keep_alive: bool, ui: UI) -> None:
+    """A host gpu-run cannot stop must say so itself: never keep a paid box up by omission."""
+    if host.kind == "ssh" and not host.stop_command and not keep_alive:
+        raise ConfigError(
+            f"host {host.name} has no stop_command, so nothing would stop it after the run; set "
+            f'stop_command = "sudo shutdown -h now" (or what stops it), or stop_command = "none" if the box is yours '
+            f"and never stops, in [hosts.{host.name}]"
+        )
+    if host.stop_command == "none" and not host.is_free:
+        ui.warn(f"host {host.name} is never stopped (stop_command = none): it bills {host.price_per_hour} "
+                f"{host.currency} an hour after this run too")
+
+
 def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
     host = config.host(spec.host)
     check_spec(spec)
+    check_stop_setting(host, spec.keep_alive, ui)
+    previous = resume_source(ledger, spec.resume) if spec.resume else None
     info = check_dataset(spec.data, ui)
     budget_limit_s = check_budget(spec, host, info, ledger, ui)
 
     run_id = new_run_id()
     run_dir = (spec.runs_dir / run_id).resolve()
     run_dir.mkdir(parents=True)
-    resumed_from = copy_resume_state(ledger, spec.resume, run_dir) if spec.resume else None
+    resumed_from = copy_resume_state(previous, run_dir) if previous else None
     plan = {
-        "spec": {**asdict(spec), "data": str(info.root.resolve()), "runs_dir": str(spec.runs_dir)},
+        # --env values may be secrets (tokens): the ledger keeps their names only.
+        "spec": {**asdict(spec), "data": str(info.root.resolve()), "runs_dir": str(spec.runs_dir),
+                 "extra_env": sorted(spec.extra_env)},
         "classes": info.classes,
         "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)},
     }
@@ -225,6 +284,8 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         ledger.update_run(run_id, billed_from=billed_from)
         with ledger.phase(run_id, "connect"):
             backend = backend_for_host(host, ui, spec.accept_new_host_key)
+            backend.claim(run_id, spec.keep_alive)
+            backend.check_stop(spec.keep_alive, ui)
         ledger.update_run(run_id, backend=backend.name)
         ui.info(f"backend: {backend.describe()}")
         # The image first: the S3 path fetches the dataset on the host with a helper in it.
@@ -254,11 +315,17 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         ledger.update_run(run_id, handle_json=json.dumps(handle), status="running")
     except BaseException as e:
         # Nothing runs yet: the machine must not stay up (and bill) because setup failed.
-        stopped_at = backend.abort(ui, spec.keep_alive) if backend is not None else None
-        ledger.update_run(run_id, status="failed", ended_at=time.time(),
-                          billed_to=(stopped_at or time.time()) if billed_from else None)
+        ledger.update_run(run_id, status="failed", ended_at=time.time())
         if isinstance(e, GpuRunError):
             ledger.end_phase(run_id, "train", "failed", str(e))
+        if backend is not None:
+            try:
+                record_stop(ledger, run_id, backend.abort(ui, spec.keep_alive), billed_from)
+            except Exception as abort_error:  # the setup's own error is the one to show
+                ledger.update_run(run_id, stop_status="unconfirmed", stop_detail=str(abort_error))
+                ui.error(f"NOT STOPPED: could not release {host.name} after the failed setup ({abort_error})")
+        elif billed_from:
+            ledger.update_run(run_id, billed_to=time.time())  # never reached: nothing of ours runs there
         raise
 
     if spec.detach:
@@ -284,6 +351,7 @@ def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledg
 
     ledger.update_run(run.run_id, status="running")
     try:
+        backend.ensure_watchdog(handle, ui)
         with TrainingDisplay(ui, cost_line) as display, open(run_dir / "train.log", "w") as log:
             # Replaying from the start rewrites train.log whole, so an attach never duplicates lines.
             for line in backend.follow_logs(handle):
@@ -309,13 +377,12 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
     with ledger.phase(run.run_id, "pull"):
         ended_info = backend.finish(run.handle, run_dir, ui)
     with ledger.phase(run.run_id, "stop"):
-        stopped_at = backend.release(run.handle, ui)
+        stop_result = backend.release(run.handle, ui)
+        record_stop(ledger, run.run_id, stop_result, run.billed_from)
     missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
     if status == "succeeded" and missing:
         status = "failed"
         ui.error(f"the trainer exited 0 but {', '.join(missing)} did not arrive in {run_dir}")
-    if run.billed_from is not None:
-        ledger.update_run(run.run_id, billed_to=stopped_at or time.time())
     summary = build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended)
     summary.update(ended_info)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -324,6 +391,15 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
         best_val_acc=summary["best_val_acc"], cost_amount=summary["cost"]["amount"],
     )
     return summary
+
+
+def record_stop(ledger: Ledger, run_id: str, result: StopResult, billed_from: float | None) -> None:
+    """The machine's end, in the ledger: billing closes only on a confirmed stop (or when nothing
+    bills); a failed or unconfirmed stop leaves it open until `gpu-run stop RUN` confirms one."""
+    fields: dict = {"stop_status": result.state, "stop_detail": result.detail}
+    if billed_from is not None and result.ok:
+        fields["billed_to"] = result.at or time.time()
+    ledger.update_run(run_id, **fields)
 
 
 def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended: float) -> dict:
@@ -353,6 +429,7 @@ def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended
         "cost": {"amount": float(amount), "currency": host.currency, "billed_s": billed},
         "resumed_from": run.resumed_from,
         "run_dir": str(run_dir),
+        "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail},
     }
 
 
@@ -369,7 +446,26 @@ def reconnect(run_id: str, config: Config, ledger: Ledger, ui: UI) -> tuple[RunR
     return run, host, backend_for_run(host, run.handle, ui)
 
 
+def settle_abandoned_setup(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
+    """The laptop died while preparing the run (no trainer started). The host's watchdog releases
+    the machine once the laptop goes quiet; record the run as failed and confirm that stop."""
+    ui.warn(f"run {run.run_id} never started: the laptop stopped during its setup")
+    ledger.update_run(run.run_id, status="failed", ended_at=time.time())
+    for phase in ledger.phases(run.run_id):
+        if phase.ended_at is None:
+            ledger.end_phase(run.run_id, phase.phase, "failed", "the laptop stopped during setup")
+    try:
+        result = backend_for_run(host, {"backend": "ssh"} if not host.is_local else {"backend": "process"}, ui).abandon(run.run_id, ui)
+    except Unreachable as e:
+        result = StopResult(True, "stopped", time.time(), f"{host.name} is down ({e})")
+    record_stop(ledger, run.run_id, result, run.billed_from)
+    return {"run_id": run.run_id, "status": "failed", "run_dir": run.run_dir, "stop": result.as_dict()}
+
+
 def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+    run = ledger.get_run(run_id)
+    if run.status == "created":
+        return settle_abandoned_setup(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
     if backend is None:
         return run.summary or {"run_id": run.run_id, "status": run.status}
@@ -377,7 +473,11 @@ def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
 
 
 def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
-    """Ask the trainer to stop (it writes last.pth), then pull and record, as at a normal end."""
+    """Ask the trainer to stop (it writes last.pth), then pull and record, as at a normal end.
+    A run that ended but whose machine was not confirmed stopped gets its stop tried again."""
+    run = ledger.get_run(run_id)
+    if run.status not in ACTIVE_STATUSES and run.stop_failed:
+        return retry_stop(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
     if backend is None:
         return run.summary or {"run_id": run.run_id, "status": run.status}
@@ -387,6 +487,29 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     # Keep the log as it was at the end, as a followed run would have.
     (Path(run.run_dir) / "train.log").write_text("".join(line + "\n" for line in backend.read_logs(run.handle)))
     return finish_run(run, host, backend, exit_code, ledger, ui)
+
+
+def retry_stop(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
+    """Stop the machine of an ended run whose stop failed; a confirmed stop closes its billing."""
+    ui.warn(f"the machine of run {run.run_id} was not confirmed stopped ({run.stop_detail}); trying again")
+    try:
+        backend = backend_for_run(host, run.handle, ui)
+    except Unreachable as e:
+        # An instance the API says is not running, or a box that no longer answers.
+        backend = None
+        result = StopResult(True, "stopped", time.time(), f"{host.name} is down ({e})")
+    if backend is not None:
+        result = backend.retry_stop(run.handle, ui)
+    record_stop(ledger, run.run_id, result, run.billed_from)
+    run = ledger.get_run(run.run_id)
+    summary = run.summary
+    if not summary:  # a run whose setup failed has no summary: say what its machine did
+        return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir, "stop": result.as_dict()}
+    fresh = build_summary(run, host, summary["status"], summary.get("exit_code"), run.ended_at or time.time())
+    summary.update(cost=fresh["cost"], stop=fresh["stop"])
+    (Path(run.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ledger.update_run(run.run_id, summary_json=json.dumps(summary), cost_amount=summary["cost"]["amount"])
+    return summary
 
 
 def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
@@ -441,6 +564,7 @@ def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
         "run_id": run.run_id, "host": run.host, "backend": run.backend, "model": run.model,
         "status": run.status, "exit_code": run.exit_code, "best_val_acc": run.best_val_acc,
         "created_at": run.created_at, "ended_at": run.ended_at, "run_dir": run.run_dir,
+        "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail},
         "phases": [
             {"phase": p.phase, "status": p.status, "started_at": p.started_at, "ended_at": p.ended_at,
              "duration_s": p.duration_s}

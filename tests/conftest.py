@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -102,14 +105,98 @@ def events(stdout: str) -> list[dict]:
     return out
 
 
+class HostPower:
+    """The machine's power, in front of the test bed's sshd: a TCP forwarder on its own port that
+    goes down the way a stopped machine does (no new logins, every open connection cut) once the
+    stop command has written its marker file, and comes back when the marker is removed (the user
+    starting the machine again). The containers and the watchdog behind it run on: only what the
+    laptop can see of the machine is played."""
+
+    def __init__(self, upstream_port: int, marker: Path):
+        self.upstream_port, self.marker = upstream_port, marker
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._listen()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    @property
+    def up(self) -> bool:
+        return self._listener is not None
+
+    def _listen(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+
+    def _power_off(self) -> None:
+        listener, self._listener = self._listener, None
+        listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            if self._listener is not None and self.marker.exists():
+                self._power_off()
+            if self._listener is None:
+                if not self.marker.exists():
+                    self._listen()
+                time.sleep(0.1)
+                continue
+            try:
+                client, _ = self._listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._listener is not None:
+            self._power_off()
+
+
 class SshHost:
-    """The test bed's sshd as a rented host `t4-box`, seen from a laptop whose HOME is a temp folder."""
+    """The test bed's sshd as a rented host `t4-box`, seen from a laptop whose HOME is a temp folder.
+    The laptop reaches it through HostPower, so that its stop command really takes it off the network."""
 
     def __init__(self, tmp_path: Path, gpu_run_home: Path, grace_s: int = 3):
         bed = testbed_env()
         if not bed:
             missing_test_bed("no .testbed/env (sshd not set up)")
-        self.port = int(bed["GPU_RUN_TEST_SSH_PORT"])
+        self.sshd_port = int(bed["GPU_RUN_TEST_SSH_PORT"])
+        self.stop_marker = tmp_path / "host-stopped"
+        self.power = HostPower(self.sshd_port, self.stop_marker)
+        self.port = self.power.port
         self.key = bed["GPU_RUN_TEST_SSH_KEY"]
         self.host_key = Path(bed["GPU_RUN_TEST_SSH_HOST_KEY"]).read_text().split()[:2]
         self.home = tmp_path / "home"
@@ -118,7 +205,6 @@ class SshHost:
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {' '.join(self.host_key)}\n")
         self.write_ssh_config(user=bed["GPU_RUN_TEST_SSH_USER"], key=self.key)
         self.workdir = tmp_path / "remote-workdir"
-        self.stop_marker = tmp_path / "host-stopped"
         self.work = tmp_path / "work"
         self.work.mkdir(exist_ok=True)
         self.write_config(grace_s=grace_s)
@@ -128,8 +214,8 @@ class SshHost:
 
         with socket.socket() as s:
             s.settimeout(2)
-            if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                missing_test_bed(f"no sshd on 127.0.0.1:{self.port}")
+            if s.connect_ex(("127.0.0.1", self.sshd_port)) != 0:
+                missing_test_bed(f"no sshd on 127.0.0.1:{self.sshd_port}")
 
     def write_ssh_config(self, user: str, key: str, port: int | None = None) -> None:
         (self.home / ".ssh" / "config").write_text(
@@ -148,6 +234,14 @@ class SshHost:
             f"grace_s = {grace_s}\n" + extra
         )
 
+    def start_machine(self) -> None:
+        """The user starts the stopped machine again (the console's start button)."""
+        self.stop_marker.unlink(missing_ok=True)
+        deadline = time.monotonic() + 10
+        while not self.power.up:
+            assert time.monotonic() < deadline, "the test host did not come back up"
+            time.sleep(0.05)
+
     def remote_run_dir(self, run_id: str) -> Path:
         return self.workdir / "runs" / run_id
 
@@ -163,4 +257,61 @@ def cut_ssh_connections() -> int:
 
 @pytest.fixture
 def ssh_host(tmp_path, gpu_run_home, docker_client) -> SshHost:
-    return SshHost(tmp_path, gpu_run_home)
+    host = SshHost(tmp_path, gpu_run_home)
+    yield host
+    host.power.close()
+
+
+# Leaks: nothing a test started may outlive it ------------------------------------------------------
+
+LEAK_WAIT_S = 45  # a watchdog still in its grace period or its stop finishes within this
+
+
+def _leftover_processes() -> dict[int, str]:
+    """Watchdogs and trainers running on this machine (the test host's and the laptop's alike)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if "watchdog.sh" in cmdline or "trainer.train" in cmdline or "launcher.backends.process_runner" in cmdline:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _leftover_containers() -> set[str]:
+    try:
+        out = subprocess.run(["docker", "ps", "-a", "--filter", "name=^gpu-run-", "--format", "{{.Names}}"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set(out.stdout.split()) if out.returncode == 0 else set()
+
+
+@pytest.fixture(autouse=True)
+def nothing_outlives_the_test():
+    """A watchdog, trainer or gpu-run container left behind by a test is a leak, and a leak is a
+    symptom (a machine that would go on billing): the test fails, and the leftovers are removed so
+    that the next test starts clean."""
+    before_procs, before_containers = set(_leftover_processes()), _leftover_containers()
+    yield
+    deadline = time.monotonic() + LEAK_WAIT_S
+    while True:
+        procs = {p: c for p, c in _leftover_processes().items() if p not in before_procs}
+        containers = _leftover_containers() - before_containers
+        if (not procs and not containers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if procs or containers:
+        for pid in procs:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        if containers:
+            subprocess.run(["docker", "rm", "-f", *containers], capture_output=True, timeout=60)
+        shown = "; ".join([*procs.values(), *sorted(containers)])
+        pytest.fail(f"left running after the test: {shown}")

@@ -16,7 +16,8 @@ import boto3
 import pytest
 import torch
 
-from tests.conftest import missing_test_bed, testbed_env
+from tests.conftest import missing_test_bed
+from tests.conftest import testbed_env as bed_env
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0"]
 SECRET = "gpuRunTestSecret-8c1f0e4d9b7a"
@@ -24,7 +25,7 @@ SECRET = "gpuRunTestSecret-8c1f0e4d9b7a"
 
 @pytest.fixture
 def moto(ssh_host, monkeypatch):
-    url = testbed_env().get("GPU_RUN_TEST_MOTO_URL")
+    url = bed_env().get("GPU_RUN_TEST_MOTO_URL")
     if not url:
         missing_test_bed("no moto server in .testbed/env")
     try:
@@ -62,6 +63,7 @@ def test_s3_path_end_to_end_and_no_secret_left_anywhere(ssh_host, moto, dataset,
     assert ssh_host.stop_marker.exists()
 
     # Unchanged dataset: nothing goes up, and the host fetches nothing.
+    ssh_host.start_machine()
     again = ssh_host.cli("train", "--host", "t4-box", *FAST, "--epochs", "1", "--data", str(dataset), "--detach")
     assert again.returncode == 0, again.stderr
     assert "0 file(s) uploaded" in again.stdout and "fetched 0 of" in again.stdout
@@ -72,6 +74,13 @@ def test_s3_path_end_to_end_and_no_secret_left_anywhere(ssh_host, moto, dataset,
     while not (remote_out / "uploaded").exists() and time.time() < deadline:
         time.sleep(0.5)
     assert (remote_out / "uploaded").exists()
+    # The host got short-lived keys from STS, never the laptop's: look at what its processes hold.
+    host_envs = host_process_environments(remote_out)
+    assert host_envs, "no process of the run (the watchdog) on the host"
+    for env in host_envs:
+        assert SECRET not in "\0".join(env.values())
+    given = [env for env in host_envs if "AWS_ACCESS_KEY_ID" in env]
+    assert given and all(env["AWS_ACCESS_KEY_ID"] != "AKIATESTGPURUN" and env.get("AWS_SESSION_TOKEN") for env in given)
     ssh_host.write_ssh_config(user="root", key=ssh_host.key, port=1)
     pulled = ssh_host.cli("pull", run_id, "--json")
     assert pulled.returncode == 0, pulled.stderr
@@ -94,6 +103,20 @@ def test_s3_path_end_to_end_and_no_secret_left_anywhere(ssh_host, moto, dataset,
     rows = db.execute("SELECT * FROM runs").fetchall() + db.execute("SELECT * FROM phases").fetchall()
     assert rows and SECRET not in repr(rows)
     assert SECRET not in first.stdout + first.stderr + again.stdout + again.stderr
+
+
+def host_process_environments(run_dir: Path) -> list[dict[str, str]]:
+    """The environment of every process on the host (this machine) whose command line names the run's folder."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or str(run_dir).encode() not in (proc / "cmdline").read_bytes():
+                continue
+            raw = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        out.append(dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item))
+    return out
 
 
 def make_instance(url: str) -> str:

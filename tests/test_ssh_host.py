@@ -70,7 +70,7 @@ def test_train_on_ssh_host_end_to_end(ssh_host, dataset, gpu_run_home):
     assert summary["watchdog"]["outcome"] == "finished"
 
     # A second run with the dataset unchanged sends nothing.
-    ssh_host.stop_marker.unlink()
+    ssh_host.start_machine()
     again = ssh_host.cli("train", *FAST, "--epochs", "1", "--data", str(dataset), check=True)
     assert "dataset synced: 0 file(s), 0.0 MB sent" in again.stdout
     assert "(no build needed)" in again.stdout
@@ -97,8 +97,13 @@ def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_
     assert grace_s <= stopped_at - ended_at <= grace_s + 5  # billed idle: the grace period, no more
     assert "grace period over" in (runs / run_id / "watchdog.log").read_text()
 
+    # The outputs stay on the stopped machine: the user starts it again and attaches, which pulls
+    # them and stops the machine once more.
+    assert not ssh_host.power.up
+    ssh_host.start_machine()
     summary = ssh_host.cli.json("attach", run_id)
     assert summary["status"] == "succeeded" and summary["epochs_completed"] == 4
+    assert summary["stop"]["ok"] and summary["stop"]["state"] == "stopped" and ssh_host.stop_marker.exists()
     run_dir = Path(summary["run_dir"])
     assert sha(run_dir / "checkpoints" / "last.pth") == sha(runs / run_id / "out" / "checkpoints" / "last.pth")
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
@@ -227,6 +232,7 @@ def test_stop_on_the_host_then_resume_there(ssh_host, dataset):
     assert stopped["status"] == "stopped" and stopped["exit_code"] == 75
     assert ssh_host.stop_marker.exists()  # the pull let the watchdog stop the host at once
     last = torch.load(Path(stopped["run_dir"]) / "checkpoints" / "last.pth", weights_only=True)
+    ssh_host.start_machine()
     resumed = ssh_host.cli.json("train", "--resume", run_id, *FAST, "--image-size", "64",
                                 "--epochs", str(last["epoch"] + 1))
     assert resumed["status"] == "succeeded" and resumed["resumed_from"] == run_id

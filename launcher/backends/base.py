@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from launcher.providers.base import StopResult
 from launcher.ui import UI
 
 
@@ -28,6 +29,9 @@ class Job:
     keep_alive: bool = False
     terminate: bool = False  # cloud instances: terminate instead of stop at the end
     seed_dir: str | None = None  # a local folder (a resumed run's checkpoints) to put in out_dir first
+
+
+NOTHING_BILLS = StopResult(True, "not_needed", None, "nothing bills on this host")
 
 
 @dataclass
@@ -100,14 +104,31 @@ class Backend(ABC):
         """After the job ended: make sure all outputs are in out_dir and release what it held.
         Returns what the host recorded about the end (e.g. the watchdog's outcome), if anything."""
 
-    def abort(self, ui: UI, keep_alive: bool = False) -> float | None:
-        """Setup failed before the trainer started: stop the machine rather than leave it billing.
-        Returns when it stopped (None: nothing to stop)."""
-        return None
+    def claim(self, run_id: str, keep_alive: bool) -> None:
+        """Hold the machine for this run from its first step, so no other run's end stops it."""
 
-    def release(self, handle: dict, ui: UI) -> float | None:
-        """Let the machine stop; when it stopped (None: nothing bills, or it was kept alive)."""
-        return None
+    def abort(self, ui: UI, keep_alive: bool = False) -> StopResult:
+        """Setup failed before the trainer started: stop the machine rather than leave it billing
+        (unless another run holds it)."""
+        return NOTHING_BILLS
+
+    def check_stop(self, keep_alive: bool, ui: UI) -> None:
+        """Refuse, before any money is spent, a machine whose stop cannot work (hosts that stop)."""
+
+    def abandon(self, run_id: str, ui: UI) -> StopResult:
+        """A run whose laptop died during setup: end what it left on the machine and release it."""
+        return NOTHING_BILLS
+
+    def ensure_watchdog(self, handle: dict, ui: UI) -> None:
+        """Start the host's watchdog again if it was killed (hosts that have one)."""
+
+    def release(self, handle: dict, ui: UI) -> StopResult:
+        """Let the machine stop after the run and confirm that it did."""
+        return NOTHING_BILLS
+
+    def retry_stop(self, handle: dict, ui: UI) -> StopResult:
+        """A stop that failed or was not confirmed: try again from the laptop and confirm."""
+        return NOTHING_BILLS
 
 
 def trainer_argv(job: Job, data_dir: str, out_dir: str, weights: str) -> list[str]:

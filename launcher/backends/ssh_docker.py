@@ -11,30 +11,39 @@ from __future__ import annotations
 import functools
 import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
 import paramiko
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from launcher.backends.base import Backend, Job, Prepared, launcher_argv, trainer_argv
+from launcher.backends.base import Backend, Job, Prepared, StopResult, launcher_argv, trainer_argv
 from launcher.config import Host
-from launcher.errors import BackendError
+from launcher.errors import BackendError, ConfigError
 from launcher.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
 from launcher.remote import Remote, quote
 from launcher.state import project_root
 from launcher.sync import ssh_tar
 from launcher.sync.s3 import S3Store
 from launcher.ui import UI
+from launcher.watchdog.host import POLL_S as WATCHDOG_POLL_S
+from launcher.watchdog.host import HostWatchdog, stop_command_problem
 
 RUN_LABEL = "gpu-run.run-id"
 NO_GPU_DRIVER = "could not select device driver"
 RECONNECT_FOR_S = 600  # how long a lost connection is retried before the client gives up (the run goes on)
 _DROPPED = (paramiko.SSHException, OSError, EOFError)
+_DROPPED_ANY = (BackendError, *_DROPPED)
 
 
-WATCHDOG_POLL_S = 2
+
+def env_file_text(env: dict[str, str]) -> bytes:
+    """`docker run --env-file` lines; the format has no quoting, so a line break cannot be passed."""
+    for key, value in env.items():
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise ConfigError(f"--env {key}=...: the value holds a line break or NUL, which cannot be passed "
+                              f"to the container; put it in a file in the dataset folder instead")
+    return "".join(f"{key}={value}\n" for key, value in env.items()).encode()
 
 
 class SshDockerBackend(Backend):
@@ -47,7 +56,8 @@ class SshDockerBackend(Backend):
         self.provider = provider  # a cloud instance to stop through its API at the end, if any
         self.image_tag: str | None = None
         home = remote.home()
-        self.workdir = remote.expand(host.workdir, home)
+        self.workdir = remote.expand(host.workdir, home).rstrip("/") or "/"
+        self.watchdog = HostWatchdog(remote, self.workdir, host.name)
         version = remote.run(["docker", "version", "--format", "{{.Server.Version}}"], check=False)
         if version.code != 0:
             reason = (version.stderr.strip() or version.stdout.strip()).splitlines()[-1:] or ["no output"]
@@ -73,7 +83,7 @@ class SshDockerBackend(Backend):
     def _helper(self, mounts: list[str], args: list[str]) -> str:
         """A `docker run` of trainer/s3sync.py in the trainer image; credentials come from the
         caller's environment by name (-e NAME), so their values appear on no command line."""
-        env_args = [a for key in self.store.credentials_env() for a in ("-e", key)]
+        env_args = [a for key in self.store.host_credentials_env() for a in ("-e", key)]
         volumes = [a for m in mounts for a in ("-v", m)]
         endpoint = ["--endpoint-url", self.store.endpoint_url] if self.store.endpoint_url else []
         return quote(["docker", "run", "--rm", "--network", "host", "--user", self.uid_gid, *env_args, *volumes,
@@ -98,7 +108,7 @@ class SshDockerBackend(Backend):
         with ui.spinner(f"{self.host.name} fetches the dataset from S3"):
             result = self.remote.run_with_env(
                 self._helper([f"{remote_root}:/data"], ["download", uri, "/data"]),
-                self.store.credentials_env(), check=False, timeout_s=3600,
+                self.store.host_credentials_env(), check=False, timeout_s=3600,
             )
         if result.code != 0:
             last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
@@ -155,15 +165,56 @@ class SshDockerBackend(Backend):
         if weights not in ("none", "imagenet"):
             args += ["-v", f"{weights}:/weights/{Path(weights).name}:ro"]
             weights = f"/weights/{Path(weights).name}"
-        for key, value in job.env.items():
-            args += ["-e", f"{key}={value}"]
+        if job.env:  # the values travel in a file (see _write_env_file), never on this command line
+            args += ["--env-file", self._env_file(job)]
         if gpu:
             args += ["--gpus", str(max(1, job.gpus))]
         argv = launcher_argv("python3", max(1, job.gpus)) + trainer_argv(job, "/data", "/out", weights)
         return args + ["--entrypoint", argv[0], prepared.image_tag, *argv[1:]]
 
+    def _env_file(self, job: Job) -> str:
+        return f"{self.run_dir(job.run_id)}/trainer.env"
+
+    def _write_env_file(self, job: Job) -> None:
+        """The --env values, in a file only the run's user can read, for `docker run --env-file`:
+        `-e KEY=VALUE` would show them to anyone running `ps` on the host. The docker CLI reads it
+        when it creates the container; _drop_env_file removes it right after. (`docker inspect`
+        still shows them in the container's config to whoever may use the engine: that is where
+        Docker keeps a container's environment.)"""
+        if job.env:
+            # umask before the file exists: it is never readable by others, not even briefly.
+            self.remote.run(f"umask 077 && cat > {quote([self._env_file(job)])}", input=env_file_text(job.env))
+
+    def _drop_env_file(self, job: Job) -> None:
+        if job.env:
+            self.remote.run(["rm", "-f", self._env_file(job)], check=False)
+
     def out_dir_for(self, run_id: str, local_run_dir: Path) -> str:
         return f"{self.run_dir(run_id)}/out"
+
+    def claim(self, run_id: str, keep_alive: bool) -> None:
+        self.run_id = run_id
+        self.keep_alive = keep_alive
+        if self.store is not None:
+            self.watchdog.secrets_env = self.store.host_credentials_env()
+        self.watchdog.claim(run_id, self.stop_command, keep_alive, self.host.grace_s)
+
+    def check_stop(self, keep_alive: bool, ui: UI) -> None:
+        """Refuse, before any money is spent, a host whose stop command cannot work."""
+        if keep_alive or self.stop_command == "none":
+            return
+        problem = stop_command_problem(self.remote, self.stop_command)
+        if problem is None:
+            return
+        if self.provider is not None:  # the EC2 API stops it; the command on the host is a second line
+            ui.warn(f"the stop command of {self.host.name} cannot work: {problem}; the instance is stopped through the EC2 API")
+            return
+        raise BackendError(f"host {self.host.name}: {problem}, so the machine would never stop; fix stop_command "
+                           f"(`gpu-run doctor {self.host.name}` checks it) or pass --keep-alive")
+
+    @property
+    def stop_command(self) -> str:
+        return self.host.stop_command or "none"
 
     def start(self, job: Job, prepared: Prepared, ui: UI) -> dict:
         run_dir = self.run_dir(job.run_id)
@@ -176,44 +227,33 @@ class SshDockerBackend(Backend):
             self.remote.run(f"cat > {quote([remote_weights])}", input=Path(job.weights).read_bytes(), timeout_s=3600)
             job.weights = remote_weights
         self.image_tag = prepared.image_tag
+        container = f"gpu-run-{job.run_id}"
+        # The watchdog has held the host since claim(); from here it watches for this container,
+        # so there is no moment in which a trainer runs unwatched.
+        self.watchdog.start_job(job.run_id, self._watchdog_settings(run_dir, container, job))
         use_gpu = prepared.device == "gpu" and job.gpus != 0
+        self._write_env_file(job)
         result = self._docker(*self._run_args(job, prepared, use_gpu), check=False)
         if result.code != 0 and use_gpu and NO_GPU_DRIVER in result.stderr:
-            self._docker("rm", "-f", f"gpu-run-{job.run_id}", check=False)
+            self._docker("rm", "-f", container, check=False)
             prepared.device = "cpu"
             result = self._docker(*self._run_args(job, prepared, False), check=False)
+        self._drop_env_file(job)
         if result.code != 0:
             raise BackendError(f"could not start the trainer on {self.host.name}: {result.stderr.strip().splitlines()[-1:]}")
         if prepared.device == "cpu":
             ui.warn(f"{self.host.name} has no usable NVIDIA GPU: training runs on its CPU, which is slow and costs the same per hour")
-        container = f"gpu-run-{job.run_id}"
-        self._start_watchdog(run_dir, container, job)
         return {"backend": self.name, "container": container, "run_dir": run_dir, "out_dir": job.out_dir,
                 "keep_alive": job.keep_alive, "terminate": job.terminate}
 
-    def _start_watchdog(self, run_dir: str, container: str, job: Job) -> None:
-        script = resources.files("launcher.watchdog").joinpath("watchdog.sh").read_bytes()
-        keep_alive = job.keep_alive or not self.host.stop_command
-        settings = {
-            "CONTAINER": container, "GRACE_S": str(self.host.grace_s), "MAX_S": str(job.max_runtime_s),
-            "SILENCE_S": str(job.silence_s), "STOP_TIMEOUT_S": str(job.stop_timeout_s), "POLL_S": str(WATCHDOG_POLL_S),
-            "STOP_COMMAND": self.host.stop_command or "true", "KEEP_ALIVE": "1" if keep_alive else "0",
+    def _watchdog_settings(self, run_dir: str, container: str, job: Job) -> dict[str, str]:
+        return {
+            "CONTAINER": container, "MAX_S": str(job.max_runtime_s), "SILENCE_S": str(job.silence_s),
+            "STOP_TIMEOUT_S": str(job.stop_timeout_s), "POLL_S": str(WATCHDOG_POLL_S),
             "UPLOAD_COMMAND": self._helper([f"{run_dir}/out:/out:ro"],
                                            ["upload", "/out", self.store.uri(self.store.run_prefix(job.run_id))])
             if self.store else "",
         }
-        env = "".join(f"{k}={quote([v])}\n" for k, v in settings.items())
-        self.remote.run(["mkdir", "-p", run_dir])
-        self.remote.run(f"cat > {quote([run_dir + '/watchdog.sh'])}", input=script)
-        self.remote.run(f"cat > {quote([run_dir + '/watchdog.env'])}", input=env.encode())
-        # setsid + nohup + no inherited descriptors: it outlives this SSH session and the laptop.
-        # (No `cd dir &&` in front: a backgrounded list would keep this session's stdout open.)
-        # S3 credentials reach the watchdog as environment through stdin, never as a file.
-        self.remote.run_with_env(
-            f"nohup setsid sh {quote([run_dir + '/watchdog.sh'])} {quote([run_dir])} "
-            f">> {quote([run_dir + '/watchdog.log'])} 2>&1 < /dev/null &",
-            self.store.credentials_env() if self.store else {},
-        )
 
     # Logs, with reconnects --------------------------------------------------------------------
 
@@ -266,13 +306,14 @@ class SshDockerBackend(Backend):
         raise AssertionError("unreachable")
 
     def stop(self, handle: dict, timeout_s: int = 120) -> None:
+        self.watchdog.hold(run_id_of(handle))  # this laptop pulls right after: keep the host up for it
         self._docker("stop", "-t", str(timeout_s), handle["container"], check=False, timeout_s=timeout_s + 60)
 
     def watchdog_status(self, handle: dict) -> dict | None:
-        r = self.remote.run(["cat", f"{handle['run_dir']}/status"], check=False)
-        if r.code != 0:
-            return None
-        return dict(item.split("=", 1) for item in r.stdout.split())
+        return self.watchdog.status(run_id_of(handle))
+
+    def ensure_watchdog(self, handle: dict, ui: UI) -> None:
+        self.watchdog.ensure(run_id_of(handle), ui)
 
     # Outputs and the end ----------------------------------------------------------------------
 
@@ -284,54 +325,96 @@ class SshDockerBackend(Backend):
         return stats
 
     def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
+        self.watchdog.hold(run_id_of(handle))
         self.pull(handle, out_dir, ui)
-        # Tell the watchdog the outputs are safe: it stops the host now instead of after the grace.
-        self.remote.run(["touch", f"{handle['run_dir']}/pulled"])
-        self._docker("rm", "-f", handle["container"], check=False)
+        # The outputs are safe: the watchdog may release the host now instead of after the grace.
+        # The container stays for the watchdog to see end and to remove itself.
+        self.watchdog.mark_pulled(run_id_of(handle))
         status = self.watchdog_status(handle) or {}
         if status.get("outcome") in ("max_runtime", "silent"):
             why = "it reached --max-hours" if status["outcome"] == "max_runtime" else "it logged nothing for --silence-minutes"
             ui.warn(f"the watchdog stopped the job because {why}")
         return {"watchdog": status} if status else {}
 
-    def abort(self, ui: UI, keep_alive: bool = False) -> float | None:
-        if keep_alive:
-            ui.warn(f"{self.host.name} is left running (--keep-alive)")
-            return None
-        if self.provider is not None:
-            stopped = self.provider.stop()
-            ui.warn(f"nothing is running on {self.host.name}: instance {self.provider.instance_id} stopped")
-            return stopped
-        if self.host.stop_command:
+    def abort(self, ui: UI, keep_alive: bool = False) -> StopResult:
+        run_id = getattr(self, "run_id", None)
+        if run_id is not None:
             try:
-                self.remote.run(["sh", "-c", self.host.stop_command], check=False, timeout_s=30)
-            except (BackendError, *_DROPPED):
-                pass  # a shutdown may take the connection with it
-            ui.warn(f"nothing is running on {self.host.name}: ran its stop command (--keep-alive keeps it up)")
-            return time.time()
-        return None
+                self.watchdog.abort(run_id)  # ends the run's watchers, then releases (or keeps) the host
+            except _DROPPED_ANY:
+                pass  # the wait below finds out what became of the host
+        if keep_alive:
+            return self._report(StopResult(True, "kept_alive", None, f"{self.host.name} is left running (--keep-alive)"), ui)
+        if self.provider is not None:
+            return self._stop_instance(run_id, terminate=False, ui=ui)
+        if run_id is None or self.stop_command == "none":
+            return StopResult(True, "not_needed", None, f"nothing was started on {self.host.name}")
+        return self._report(self.watchdog.wait_for_release(run_id, 0, ui), ui)
 
-    def release(self, handle: dict, ui: UI, timeout_s: float = 120) -> float | None:
-        """Wait for the watchdog to run the stop command (a cloud instance is also stopped through
-        its API); returns when the machine stopped (None: kept alive)."""
+    def abandon(self, run_id: str, ui: UI) -> StopResult:
+        self.run_id = run_id
+        return self.abort(ui)
+
+    def release(self, handle: dict, ui: UI) -> StopResult:
+        """Follow the watchdog's release of the host and confirm the stop (a cloud instance is
+        stopped through its API, which says when it is)."""
+        run_id = run_id_of(handle)
         if self.provider is not None:
             if handle.get("keep_alive"):
-                return None
-            stopped = self.provider.stop(terminate=handle.get("terminate", False))
-            ui.info(f"instance {self.provider.instance_id} {'terminated' if handle.get('terminate') else 'stopped'}"
-                    " (a stopped instance still bills for its disk)")
-            return stopped
-        deadline = time.time() + timeout_s
-        with ui.spinner(f"waiting for {self.host.name} to stop"):
-            while time.time() < deadline:
-                try:
-                    r = self.remote.run(["cat", f"{handle['run_dir']}/stopped"], check=False, timeout_s=15)
-                except (BackendError, *_DROPPED):
-                    return time.time()  # the machine went away: it stopped
-                if r.code == 0:
-                    kind, at = r.stdout.split()
-                    return None if kind == "keep_alive" else float(at)
-                time.sleep(1)
-        ui.warn(f"the watchdog on {self.host.name} has not stopped it after {timeout_s:.0f}s; check with `gpu-run doctor {self.host.name}`")
-        return time.time()
+                return StopResult(True, "kept_alive", None, f"instance {self.provider.instance_id} is left running (--keep-alive)")
+            return self._stop_instance(run_id, terminate=handle.get("terminate", False), ui=ui)
+        try:
+            earlier = self.watchdog.stop_state(run_id)
+            if earlier is not None and earlier.kind == "stopped":
+                # The watchdog stopped the machine while no laptop was there, and it answers now:
+                # someone started it again (to fetch these outputs). Stop it again.
+                ui.info(f"the watchdog stopped {self.host.name} earlier and it is up again: stopping it once more")
+                return self.retry_stop(handle, ui)
+            self.watchdog.ensure(run_id, ui)
+        except _DROPPED_ANY:
+            pass  # the host may already be going down; the wait below tells
+        return self._report(self.watchdog.wait_for_release(run_id, self.host.grace_s, ui), ui)
 
+    def retry_stop(self, handle: dict, ui: UI) -> StopResult:
+        """Run the stop command from here (the watchdog's attempts failed or were not confirmed)."""
+        run_id = run_id_of(handle)
+        if self.provider is not None:
+            return self._stop_instance(run_id, terminate=handle.get("terminate", False), ui=ui)
+        others = self.watchdog.others(run_id)
+        if others:
+            return StopResult(True, "handed_over", time.time(), f"run {others[0]} still uses {self.host.name}")
+        try:
+            r = self.remote.run(["sh", "-c", self.stop_command], check=False, timeout_s=120)
+        except _DROPPED_ANY:
+            return self._report(self.watchdog.confirm_down(None), ui)  # a shutdown takes the connection with it
+        if r.code != 0 and r.code != -1:
+            last = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or [f"exit code {r.code}"]
+            return self._report(StopResult(False, "failed", None, f"the stop command failed on {self.host.name}: {last[0]}"), ui)
+        return self._report(self.watchdog.confirm_down(None), ui)
+
+    def _stop_instance(self, run_id: str | None, terminate: bool, ui: UI) -> StopResult:
+        others = []
+        if run_id is not None:
+            try:
+                others = self.watchdog.others(run_id)
+            except _DROPPED_ANY:
+                others = []  # the host does not answer: nothing there holds it
+        if others:
+            return self._report(StopResult(True, "handed_over", time.time(),
+                                           f"run {others[0]} still uses instance {self.provider.instance_id}"), ui)
+        try:
+            result = self.provider.stop(terminate=terminate)
+        except BackendError as e:
+            result = StopResult(False, "failed", None, str(e))
+        return self._report(result, ui)
+
+    def _report(self, result: StopResult, ui: UI) -> StopResult:
+        if result.ok:
+            ui.info(result.detail)
+        else:
+            ui.error(f"NOT STOPPED: {result.detail}")
+        return result
+
+
+def run_id_of(handle: dict) -> str:
+    return handle["run_dir"].rstrip("/").rsplit("/", 1)[-1]

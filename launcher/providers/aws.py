@@ -8,11 +8,13 @@ from typing import Callable
 import boto3
 import botocore.exceptions
 
+from launcher.providers.base import StopResult
 from launcher.config import Host
 from launcher.errors import BackendError, ConfigError
 from launcher.ui import UI
 
 START_TIMEOUT_S = 600
+STOP_CONFIRM_TIMEOUT_S = 120
 
 
 def wait_for_state(describe: Callable[[], str], wanted: str, timeout_s: float, poll_s: float = 3,
@@ -83,9 +85,20 @@ class AwsInstance:
             ui.warn(f"instance {self.instance_id} terminates when it shuts itself down: the watchdog's stop "
                     f"would delete it and its disk. Set its shutdown behaviour to stop to keep them")
 
-    def stop(self, terminate: bool = False) -> float:
+    def stop(self, terminate: bool = False, timeout_s: float = STOP_CONFIRM_TIMEOUT_S) -> StopResult:
+        """Stop (or terminate) and confirm through the API: EC2 bills nothing from `stopping` on."""
         if terminate:
             self._call("terminate", self.ec2.terminate_instances, InstanceIds=[self.instance_id])
         elif self.state() not in ("stopped", "stopping", "terminated"):
             self._call("stop", self.ec2.stop_instances, InstanceIds=[self.instance_id])
-        return time.time()
+        asked = time.time()
+        deadline = time.monotonic() + timeout_s
+        done = ("shutting-down", "terminated") if terminate else ("stopping", "stopped", "terminated")
+        while (state := self.state()) not in done:
+            if time.monotonic() >= deadline:
+                return StopResult(False, "unconfirmed", None,
+                                  f"instance {self.instance_id} is still {state} {timeout_s:.0f}s after the stop request; it may still be billing")
+            time.sleep(3)
+        verb = "terminated" if terminate else "stopped"
+        return StopResult(True, "stopped", asked,
+                          f"instance {self.instance_id} {verb} ({state}; a stopped instance still bills for its disk)")
