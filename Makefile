@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DATA := build/demo-data
 
-.PHONY: install demo test testbed benchmark clean
+.PHONY: install demo test testbed benchmark faults clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: testbed
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_trainer.py
+
+# The fault matrix, printed as a table (runs on the test bed, several minutes).
+faults: testbed
+	$(BIN)/python benchmarks/faults.py
 
 clean:
 	rm -rf build runs .pytest_cache

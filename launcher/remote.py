@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,11 +190,24 @@ class Remote:
         stderr = channel.makefile_stderr("rb").read().decode("utf-8", "replace")
         code = channel.recv_exit_status()
         channel.close()
+        if code == -1 and not self._still_connected():
+            # No exit status because the connection went, not because the command failed: say so
+            # as a dropped connection, which the callers that reconnect know how to retry.
+            self.close()
+            raise ConnectionResetError(f"the connection to {self.target.alias} dropped")
         if check and code != 0:
             shown = command if isinstance(command, str) else quote(command)
             last = (stderr.strip() or stdout.strip()).splitlines()[-1:] or [f"exit code {code}"]
             raise BackendError(f"on {self.target.alias}: `{shown[:120]}` failed: {last[0]}")
         return Result(code, stdout, stderr)
+
+    def _still_connected(self) -> bool:
+        transport = self._client.get_transport() if self._client is not None else None
+        for _ in range(5):  # the transport's reader thread notices a closed socket a moment later
+            if transport is None or not transport.is_active():
+                return False
+            time.sleep(0.05)
+        return True
 
     def run_with_env(self, command: str, env: dict[str, str], **kwargs) -> Result:
         """Run with secrets in the environment, passed on stdin: never on a command line (ps,

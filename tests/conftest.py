@@ -50,6 +50,42 @@ def dataset(tmp_path_factory) -> Path:
                         val_per_class=12, size=48, seed=1)
 
 
+@pytest.fixture(scope="session")
+def big_dataset(tmp_path_factory) -> Path:
+    """Enough bytes (about 1,000 files) that a sync takes long enough to be interrupted."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "big", classes=2, train_per_class=400,
+                        val_per_class=100, size=256, seed=2)
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
+    """The predicate's first truthy value; fails the test (never falls through) on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@pytest.fixture
+def fault_row():
+    """Records one row of the fault matrix when GPU_RUN_FAULT_TABLE names a file (make faults
+    prints the table); each test asserts the same outcomes itself."""
+
+    def record(fault: str, checkpoints_lost: int, machine_left_up: int, billed_idle_s: float | None,
+               ledger_ok: bool) -> None:
+        path = os.environ.get("GPU_RUN_FAULT_TABLE")
+        if path:
+            row = {"fault": fault, "checkpoints_lost": checkpoints_lost, "machine_left_up": machine_left_up,
+                   "billed_idle_s": billed_idle_s, "ledger_ok": ledger_ok}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return record
+
+
 @pytest.fixture
 def docker_client():
     from launcher.backends.docker_engine import connect

@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import boto3
 import pytest
 import torch
 
-from tests.conftest import missing_test_bed
+from tests.conftest import missing_test_bed, wait_for
 from tests.conftest import testbed_env as bed_env
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0"]
@@ -70,10 +69,7 @@ def test_s3_path_end_to_end_and_no_secret_left_anywhere(ssh_host, moto, dataset,
     run_id = again.stdout.split("gpu-run attach ")[-1].split()[0]
     remote_out = ssh_host.remote_run_dir(run_id)
     # Wait until the watchdog has uploaded, then make the host unreachable: pull comes from S3.
-    deadline = time.time() + 180
-    while not (remote_out / "uploaded").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    assert (remote_out / "uploaded").exists()
+    wait_for((remote_out / "uploaded").exists, 180, "the watchdog's upload")
     # The host got short-lived keys from STS, never the laptop's: look at what its processes hold.
     host_envs = host_process_environments(remote_out)
     assert host_envs, "no process of the run (the watchdog) on the host"
@@ -162,9 +158,7 @@ def test_ec2_client_killed_then_stop_host(ssh_host, moto, dataset):
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", "--host", "g4", *FAST, "--image-size", "64",
                              "--epochs", "30", "--data", str(dataset)],
                             cwd=ssh_host.work, env=ssh_host.cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((ssh_host.workdir / "runs").glob("*/out/metrics.jsonl")) and time.time() < deadline:
-        time.sleep(0.3)
+    wait_for(lambda: list((ssh_host.workdir / "runs").glob("*/out/metrics.jsonl")), 120, "the first epoch")
     assert instance_state(moto, iid) == "running"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -174,7 +168,7 @@ def test_ec2_client_killed_then_stop_host(ssh_host, moto, dataset):
                    capture_output=True)
 
 
-def test_tiny_budget_is_stopped_by_the_watchdog_with_a_resumable_checkpoint(ssh_host, dataset):
+def test_tiny_budget_is_stopped_by_the_watchdog_with_a_resumable_checkpoint(ssh_host, dataset, fault_row):
     # 3600 CNY an hour = 1 CNY a second: a 60 CNY budget buys 60 s, the job wants far more.
     ssh_host.write_config(grace_s=3, extra="")
     text = (ssh_host.work / "gpu-run.toml").read_text().replace("price_per_hour = 0.8", "price_per_hour = 3600")
@@ -188,6 +182,10 @@ def test_tiny_budget_is_stopped_by_the_watchdog_with_a_resumable_checkpoint(ssh_
     last = torch.load(Path(summary["run_dir"]) / "checkpoints" / "last.pth", weights_only=True)
     assert last["epoch"] + (last["step"] > 0) >= 1  # there is progress to resume from
     assert ssh_host.stop_marker.exists()
+    assert summary["stop"]["ok"] and not ssh_host.power.up
+    status = dict(kv.split("=") for kv in (ssh_host.remote_run_dir(summary["run_id"]) / "status").read_text().split())
+    fault_row("budget reached mid-epoch", 0, 0, int(ssh_host.stop_marker.read_text()) - int(status["ended_at"]),
+              summary["cost"]["amount"] <= 60.0)
 
 
 def test_over_budget_estimate_is_refused_before_anything_starts(ssh_host, dataset):

@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CLI
+from tests.conftest import CLI, wait_for
 
 NO_ENGINE = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
 FAST = ["--host", "local", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
@@ -122,9 +121,7 @@ def test_stop_then_resume_on_the_launcher(cli, dataset):
     started = cli.json("train", *FAST, "--epochs", "30", "--detach", "--data", str(dataset), env=env)
     run_id = started["run_id"]
     run_dir = Path(started["run_dir"])
-    deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.3)
+    wait_for((run_dir / "metrics.jsonl").exists, 120, "the first epoch")
     stopped = cli.json("stop", run_id, env=env)
     assert stopped["status"] == "stopped" and stopped["exit_code"] == 75
     last = torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)

@@ -231,7 +231,7 @@ def host_answers(data: bytes) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink_then_through", "hardlink", "device",
                                   "not_asked", "bigger", "wrong_content"])
-def test_hostile_host_cannot_write_outside_the_run_folder(case, evil_remote, laptop):
+def test_hostile_host_cannot_write_outside_the_run_folder(case, evil_remote, laptop, fault_row):
     remote, remote_root = evil_remote
     home, local_root, outside = laptop
     absolute = Path(f"/tmp/gpu-run-evil-abs-{secrets.token_hex(4)}")
@@ -244,6 +244,7 @@ def test_hostile_host_cannot_write_outside_the_run_folder(case, evil_remote, lap
     assert "lost the connection" not in str(e.value)  # refused as misbehaviour, not retried as a drop
     assert_untouched(home, local_root, outside, before, absolute)
     assert not (local_root / "metrics.jsonl").exists()
+    fault_row(f"malicious host answers pull with a crafted archive ({case})", 0, 0, None, True)
 
 
 @pytest.mark.integration

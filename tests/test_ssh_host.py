@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import paramiko
@@ -18,7 +17,7 @@ import torch
 from launcher.dataset import dataset_id
 from launcher.remote import Remote, resolve_target
 from launcher.sync import ssh_tar
-from tests.conftest import cut_ssh_connections
+from tests.conftest import cut_ssh_connections, wait_for
 
 FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
 
@@ -29,16 +28,6 @@ def sha(path: Path) -> str:
 
 def tree_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def phases(home: Path, run_id: str) -> dict[str, str]:
@@ -76,7 +65,7 @@ def test_train_on_ssh_host_end_to_end(ssh_host, dataset, gpu_run_home):
     assert "(no build needed)" in again.stdout
 
 
-def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_home):
+def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_home, fault_row):
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "train", *FAST, "--image-size", "64", "--epochs", "4",
          "--data", str(dataset)],
@@ -107,6 +96,8 @@ def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_
     run_dir = Path(summary["run_dir"])
     assert sha(run_dir / "checkpoints" / "last.pth") == sha(runs / run_id / "out" / "checkpoints" / "last.pth")
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+    fault_row("client SIGKILL during tail", 0, int(ssh_host.power.up), stopped_at - ended_at,
+              summary["stop"]["ok"] and summary["cost"]["billed_s"] > 0)
 
 
 @pytest.mark.parametrize("client", ["paramiko", "openssh"])
@@ -141,7 +132,7 @@ def test_connection_cut_during_sync_resumes_without_resending(client, ssh_host, 
     remote.close()
 
 
-def test_connection_cut_during_tailing_reconnects_without_duplicates(ssh_host, dataset):
+def test_connection_cut_during_tailing_reconnects_without_duplicates(ssh_host, dataset, fault_row):
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "train", *FAST, "--image-size", "64", "--epochs", "3",
          "--data", str(dataset)],
@@ -158,6 +149,9 @@ def test_connection_cut_during_tailing_reconnects_without_duplicates(ssh_host, d
     steps = [(e["epoch"], e["step"]) for e in events if e["event"] == "step"]
     assert len(steps) == len(set(steps))  # no line twice
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3]  # and none lost
+    assert summary["stop"]["ok"] and not ssh_host.power.up
+    status = dict(kv.split("=") for kv in (ssh_host.remote_run_dir(summary["run_id"]) / "status").read_text().split())
+    fault_row("SSH cut during tail", 0, 0, int(ssh_host.stop_marker.read_text()) - int(status["ended_at"]), True)
 
 
 def test_max_hours_stops_a_hung_job_and_the_host(ssh_host, dataset):

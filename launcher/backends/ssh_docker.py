@@ -324,13 +324,24 @@ class SshDockerBackend(Backend):
         ui.info(f"pulled {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB; checkpoints verified (sha256)")
         return stats
 
+    def _again_after_drops(self, step):
+        """A short step on the host, repeated over reconnects (they are all idempotent)."""
+        try:
+            for attempt in self._reconnecting():
+                with attempt:
+                    return step()
+        except _DROPPED as e:
+            raise BackendError(f"lost the connection to {self.host.name} ({e}); the run goes on: "
+                               f"`gpu-run attach` when it is back") from None
+
     def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
-        self.watchdog.hold(run_id_of(handle))
+        run_id = run_id_of(handle)
+        self._again_after_drops(lambda: self.watchdog.hold(run_id))
         self.pull(handle, out_dir, ui)
         # The outputs are safe: the watchdog may release the host now instead of after the grace.
         # The container stays for the watchdog to see end and to remove itself.
-        self.watchdog.mark_pulled(run_id_of(handle))
-        status = self.watchdog_status(handle) or {}
+        self._again_after_drops(lambda: self.watchdog.mark_pulled(run_id))
+        status = self._again_after_drops(lambda: self.watchdog_status(handle)) or {}
         if status.get("outcome") in ("max_runtime", "silent"):
             why = "it reached --max-hours" if status["outcome"] == "max_runtime" else "it logged nothing for --silence-minutes"
             ui.warn(f"the watchdog stopped the job because {why}")

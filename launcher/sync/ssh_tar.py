@@ -175,7 +175,11 @@ def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncSt
     if tar.returncode != 0:
         raise BackendError(f"local tar failed: {tar.stderr.read().decode(errors='replace').strip()}")
     if code != 0:
-        raise BackendError(f"unpacking on {remote.target.alias} failed: {err or f'exit code {code}'}")
+        if "No space left on device" in err:
+            raise BackendError(f"no space left on device on {remote.target.alias} while syncing into {remote_root}; "
+                               f"free space there (df -h) or set the host's workdir to a bigger disk")
+        shown = err.splitlines()[-1] if err else f"exit code {code}"
+        raise BackendError(f"unpacking on {remote.target.alias} failed: {shown}")
     stats.files_sent += len(send)
 
 

@@ -357,6 +357,9 @@ backstop() {
   echo $$ >"$RUN_DIR/backstop.pid"
   while :; do
     stop_done && return 0
+    # Released (the lease goes first) and no watchdog left to guard: nothing more to do. (This
+    # does not depend on writing a file, which a full disk would refuse.)
+    if [ ! -f "$RUN_DIR/lease" ] && ! pid_is "$RUN_DIR/watchdog.pid" "$RUN_DIR"; then return 0; fi
     if [ -f "$RUN_DIR/armed" ] && [ "$MAX_S" -gt 0 ]; then
       read -r b_boot b_mono _ <"$RUN_DIR/armed"
       if [ "$b_boot" = "$(boot_id)" ] && [ "$(mono)" -ge $((b_mono + MAX_S + STOP_TIMEOUT_S + 120)) ]; then

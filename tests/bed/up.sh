@@ -128,3 +128,8 @@ EVIL
   usermod -s /usr/local/lib/gpu-run-testbed/evil-shell -p '*' gpurun-evil
   say "hostile login gpurun-evil ready"
 fi
+
+# 7. container instance image ---------------------------------------------------------------------
+# An AutoDL-like rented container (no Docker inside, conda-like Python, `shutdown` ends it), derived
+# from the base image above; tests start one with tests/bed/instance.sh. Quick when it exists.
+bash "$root/tests/bed/instance-image.sh"
