@@ -249,7 +249,9 @@ def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
     else:
         table = Table("check", "result", "")
         for c in checks:
-            table.add_row(c["check"], c["result"], "[green]ok[/green]" if c["ok"] else "[red]problem[/red]")
+            verdict = Text("ok", style="green") if c["ok"] else Text("problem" if c["required"] else "warning",
+                                                                   style="red" if c["required"] else "yellow")
+            table.add_row(Text(c["check"]), Text(c["result"]), verdict)
         Console().print(table)
     if not all(c["ok"] for c in checks if c["required"]):
         sys.exit(1)
@@ -349,10 +351,10 @@ def hosts(as_json: bool) -> None:
         return
     table = Table("host", "kind", "address", "price/hour", "billing", "stop command")
     for r in rows:
-        table.add_row(r["name"], r["kind"], r["address"], f"{r['price_per_hour']:.2f} {r['currency']}",
-                      r["billing"], r["stop_command"] or "-")
+        table.add_row(*(Text(v) for v in (r["name"], r["kind"], r["address"], f"{r['price_per_hour']:.2f} {r['currency']}",
+                                          r["billing"], r["stop_command"] or "-")))
     Console().print(table)
-    Console(stderr=True).print(f"config: {config.source or 'none (built-in local host only)'}")
+    Console(stderr=True).print(f"config: {config.source or 'none (built-in local host only)'}", markup=False)
 
 
 @cli.command()

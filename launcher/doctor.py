@@ -8,10 +8,27 @@ from launcher.backends import remote_for_host
 from launcher.config import Host
 from launcher.errors import GpuRunError
 from launcher.remote import quote
+from launcher.watchdog.host import reboot_rearm, stop_command_problem
 
 
 def _row(check: str, result: str, ok: bool, required: bool = True) -> dict:
     return {"check": check, "result": result, "ok": ok, "required": required}
+
+
+def stop_command_row(host: Host, remote) -> dict:
+    """Whether the watchdog's stop can work there, found out before any money is spent."""
+    command = host.stop_command
+    if not command:
+        if host.kind == "aws":
+            return _row("stop command", "none: the instance is stopped through the EC2 API", True, required=False)
+        return _row("stop command", 'not set: nothing would stop this host. Set stop_command = "sudo shutdown -h now" '
+                    '(or what stops it), or stop_command = "none" if it is yours and never stops', False)
+    if command == "none":
+        return _row("stop command", "none: this host is never stopped (it is yours)", True, required=False)
+    problem = stop_command_problem(remote, command)
+    if problem:
+        return _row("stop command", f"{command}: {problem}", False, required=host.kind != "aws")
+    return _row("stop command", f"{command} (the program is there" + (", sudo needs no password)" if command.startswith("sudo") else ")"), True)
 
 
 def check_host(host: Host, accept_new_host_key: bool = False) -> list[dict]:
@@ -50,6 +67,10 @@ def check_host(host: Host, accept_new_host_key: bool = False) -> list[dict]:
     rsync = remote.run(["sh", "-c", "command -v rsync"], check=False)
     rows.append(_row("rsync", rsync.stdout.strip() or "not installed (not needed: gpu-run syncs with tar)",
                      True, required=False))
+    rows.append(stop_command_row(host, remote))
+    rearm = reboot_rearm(remote)
+    rows.append(_row("reboot re-arm", rearm or "none (no crontab on the host): a reboot mid-run ends the job, and "
+                     "the run's watchdog is gone with it; `gpu-run attach` starts it again", bool(rearm), required=False))
     before = time.time()
     remote_now = float(remote.run(["date", "+%s.%N"]).stdout.strip().replace("N", "0") or 0)
     offset = remote_now - (before + time.time()) / 2

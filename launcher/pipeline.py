@@ -284,8 +284,8 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         ledger.update_run(run_id, billed_from=billed_from)
         with ledger.phase(run_id, "connect"):
             backend = backend_for_host(host, ui, spec.accept_new_host_key)
+            backend.check_stop(spec.keep_alive, ui)  # before the claim: nothing of ours is on the host yet
             backend.claim(run_id, spec.keep_alive)
-            backend.check_stop(spec.keep_alive, ui)
         ledger.update_run(run_id, backend=backend.name)
         ui.info(f"backend: {backend.describe()}")
         # The image first: the S3 path fetches the dataset on the host with a helper in it.

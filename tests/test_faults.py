@@ -418,8 +418,15 @@ def test_disk_full_during_a_checkpoint(ssh_host, dataset, gpu_run_home, fault_ro
     wait_for(lambda: epochs_on_host(ssh_host, run_id) >= 1, 180, "the first epoch")
     completed = epochs_on_host(ssh_host, run_id)
     # Fill the disk, leaving room for the watchdog's small files but not for a checkpoint.
-    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    subprocess.run(["fallocate", "-l", str(max(0, free - 256 * 1024)), str(disk / "fill")], check=True)
+    fill = disk / "fill"
+    with open(fill, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(fill, max(0, fill.stat().st_size - 256 * 1024))
     code, out, err = finish(proc)
     summary = json.loads(out)
     assert code == 1 and summary["status"] == "failed", out

@@ -234,3 +234,28 @@ def test_stop_on_the_host_then_resume_there(ssh_host, dataset):
     assert '"event": "resumed", ' in log
     epochs = [json.loads(x)["epoch"] for x in (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1] == last["epoch"] + 1 and 1 in epochs  # the history came along
+
+
+def test_a_host_that_cannot_be_stopped_is_refused_before_anything_runs(ssh_host, dataset):
+    toml = ssh_host.work / "gpu-run.toml"
+    lines = [line for line in toml.read_text().splitlines() if not line.startswith("stop_command")]
+    # No stop_command: said, with the fix, instead of silently keeping the box up.
+    toml.write_text("\n".join(lines) + "\n")
+    line = one_line_error(ssh_host.cli("train", *FAST, "--data", str(dataset)))
+    assert "has no stop_command" in line and 'stop_command = "none"' in line
+    assert not ssh_host.workdir.exists()
+    # A stop command that cannot work there (the test host has no sudo): refused, and nothing of
+    # ours is left on the host (no watchdog retrying it).
+    toml.write_text("\n".join(lines) + '\nstop_command = "sudo shutdown -h now"\n')
+    doctor = ssh_host.cli("doctor", "t4-box", "--json")
+    row = next(r for r in json.loads(doctor.stdout) if r["check"] == "stop command")
+    assert doctor.returncode == 1 and not row["ok"] and "sudo" in row["result"]
+    line = one_line_error(ssh_host.cli("train", *FAST, "--data", str(dataset)))
+    assert "uses sudo, which the host does not have" in line and "--keep-alive" in line
+    assert not (ssh_host.workdir / "runs").exists() or not any((ssh_host.workdir / "runs").iterdir())
+    # stop_command = "none": the box is the user's; it runs, with a warning, and is never stopped.
+    toml.write_text("\n".join(lines) + '\nstop_command = "none"\n')
+    proc = ssh_host.cli("train", *FAST, "--epochs", "1", "--data", str(dataset))
+    assert proc.returncode == 0, proc.stderr
+    assert "is never stopped (stop_command = none)" in proc.stdout
+    assert ssh_host.power.up and not ssh_host.stop_marker.exists()

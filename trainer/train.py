@@ -21,6 +21,7 @@ image) and on current releases.
 import argparse
 import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -288,6 +289,11 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # the previous checkpoint is intact; say what to free
+            raise TrainerError(f"no space left on device to write {path.name} in {path.parent}: the previous "
+                               f"checkpoint is intact; free space on the host and resume") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
