@@ -30,6 +30,8 @@ TESTS = [
     "tests/test_ssh_host.py::test_connection_cut_during_tailing_reconnects_without_duplicates",
     "tests/test_cloud.py::test_tiny_budget_is_stopped_by_the_watchdog_with_a_resumable_checkpoint",
     "tests/test_hostile_host.py::test_hostile_host_cannot_write_outside_the_run_folder",
+    "tests/test_instance.py::test_client_killed_the_instance_still_stops",
+    "tests/test_instance.py::test_killed_watchdog_or_trainer_on_the_instance",
 ]
 
 

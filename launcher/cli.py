@@ -129,7 +129,8 @@ def cli(debug: bool) -> None:
 @click.option("--host", default="local", show_default=True, help="Host name from gpu-run.toml, or the built-in local.")
 @click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
 @click.option("--model", default="resnet18", show_default=True, help="torchvision classification model.")
-@click.option("--weights", default="none", show_default=True, help="none, imagenet, or a .pth file.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (torchvision's pretrained file, fetched once on this machine and sent to the host), none (from scratch), or a .pth file.")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -334,11 +335,14 @@ def runs(host: str | None, limit: int, as_json: bool) -> None:
     warn_not_stopped([r for r in records if r.stop_failed])
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.pass_context
 @handle_errors
-def hosts(as_json: bool) -> None:
-    """List the configured hosts (gpu-run.toml) and the built-in local host."""
+def hosts(ctx: click.Context, as_json: bool) -> None:
+    """List the configured hosts (gpu-run.toml) and the built-in local host; `hosts add` adds one."""
+    if ctx.invoked_subcommand is not None:
+        return
     config = load_config()
     rows = [
         {"name": h.name, "kind": h.kind, "address": h.ssh or h.instance_id or "local Docker engine",
@@ -355,6 +359,31 @@ def hosts(as_json: bool) -> None:
                                           r["billing"], r["stop_command"] or "-")))
     Console().print(table)
     Console(stderr=True).print(f"config: {config.source or 'none (built-in local host only)'}", markup=False)
+
+
+@hosts.command("add")
+@click.argument("name")
+@click.option("--ssh-command", required=True, metavar='"ssh -p PORT user@host"',
+              help="The SSH command the rental console shows (AutoDL, vast.ai, RunPod).")
+@click.option("--preset", help="Platform defaults: autodl, runpod or vastai.")
+@click.option("--password-stdin", is_flag=True, help="Read the console's password from the first line of stdin.")
+@click.option("--accept-new-host-key", is_flag=True, help="Trust the host key without asking (compare it yourself).")
+@click.option("--price-per-hour", type=float, help="What the machine costs per hour, in the preset's currency.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new host as JSON, nothing else on stdout.")
+@handle_errors
+def hosts_add(name: str, ssh_command: str, preset: str | None, password_stdin: bool, accept_new_host_key: bool,
+              price_per_hour: float | None, as_json: bool) -> None:
+    """Add a rented host from its console's SSH command: install this laptop's key (asking for the
+    password once), record its host key, append [hosts.NAME] to gpu-run.toml."""
+    from launcher import onboard
+
+    result = onboard.add_host(
+        name, ssh_command, preset=preset, price_per_hour=price_per_hour, accept_new_host_key=accept_new_host_key,
+        get_password=onboard.password_source(password_stdin), confirm_host_key=onboard.confirm_on_terminal,
+        ui=UI(quiet=as_json),
+    )
+    if as_json:
+        print_json(result)
 
 
 @cli.command()
@@ -491,8 +520,7 @@ def image() -> None:
 @handle_errors
 def image_build_base() -> None:
     """Build gpu-run-base:cpu on the local engine without a registry (debootstrap, about 2 minutes)."""
-    from launcher.backends.docker_engine import connect
-    from launcher.image import CPU_BASE_IMAGE, build_cpu_base, image_exists
+    from launcher.image import CPU_BASE_IMAGE, build_cpu_base, connect, image_exists
 
     client = connect()
     if client is None:

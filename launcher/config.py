@@ -16,11 +16,13 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from launcher.errors import ConfigError
+from launcher.presets import PRESETS
 from launcher.prices import hourly_price
 
 CONFIG_FILENAME = "gpu-run.toml"
 BILLING_RULES = ("per_second", "per_minute", "per_hour")
 LOCAL_HOST = "local"
+RUNTIMES = ("auto", "docker", "python")
 # Host names end up in tables (where rich reads `[...]` as markup), file names and the ledger.
 _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # user@host:port or host:port (an IPv6 host in brackets); an ssh_config alias has no port here.
@@ -61,6 +63,12 @@ class Host:
     # s3_role_arn when set), or "laptop": the laptop's own keys, for stores without STS.
     s3_host_credentials: str = "scoped"  # scoped | laptop
     s3_role_arn: str | None = None
+    # How the trainer runs there: in our image on the host's Docker engine, or in the host's own
+    # Python (container instances, where Docker cannot run); auto: Docker when it answers.
+    runtime: str = "auto"  # auto | docker | python
+    python: str | None = None  # the interpreter for runtime python (default: probed)
+    setup_command: str | None = None  # shell prelude before pip on the host (a mirror, a proxy)
+    preset: str | None = None  # a platform whose defaults fill this table (launcher/presets.py)
 
     @property
     def is_local(self) -> bool:
@@ -106,6 +114,11 @@ def parse_host(name: str, table: dict) -> Host:
             f"[hosts.{name}]: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(_HOST_KEYS))}"
         )
     values = dict(table)
+    preset = values.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"[hosts.{name}]: unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        values = {**PRESETS[preset], **values}  # the table's own settings win
     provider = values.pop("provider", None)
     if name == LOCAL_HOST:
         kind = "local"
@@ -134,6 +147,8 @@ def parse_host(name: str, table: dict) -> Host:
         raise ConfigError(f"[hosts.{name}]: sync must be \"ssh\" or \"s3\", got {values['sync']!r}")
     if values.get("s3_host_credentials", "scoped") not in ("scoped", "laptop"):
         raise ConfigError(f"[hosts.{name}]: s3_host_credentials must be \"scoped\" or \"laptop\", got {values['s3_host_credentials']!r}")
+    if values.get("runtime", "auto") not in RUNTIMES:
+        raise ConfigError(f"[hosts.{name}]: runtime must be one of {', '.join(RUNTIMES)}, got {values['runtime']!r}")
     if values.get("sync") == "s3" and not values.get("bucket"):
         raise ConfigError(f"[hosts.{name}]: sync = \"s3\" needs bucket = \"...\"")
     if kind == "aws":

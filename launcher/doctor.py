@@ -8,6 +8,8 @@ from launcher.backends import remote_for_host
 from launcher.config import Host
 from launcher.errors import GpuRunError
 from launcher.remote import quote
+from launcher.runtimes.docker import docker_version
+from launcher.runtimes.python import find_python
 from launcher.watchdog.host import reboot_rearm, stop_command_problem
 
 
@@ -33,7 +35,7 @@ def stop_command_row(host: Host, remote) -> dict:
 
 def check_host(host: Host, accept_new_host_key: bool = False) -> list[dict]:
     if host.is_local:
-        from launcher.backends.docker_engine import connect
+        from launcher.image import connect
 
         client = connect()
         if client is None:
@@ -48,13 +50,23 @@ def check_host(host: Host, accept_new_host_key: bool = False) -> list[dict]:
     home = remote.home()
     workdir = remote.expand(host.workdir, home)
 
-    version = remote.run(["docker", "version", "--format", "{{.Server.Version}}"], check=False)
-    docker_ok = version.code == 0
-    rows.append(_row("docker engine", version.stdout.strip() if docker_ok else
-                     ((version.stderr.strip() or "not found").splitlines()[-1]), docker_ok))
-    runtimes = remote.run(["docker", "info", "--format", "{{json .Runtimes}}"], check=False).stdout if docker_ok else ""
-    rows.append(_row("nvidia runtime", "yes" if "nvidia" in runtimes else "no (training would run on the CPU)",
-                     "nvidia" in runtimes, required=False))
+    version, why_not = (None, "runtime = python") if host.runtime == "python" else docker_version(remote)
+    if version is not None:
+        rows.append(_row("runtime", f"docker: engine {version}", True))
+        runtimes = remote.run(["docker", "info", "--format", "{{json .Runtimes}}"], check=False).stdout
+        rows.append(_row("nvidia runtime", "yes" if "nvidia" in runtimes else "no (training would run on the CPU)",
+                         "nvidia" in runtimes, required=False))
+    elif host.runtime == "docker":
+        rows.append(_row("runtime", f"docker: no working engine ({why_not})", False))
+    else:
+        found = find_python(remote, host.python)
+        if found is None:
+            rows.append(_row("runtime", f"no Docker ({why_not}) and no Python there imports torch and torchvision; "
+                             f"set python = \"/path/to/python\"", False))
+        else:
+            cuda = f"CUDA {found['cuda_version']}, {found['gpus']} GPU(s)" if found["cuda"] else "no CUDA GPU (CPU only)"
+            rows.append(_row("runtime", f"python {found['python']} (torch {found['torch']}, torchvision "
+                             f"{found['torchvision']}, {cuda}); no Docker here: {why_not}", True))
     gpus = remote.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], check=False)
     rows.append(_row("gpus", "; ".join(gpus.stdout.strip().splitlines()) if gpus.code == 0 else "none found",
                      gpus.code == 0, required=False))

@@ -1,4 +1,4 @@
-"""The trainer image: build context, content-hashed tag, base image choice, build on an engine.
+"""The trainer image: build context, content-hashed tag, base image choice, the offline CPU base.
 
 The tag is a hash of everything that goes into the image (Dockerfile, trainer code, base image
 name), so an unchanged trainer is never rebuilt on an engine that already has it.
@@ -88,47 +88,12 @@ def build_cpu_base(ui: UI, docker_host: str | None = None) -> None:
     ui.info(f"built base image {CPU_BASE_IMAGE}")
 
 
-def ensure_base_image(client: docker.DockerClient, base_image: str, ui: UI, docker_host: str | None = None) -> None:
-    if image_exists(client, base_image):
-        return
-    if base_image == CPU_BASE_IMAGE:
-        build_cpu_base(ui, docker_host)
-        return
-    with ui.spinner(f"pulling base image {base_image}"):
-        try:
-            client.images.pull(base_image)
-        except docker.errors.APIError as e:
-            raise BackendError(
-                f"base image {base_image} is not on the engine and could not be pulled ({e.explanation}); "
-                f"pull it there or set base_image in the host's config"
-            ) from None
-
-
-def ensure_trainer_image(client: docker.DockerClient, base_image: str, ui: UI,
-                         docker_host: str | None = None) -> tuple[str, bool]:
-    """Return (tag, built): build only when the engine lacks this exact content hash."""
-    files = context_files()
-    tag = image_tag(files, base_image)
-    if image_exists(client, tag):
-        ui.info(f"image {tag} is up to date (no build needed)")
-        return tag, False
-    ensure_base_image(client, base_image, ui, docker_host)
-    with ui.spinner(f"building {tag} on {base_image}") as status:
-        stream = client.api.build(
-            fileobj=context_tar(files),
-            custom_context=True,
-            tag=tag,
-            buildargs={"BASE_IMAGE": base_image},
-            labels={"gpu-run": "trainer"},
-            rm=True,
-            forcerm=True,
-            decode=True,
-        )
-        for chunk in stream:
-            if "error" in chunk:
-                raise BackendError(f"image build failed: {chunk['error'].strip()}")
-            line = chunk.get("stream", "").strip()
-            if line.startswith("Step "):
-                status.update(f"building {tag}: {line}")
-    ui.info(f"built image {tag}")
-    return tag, True
+def connect(base_url: str | None = None, timeout_s: int = 10) -> docker.DockerClient | None:
+    """A Docker SDK client whose engine answered a ping, or None when there is no engine (used to
+    build the offline base image; runs drive the engine with its CLI, as on a rented host)."""
+    try:
+        client = docker.DockerClient(base_url=base_url, timeout=timeout_s) if base_url else docker.from_env(timeout=timeout_s)
+        client.ping()
+        return client
+    except (docker.errors.DockerException, OSError):
+        return None

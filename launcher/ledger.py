@@ -117,10 +117,6 @@ class RunRecord:
         return json.loads(self.args_json or "{}")
 
     @property
-    def handle(self) -> dict:
-        return json.loads(self.handle_json or "{}")
-
-    @property
     def summary(self) -> dict:
         return json.loads(self.summary_json or "{}")
 

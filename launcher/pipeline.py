@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from launcher.backends import Backend, Job, backend_for_host, backend_for_run
+from launcher.backends import Backend, Job, RunHandle, backend_for_run, bring_up
 from launcher.providers.base import StopResult
 from launcher.cache import cached_dataset
 from launcher.config import Config, Host
@@ -27,6 +27,7 @@ from launcher.errors import BackendError, ConfigError, GpuRunError, Unreachable
 from launcher.events import read_metrics, status_for_exit
 from launcher.ledger import ACTIVE_STATUSES, FINAL_STATUSES, Ledger, RunRecord
 from launcher.ui import UI, TrainingDisplay
+from launcher.weights import check_weights, resolve_weights
 
 STOP_TIMEOUT_S = 120  # time the trainer gets to finish its step and write last.pth
 MAX_STOP_TIMEOUT_S = 3600  # a stop that waits longer than this is a hang, and the host bills meanwhile
@@ -49,7 +50,7 @@ class TrainSpec:
     host: str
     data: Path
     model: str = "resnet18"
-    weights: str = "none"
+    weights: str = "imagenet"  # the seed recipe: transfer learning from torchvision's ImageNet weights
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
@@ -127,13 +128,12 @@ def check_spec(spec: TrainSpec) -> None:
         raise ConfigError("--max-hours and --silence-minutes must be 0 (no limit) or more")
     if spec.gpus < 0:
         raise ConfigError(f"--gpus must be 0 (CPU) or more, got {spec.gpus}")
-    if spec.weights not in ("none", "imagenet") and not Path(spec.weights).expanduser().is_file():
-        raise ConfigError(f"--weights {spec.weights}: no such file; use none, imagenet or a path to a .pth file")
     import torchvision  # imported here: only train needs it, and it takes a second
 
     models = torchvision.models.list_models(module=torchvision.models)
     if spec.model not in models:
         raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(sorted(models))}")
+    check_weights(spec.weights, spec.model)  # the file, or torchvision weights for the model (no network)
     check_runs_dir(spec.runs_dir)
 
 
@@ -258,6 +258,8 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
     previous = resume_source(ledger, spec.resume) if spec.resume else None
     info = check_dataset(spec.data, ui)
     budget_limit_s = check_budget(spec, host, info, ledger, ui)
+    # The weights file is on the laptop (downloaded into its cache once) before anything starts.
+    weights = resolve_weights(spec.weights, spec.model, ui, resuming=bool(spec.resume))
 
     run_id = new_run_id()
     run_dir = (spec.runs_dir / run_id).resolve()
@@ -267,6 +269,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         # --env values may be secrets (tokens): the ledger keeps their names only.
         "spec": {**asdict(spec), "data": str(info.root.resolve()), "runs_dir": str(spec.runs_dir),
                  "extra_env": sorted(spec.extra_env)},
+        "weights": weights.record(),
         "classes": info.classes,
         "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)},
     }
@@ -283,7 +286,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         billed_from = None if host.is_free else time.time()
         ledger.update_run(run_id, billed_from=billed_from)
         with ledger.phase(run_id, "connect"):
-            backend = backend_for_host(host, ui, spec.accept_new_host_key)
+            backend = bring_up(host, ui, spec.accept_new_host_key)
             backend.check_stop(spec.keep_alive, ui)  # before the claim: nothing of ours is on the host yet
             backend.claim(run_id, spec.keep_alive)
         ledger.update_run(run_id, backend=backend.name)
@@ -302,7 +305,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         job = Job(
             run_id=run_id, trainer_args=spec.trainer_args(), data_dir=data_dir,
             out_dir=backend.out_dir_for(run_id, run_dir),
-            weights=str(Path(spec.weights).expanduser().resolve()) if spec.weights not in ("none", "imagenet") else spec.weights,
+            weights=str(weights.path) if weights.path else "none",
             gpus=spec.gpus, env=dict(spec.extra_env),
             max_runtime_s=watchdog_max_runtime_s(spec, host, budget_limit_s, billed_from),
             silence_s=int(spec.silence_minutes * 60),
@@ -311,8 +314,8 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         )
         ledger.start_phase(run_id, "train")
         handle = backend.start(job, prepared, ui)
-        handle.update(image_built=prepared.image_built, device=prepared.device)
-        ledger.update_run(run_id, handle_json=json.dumps(handle), status="running")
+        handle.image_built, handle.device = prepared.image_built, prepared.device
+        ledger.update_run(run_id, handle_json=handle.to_json(), status="running")
     except BaseException as e:
         # Nothing runs yet: the machine must not stay up (and bill) because setup failed.
         ledger.update_run(run_id, status="failed", ended_at=time.time())
@@ -341,7 +344,7 @@ def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledg
     Ctrl-C raises Detached: the run goes on and `gpu-run attach` picks it up again.
     """
     run_dir = Path(run.run_dir)
-    handle = run.handle
+    handle = handle_of(run)
 
     def cost_line() -> str:
         if host.is_free:
@@ -375,9 +378,9 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
     status = status_for_exit(exit_code)
     ledger.end_phase(run.run_id, "train", "ok" if status != "failed" else "failed", f"exit code {exit_code}", at=ended)
     with ledger.phase(run.run_id, "pull"):
-        ended_info = backend.finish(run.handle, run_dir, ui)
+        ended_info = backend.finish(handle_of(run), run_dir, ui)
     with ledger.phase(run.run_id, "stop"):
-        stop_result = backend.release(run.handle, ui)
+        stop_result = backend.release(handle_of(run), ui)
         record_stop(ledger, run.run_id, stop_result, run.billed_from)
     missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
     if status == "succeeded" and missing:
@@ -391,6 +394,11 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
         best_val_acc=summary["best_val_acc"], cost_amount=summary["cost"]["amount"],
     )
     return summary
+
+
+def handle_of(run: RunRecord) -> RunHandle:
+    """The run's handle from the ledger (an empty one for a run that never started its trainer)."""
+    return RunHandle.from_json(run.handle_json) or RunHandle()
 
 
 def record_stop(ledger: Ledger, run_id: str, result: StopResult, billed_from: float | None) -> None:
@@ -408,12 +416,12 @@ def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended
     metrics = read_metrics(metrics_path.read_text()) if metrics_path.is_file() else []
     plan = run.args
     amount, billed = run_cost(host, run, now=ended)
-    handle = run.handle
+    handle = handle_of(run)
     return {
         "run_id": run.run_id,
         "host": run.host,
         "backend": run.backend,
-        "device": handle.get("device"),
+        "device": handle.device or None,
         "model": run.model,
         "classes": plan.get("classes", []),
         "epochs": plan.get("spec", {}).get("epochs"),
@@ -424,7 +432,10 @@ def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended
         "exit_code": exit_code,
         "duration_s": round(ended - run.created_at, 3),
         "image_tag": run.image_tag,
-        "image_built": handle.get("image_built"),
+        "image_built": handle.image_built,
+        "runtime": handle.runtime or None,
+        "versions": handle.versions or None,
+        "weights": plan.get("weights"),
         "dataset": {"path": run.data_path, "id": run.dataset_id, **plan.get("dataset", {})},
         "cost": {"amount": float(amount), "currency": host.currency, "billed_s": billed},
         "resumed_from": run.resumed_from,
@@ -443,7 +454,7 @@ def reconnect(run_id: str, config: Config, ledger: Ledger, ui: UI) -> tuple[RunR
     if run.status not in ACTIVE_STATUSES:
         ui.info(f"run {run.run_id} already ended ({run.status})")
         return run, host, None
-    return run, host, backend_for_run(host, run.handle, ui)
+    return run, host, backend_for_run(host, handle_of(run), ui)
 
 
 def settle_abandoned_setup(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
@@ -455,7 +466,7 @@ def settle_abandoned_setup(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -
         if phase.ended_at is None:
             ledger.end_phase(run.run_id, phase.phase, "failed", "the laptop stopped during setup")
     try:
-        result = backend_for_run(host, {"backend": "ssh"} if not host.is_local else {"backend": "process"}, ui).abandon(run.run_id, ui)
+        result = backend_for_run(host, RunHandle(backend="" if host.is_local else "ssh"), ui).abandon(run.run_id, ui)
     except Unreachable as e:
         result = StopResult(True, "stopped", time.time(), f"{host.name} is down ({e})")
     record_stop(ledger, run.run_id, result, run.billed_from)
@@ -482,10 +493,10 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     if backend is None:
         return run.summary or {"run_id": run.run_id, "status": run.status}
     with ui.spinner(f"stopping {run.run_id}: the trainer finishes its step and saves last.pth"):
-        backend.stop(run.handle, STOP_TIMEOUT_S)
-        exit_code = backend.wait(run.handle)
+        backend.stop(handle_of(run), STOP_TIMEOUT_S)
+        exit_code = backend.wait(handle_of(run))
     # Keep the log as it was at the end, as a followed run would have.
-    (Path(run.run_dir) / "train.log").write_text("".join(line + "\n" for line in backend.read_logs(run.handle)))
+    (Path(run.run_dir) / "train.log").write_text("".join(line + "\n" for line in backend.read_logs(handle_of(run))))
     return finish_run(run, host, backend, exit_code, ledger, ui)
 
 
@@ -493,13 +504,13 @@ def retry_stop(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
     """Stop the machine of an ended run whose stop failed; a confirmed stop closes its billing."""
     ui.warn(f"the machine of run {run.run_id} was not confirmed stopped ({run.stop_detail}); trying again")
     try:
-        backend = backend_for_run(host, run.handle, ui)
+        backend = backend_for_run(host, handle_of(run), ui)
     except Unreachable as e:
         # An instance the API says is not running, or a box that no longer answers.
         backend = None
         result = StopResult(True, "stopped", time.time(), f"{host.name} is down ({e})")
     if backend is not None:
-        result = backend.retry_stop(run.handle, ui)
+        result = backend.retry_stop(handle_of(run), ui)
     record_stop(ledger, run.run_id, result, run.billed_from)
     run = ledger.get_run(run.run_id)
     summary = run.summary
@@ -518,17 +529,17 @@ def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     run = ledger.get_run(run_id)
     host = config.host(run.host)
     try:
-        backend = backend_for_run(host, run.handle, ui)
+        backend = backend_for_run(host, handle_of(run), ui)
     except BackendError as e:
         if host.sync != "s3":
             raise
         ui.warn(f"{e}; fetching the outputs from S3 instead")
         return pull_from_s3(run, host, ledger, ui)
     if run.status in ACTIVE_STATUSES:
-        code = backend.exit_code(run.handle)
+        code = backend.exit_code(handle_of(run))
         if code is not None:
             return finish_run(run, host, backend, code, ledger, ui)
-    backend.pull(run.handle, Path(run.run_dir), ui)
+    backend.pull(handle_of(run), Path(run.run_dir), ui)
     return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir}
 
 
@@ -571,11 +582,11 @@ def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
             for p in ledger.phases(run.run_id)
         ],
     }
-    if run.status in ACTIVE_STATUSES and run.handle:
+    if run.status in ACTIVE_STATUSES and run.handle_json:
         host = config.host(run.host)
         try:
-            backend = backend_for_run(host, run.handle, ui)
-            code = backend.exit_code(run.handle)
+            backend = backend_for_run(host, handle_of(run), ui)
+            code = backend.exit_code(handle_of(run))
             state["trainer"] = "running" if code is None else f"ended with exit code {code} (attach to pull)"
         except GpuRunError as e:
             state["trainer"] = f"unknown: {e}"
@@ -591,9 +602,9 @@ def log_lines(run_id: str, follow: bool, config: Config, ledger: Ledger, ui: UI)
     """The run's log: from the backend while the run is live, else the saved train.log."""
     run = ledger.get_run(run_id)
     saved = Path(run.run_dir or "") / "train.log"
-    if run.status in ACTIVE_STATUSES and run.handle:
-        backend = backend_for_run(config.host(run.host), run.handle, ui)
-        yield from backend.follow_logs(run.handle) if follow else backend.read_logs(run.handle)
+    if run.status in ACTIVE_STATUSES and run.handle_json:
+        backend = backend_for_run(config.host(run.host), handle_of(run), ui)
+        yield from backend.follow_logs(handle_of(run)) if follow else backend.read_logs(handle_of(run))
         return
     if not saved.is_file():
         raise GpuRunError(f"run {run.run_id} has no train.log in {run.run_dir}")

@@ -88,7 +88,7 @@ def fault_row():
 
 @pytest.fixture
 def docker_client():
-    from launcher.backends.docker_engine import connect
+    from launcher.image import connect
 
     client = connect()
     if client is None:
@@ -313,7 +313,7 @@ def _leftover_processes() -> dict[int, str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if "watchdog.sh" in cmdline or "trainer.train" in cmdline or "launcher.backends.process_runner" in cmdline:
+        if "watchdog.sh" in cmdline or "trainer.train" in cmdline:
             found[int(entry.name)] = cmdline
     return found
 

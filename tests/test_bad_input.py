@@ -97,7 +97,7 @@ CONFIGS = {
 def test_bad_config_file_is_one_line(case, cli, small_data):
     content, words = CONFIGS[case]
     (cli.cwd / "gpu-run.toml").write_bytes(content)
-    refused(cli("train", "--host", "box", "--data", str(small_data)), *words)
+    refused(cli("train", "--weights", "none", "--host", "box", "--data", str(small_data)), *words)
     (cli.cwd / "gpu-run.toml").unlink()
     nothing_left(cli)
 
@@ -130,14 +130,14 @@ def test_config_with_a_byte_order_mark_is_read(cli):
     (["--cache-size", "-1"], ["--cache-size must be 0"]),
 ])
 def test_bad_train_values_are_refused(args, words, cli, small_data):
-    refused(cli("train", "--data", str(small_data), *args), *words)
+    refused(cli("train", "--weights", "none", "--data", str(small_data), *args), *words)
     nothing_left(cli)
 
 
 def test_runs_dir_that_is_a_file_is_refused(cli, small_data):
     (cli.cwd / "afile").write_text("x")
-    refused(cli("train", "--data", str(small_data), "--runs-dir", "afile"), "--runs-dir afile is a file")
-    refused(cli("train", "--data", str(small_data), "--runs-dir", "afile/sub"), "afile is not a folder")
+    refused(cli("train", "--weights", "none", "--data", str(small_data), "--runs-dir", "afile"), "--runs-dir afile is a file")
+    refused(cli("train", "--weights", "none", "--data", str(small_data), "--runs-dir", "afile/sub"), "afile is not a folder")
     assert cli.json("runs") == []
 
 
@@ -145,7 +145,7 @@ def test_runs_dir_that_is_a_file_is_refused(cli, small_data):
 def test_runs_dir_that_is_not_writable_is_refused(cli, small_data):
     locked = cli.cwd / "locked"
     locked.mkdir(mode=0o500)
-    refused(cli("train", "--data", str(small_data), "--runs-dir", "locked/runs"), "is not writable")
+    refused(cli("train", "--weights", "none", "--data", str(small_data), "--runs-dir", "locked/runs"), "is not writable")
     nothing_left(cli)
 
 
@@ -167,9 +167,9 @@ def test_trainer_refuses_values_that_would_fail_mid_run():
 
 
 def test_brackets_in_a_host_name_are_printed_not_parsed(cli, small_data):
-    line = refused(cli("train", "--host", "[/x]", "--data", str(small_data)), "unknown host '[/x]'", "[hosts.[/x]]")
+    line = refused(cli("train", "--weights", "none", "--host", "[/x]", "--data", str(small_data)), "unknown host '[/x]'", "[hosts.[/x]]")
     assert "MarkupError" not in line
-    line = refused(cli("train", "--host", "t4-box", "--data", str(small_data)))
+    line = refused(cli("train", "--weights", "none", "--host", "t4-box", "--data", str(small_data)))
     assert "add [hosts.t4-box]" in line  # was eaten as a style tag
     nothing_left(cli)
 
@@ -204,7 +204,7 @@ def test_status_prints_brackets_in_ledger_text(cli, gpu_run_home):
 def test_corrupt_ledger_is_one_line(cli, gpu_run_home, small_data):
     gpu_run_home.mkdir(parents=True)
     (gpu_run_home / "runs.db").write_bytes(os.urandom(8192))
-    for args in (["runs"], ["train", "--data", str(small_data)]):
+    for args in (["runs"], ["train", "--weights", "none", "--data", str(small_data)]):
         refused(cli(*args), "ledger", "unreadable", "move it aside")
     assert not (cli.cwd / "runs").exists()
 
@@ -366,7 +366,7 @@ def test_dataset_checker_accepts_relative_links_inside_and_hidden_litter(tmp_pat
 @pytest.mark.parametrize("case", ["fifo", "non-utf8-name", "one-class"])
 def test_bad_dataset_entries_are_refused_on_the_command_line(case, cli, tmp_path):
     root = _bad_dataset(tmp_path, case)
-    refused(cli("train", "--data", str(root), "--epochs", "1"), DATASETS[case], FIXES[case])
+    refused(cli("train", "--weights", "none", "--data", str(root), "--epochs", "1"), DATASETS[case], FIXES[case])
     nothing_left(cli)
 
 
@@ -374,14 +374,14 @@ def test_bad_dataset_entries_are_refused_on_the_command_line(case, cli, tmp_path
 
 
 def test_resume_that_cannot_resume_leaves_nothing(cli, gpu_run_home, small_data, tmp_path):
-    refused(cli("train", "--data", str(small_data), "--resume", "nope"), "no such run")
+    refused(cli("train", "--weights", "none", "--data", str(small_data), "--resume", "nope"), "no such run")
     nothing_left(cli)
     ledger = Ledger(gpu_run_home / "runs.db")
     ledger.create_run("20260101-000000-aaaa", "local", status="stopped", run_dir=str(tmp_path / "old-run"),
                       data_path=str(small_data))
     ledger.close()
     for args in ([], ["--data", str(small_data)]):
-        refused(cli("train", "--resume", "20260101", *args), "no checkpoints/last.pth to resume from")
+        refused(cli("train", "--weights", "none", "--resume", "20260101", *args), "no checkpoints/last.pth to resume from")
     assert not (cli.cwd / "runs").exists()
     assert [r["run_id"] for r in cli.json("runs")] == ["20260101-000000-aaaa"]
 

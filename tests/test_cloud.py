@@ -18,7 +18,7 @@ import torch
 from tests.conftest import missing_test_bed, wait_for
 from tests.conftest import testbed_env as bed_env
 
-FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0"]
+FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
 SECRET = "gpuRunTestSecret-8c1f0e4d9b7a"
 
 

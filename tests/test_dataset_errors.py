@@ -59,7 +59,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_dataset_error_is_one_line(case, cli, tmp_path, gpu_run_home):
     data = build(tmp_path, case)
-    proc = cli("train", "--data", str(data), "--epochs", "1")
+    proc = cli("train", "--weights", "none", "--data", str(data), "--epochs", "1")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -74,7 +74,7 @@ def test_dataset_error_is_one_line(case, cli, tmp_path, gpu_run_home):
 def test_a_few_corrupt_images_are_skipped_with_a_warning(cli, tmp_path, gpu_run_home):
     data = make_dataset(tmp_path / "data", classes=2, train_per_class=12, val_per_class=4, size=32)
     (data / "train" / "horizontal" / "00003.jpg").write_bytes(b"truncated")
-    proc = cli("train", "--data", str(data), "--epochs", "1", "--image-size", "32", "--batch-size", "8",
+    proc = cli("train", "--weights", "none", "--data", str(data), "--epochs", "1", "--image-size", "32", "--batch-size", "8",
                "--workers", "0", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     assert proc.returncode == 0, proc.stderr
     assert "1 unreadable image(s) will be skipped: train/horizontal/00003.jpg" in proc.stdout
@@ -82,7 +82,7 @@ def test_a_few_corrupt_images_are_skipped_with_a_warning(cli, tmp_path, gpu_run_
 
 
 def test_debug_shows_the_traceback(cli, tmp_path, gpu_run_home):
-    proc = cli("--debug", "train", "--data", str(tmp_path / "nope"))
+    proc = cli("--debug", "train", "--weights", "none", "--data", str(tmp_path / "nope"))
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
 
@@ -94,7 +94,7 @@ def test_bad_values_are_refused_before_anything_starts(cli, dataset, gpu_run_hom
         (["--weights", "/nope.pth"], "--weights /nope.pth: no such file"),
         (["--host", "t4-box"], "unknown host 't4-box'"),
     ]:
-        proc = cli("train", "--data", str(dataset), *args)
+        proc = cli("train", "--weights", "none", "--data", str(dataset), *args)
         assert proc.returncode == 2
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (cli.cwd / "runs").exists()

@@ -18,7 +18,7 @@ from PIL import Image
 from tests.conftest import CLI, wait_for
 
 NO_ENGINE = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-FAST = ["--host", "local", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
+FAST = ["--host", "local", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 from launcher.dataset import dataset_id
 from tests.conftest import ROOT, cut_ssh_connections, wait_for
 
-FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
+FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
 QUICK_ENV = {"GPU_RUN_SETUP_IDLE_S": "6", "GPU_RUN_HOLD_S": "5", "GPU_RUN_STOP_CONFIRM_S": "10"}
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from launcher.backends.process import ProcessBackend, process_identity
+from launcher.backends.base import RunHandle
+from launcher.config import builtin_local_host
+from launcher.local_shell import LocalShell
+from launcher.runtimes.python import PythonRuntime
 from launcher.errors import BackendError
 from launcher.remote import Remote, resolve_target
 from launcher.sync import ssh_tar
@@ -400,7 +403,7 @@ def test_env_values_reach_the_trainer_but_not_the_ledger_ps_or_the_host(ssh_host
     watcher = threading.Thread(target=watch_ps)
     watcher.start()
     try:
-        started = ssh_host.cli("train", "--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+        started = ssh_host.cli("train", "--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none",
                                "--epochs", "1", "--env", f"SECRET_TOKEN={value}", "--data", str(dataset), "--detach")
         assert started.returncode == 0, started.stderr
         run_id = started.stdout.split("gpu-run attach ")[-1].split()[0]
@@ -429,25 +432,34 @@ def test_env_values_reach_the_trainer_but_not_the_ledger_ps_or_the_host(ssh_host
 
 
 def test_stop_never_signals_a_process_that_reused_the_pid(gpu_run_home, tmp_path):
+    """The run's pid files name processes that may have ended and had their PIDs reused: the
+    runtime signals a PID only when its command line still names the run."""
+    run_id = "20261129-000000-abcd"
+    run_dir = tmp_path / "local-runs" / run_id
+    run_dir.mkdir(parents=True)
+    runtime = PythonRuntime(builtin_local_host(), LocalShell(), str(tmp_path), {"python": sys.executable}, "test")
+    handle = RunHandle(backend="process", runtime="python", run_dir=str(run_dir))
+
+    def point_at(pid: int) -> None:
+        (run_dir / "job.pid").write_text(f"{pid}\n")
+        (run_dir / "job.pgid").write_text(f"{pid}\n")
+
     other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    ours = None
     try:
-        identity = process_identity(other.pid)
-        handle = {"backend": "process", "pid": other.pid, "started": str(int(identity["started"]) - 1),
-                  "cmdline": identity["cmdline"], "log": str(tmp_path / "x.log"), "exit_file": str(tmp_path / "x.exit")}
-        backend = ProcessBackend()
-        assert not backend.is_running(handle)
-        backend.stop(handle, timeout_s=1)
-        assert backend.exit_code(handle) == -9  # the run's own process is gone, its code unknown
+        point_at(other.pid)
+        assert runtime.exit_code(handle) == -1  # the run's own process is gone, its code unknown
+        runtime.stop(handle, timeout_s=1)
         time.sleep(0.2)
         assert other.poll() is None, "an unrelated process was killed"
-        # The same start time but another command line is not the run's process either.
-        backend.stop({**handle, "started": identity["started"], "cmdline": [sys.executable, "-m", "trainer.train"]}, 1)
-        time.sleep(0.2)
-        assert other.poll() is None
-        # With its true identity, it is the run's: stop signals its process group.
-        backend.stop({**handle, "started": identity["started"]}, timeout_s=5)
-        assert process_identity(other.pid) is None  # signalled, and reaped as the run's own zombie
+        # A process of the run (its command line names the run) is signalled, with its group.
+        ours = subprocess.Popen(["sh", "-c", f"sleep 30; : {run_id}"], start_new_session=True)
+        point_at(ours.pid)
+        assert runtime.exit_code(handle) is None
+        runtime.stop(handle, timeout_s=5)
+        assert ours.wait(timeout=10) != 0
     finally:
-        if other.poll() is None:
-            other.kill()
-            other.wait()
+        other.kill()
+        other.wait()
+        if ours is not None and ours.poll() is None:
+            ours.kill()

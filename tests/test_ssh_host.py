@@ -19,7 +19,7 @@ from launcher.remote import Remote, resolve_target
 from launcher.sync import ssh_tar
 from tests.conftest import cut_ssh_connections, wait_for
 
-FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
+FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
 
 
 def sha(path: Path) -> str:
@@ -88,7 +88,7 @@ def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_
 
     # The outputs stay on the stopped machine: the user starts it again and attaches, which pulls
     # them and stops the machine once more.
-    assert not ssh_host.power.up
+    wait_for(lambda: not ssh_host.power.up, 5, "the machine to go down")
     ssh_host.start_machine()
     summary = ssh_host.cli.json("attach", run_id)
     assert summary["status"] == "succeeded" and summary["epochs_completed"] == 4
@@ -199,13 +199,19 @@ def test_host_keys_unknown_changed_and_accept_new(ssh_host, dataset):
     assert ok[0]["check"] == "ssh login" and ok[0]["ok"]
     assert f"[127.0.0.1]:{ssh_host.port} {' '.join(ssh_host.host_key)}" in ssh_host.known_hosts.read_text()
     again = ssh_host.cli.json("doctor", "t4-box")  # now known, no flag needed
-    assert again[0]["ok"] and any(c["check"] == "docker engine" and c["ok"] for c in again)
+    assert again[0]["ok"] and any(c["check"] == "runtime" and c["result"].startswith("docker") and c["ok"] for c in again)
 
 
 def test_host_without_docker_wrong_key_or_unreachable(ssh_host, dataset, tmp_path):
     ssh_host.write_ssh_config(user="gpurun-nodocker", key=ssh_host.key)
     line = one_line_error(ssh_host.cli("train", *FAST, "--data", str(dataset)))
+    # No Docker, and no Python there with torch: said, with both fixes.
+    assert line.startswith("error: host t4-box has no Docker engine") and "imports torch" in line
+    toml = ssh_host.work / "gpu-run.toml"
+    toml.write_text(toml.read_text() + 'runtime = "docker"\n')
+    line = one_line_error(ssh_host.cli("train", *FAST, "--data", str(dataset)))
     assert line.startswith("error: host t4-box has no working Docker engine")
+    ssh_host.write_config()
 
     wrong = tmp_path / "wrong_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)

@@ -6,7 +6,7 @@ This is the program gpu-run runs inside the training container (or as a plain pr
   1. arguments           every knob, with a help string
   2. events              one JSON object per line on stdout: the launcher's only input
   3. data                ImageFolder that skips corrupt images; deterministic augmentation
-  4. model               any torchvision classifier, new head, weights none|imagenet|PATH
+  4. model               any torchvision classifier, new head, weights none|PATH (never downloaded)
   5. checkpoints         written to a temp file then renamed, so a kill never leaves half a file
   6. one training step   mixed precision, and CUDA out-of-memory halves the micro-batch
   7. evaluation          accuracy, loss and per-sample predictions
@@ -25,6 +25,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -72,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root holding train/<class>/ and val/<class>/")
     p.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, predictions.csv")
     p.add_argument("--model", default="resnet18", help="torchvision classification model name")
-    p.add_argument("--weights", default="none", help="none, imagenet, or a path to a state_dict / checkpoint")
+    p.add_argument("--weights", default="none",
+                   help="none, or a path to a state_dict (torchvision's ImageNet file) / checkpoint; nothing is downloaded")
     p.add_argument("--epochs", type=number(int, 1), default=20, help="number of epochs to train in total")
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="images per optimizer step (per process)")
     p.add_argument("--lr", type=number(float, 0, low_inclusive=False), default=1e-3, help="initial learning rate of SGD")
@@ -247,27 +249,62 @@ def load_state_from_file(model: nn.Module, path: str) -> list:
     """Load weights from a state_dict or a gpu-run checkpoint; returns the keys left out."""
     if not Path(path).is_file():
         raise TrainerError(f"weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
+        raise TrainerError(f"weights file {path} cannot be read as a PyTorch state_dict: {e}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise TrainerError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
     own = model.state_dict()
     # A head trained for another class count cannot load; everything else can.
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable = {k: v for k, v in state.items() if k in own and hasattr(v, "shape") and own[k].shape == v.shape}
+    if not usable:
+        raise TrainerError(f"weights file {path} has no weights that fit {type(model).__name__}: "
+                           f"was it made for another --model?")
     model.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
 
 
+def imagenet_file_name(name: str) -> str | None:
+    """The file name of torchvision's default weights for a model (resnet18-f37072fd.pth), if any."""
+    try:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return url.rsplit("/", 1)[-1]
+
+
+def is_imagenet_file(file_name: str, model: str) -> bool:
+    """torchvision's file by its name, or by the <sha256>.pth name it has on an SSH host: torchvision's
+    names carry the first hex digits of the file's sha256 (resnet18-f37072fd.pth)."""
+    official = imagenet_file_name(model)
+    if official is None:
+        return False
+    if file_name == official:
+        return True
+    prefix = re.search(r"-([0-9a-f]{6,})\.", official)
+    stem = file_name.removesuffix(".pth")
+    return bool(prefix) and len(stem) == 64 and stem.startswith(prefix.group(1))
+
+
 def build_model(name: str, weights: str, num_classes: int) -> nn.Module:
+    """The model with its original head, the weights file loaded into it, then the new head.
+
+    The trainer never downloads: `imagenet` is resolved by the launcher to torchvision's file,
+    which travels with the run (many hosts cannot reach download.pytorch.org)."""
     choices = classification_models()
     if name not in choices:
         raise TrainerError(f"unknown --model {name!r}; choose one of: {', '.join(choices)}")
     if weights == "imagenet":
-        model = torchvision.models.get_model(name, weights="DEFAULT")
-    else:
-        model = torchvision.models.get_model(name, weights=None)
-        if weights != "none":
-            missing = load_state_from_file(model, weights)
-            emit("weights_loaded", path=weights, not_loaded=missing)
+        raise TrainerError("--weights imagenet needs the weights file: the trainer downloads nothing; the launcher "
+                           "passes torchvision's file as --weights PATH (gpu-run train does this)")
+    model = torchvision.models.get_model(name, weights=None)  # with its 1000-class head: the file's shape
+    if weights != "none":
+        missing = load_state_from_file(model, weights)
+        source = "imagenet" if is_imagenet_file(Path(weights).name, name) else "file"
+        emit("weights", source=source, file=Path(weights).name, path=weights, not_loaded=missing)
     return replace_head(model, num_classes)
 
 

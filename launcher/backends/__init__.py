@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 
-from launcher.backends.base import Backend, Job, Prepared
-from launcher.backends.docker_engine import DockerBackend, connect
-from launcher.backends.process import ProcessBackend
-from launcher.backends.ssh_docker import SshDockerBackend
+from launcher.backends.base import Backend, Job, Prepared, RunHandle
+from launcher.backends.local import LocalBackend
+from launcher.backends.ssh_host import SshHostBackend
 from launcher.config import Host
 from launcher.errors import BackendError, Unreachable
 from launcher.providers.aws import AwsInstance
@@ -17,15 +16,7 @@ from launcher.ui import UI
 
 SSH_WAIT_S = 300  # a freshly started instance takes a minute or two to answer SSH
 
-__all__ = ["Backend", "Job", "Prepared", "backend_for_host", "backend_for_run", "remote_for_host"]
-
-
-def local_backend(host: Host, ui: UI) -> Backend:
-    client = connect()
-    if client is None:
-        ui.info("No Docker engine reachable: the local host runs the trainer as a plain local process instead.")
-        return ProcessBackend()
-    return DockerBackend(client, base_image=host.base_image)
+__all__ = ["Backend", "Job", "Prepared", "RunHandle", "bring_up", "backend_for_run", "remote_for_host"]
 
 
 def remote_for_host(host: Host, accept_new_host_key: bool = False) -> Remote:
@@ -59,18 +50,20 @@ def wait_for_ssh(remote: Remote, ui: UI, timeout_s: float = SSH_WAIT_S) -> None:
                 time.sleep(3)
 
 
-def backend_for_host(host: Host, ui: UI, accept_new_host_key: bool = False) -> Backend:
+def bring_up(host: Host, ui: UI, accept_new_host_key: bool = False) -> Backend:
+    """The machine ready for a run: started first where its provider can (an EC2 instance, which
+    bills from then on, so a failure here stops it again), then reached over SSH."""
     if host.is_local:
-        return local_backend(host, ui)
+        return LocalBackend(host, ui)
     if host.kind == "ssh":
-        return SshDockerBackend(host, remote_for_host(host, accept_new_host_key), ui, store_for_host(host))
+        return SshHostBackend(host, remote_for_host(host, accept_new_host_key), ui, store_for_host(host))
     if host.kind == "aws":
         instance = AwsInstance(host)
         instance.start(ui)
         try:
             remote = remote_for_instance(host, instance, accept_new_host_key)
             wait_for_ssh(remote, ui)
-            return SshDockerBackend(host, remote, ui, store_for_host(host), provider=instance)
+            return SshHostBackend(host, remote, ui, store_for_host(host), provider=instance)
         except BaseException:
             instance.stop()  # started for this run and unusable: never leave it billing
             ui.warn(f"instance {host.instance_id} stopped again")
@@ -78,21 +71,19 @@ def backend_for_host(host: Host, ui: UI, accept_new_host_key: bool = False) -> B
     raise BackendError(f"host {host.name!r} is a {host.kind} host, which this version of gpu-run cannot run on yet")
 
 
-def backend_for_run(host: Host, handle: dict, ui: UI) -> Backend:
+def backend_for_run(host: Host, handle: RunHandle, ui: UI) -> Backend:
     """The backend a recorded run was started on, reconnected."""
-    kind = handle.get("backend")
-    if kind == "process":
-        return ProcessBackend()
-    if kind == "docker" and host.is_local:
-        client = connect()
-        if client is None:
-            raise BackendError("the run's Docker engine is not reachable; start Docker and try again")
-        return DockerBackend(client, base_image=host.base_image)
+    kind = handle.backend
+    if host.is_local:
+        if not handle.runtime and kind:
+            raise BackendError("this run was started by an older gpu-run on the local host; it cannot be reattached")
+        return LocalBackend(host, ui, handle)
     if kind == "ssh" and host.kind == "aws":
         instance = AwsInstance(host)
         if instance.state() != "running":
             raise Unreachable(f"instance {host.instance_id} of host {host.name} is {instance.state()}")
-        return SshDockerBackend(host, remote_for_instance(host, instance), ui, store_for_host(host), provider=instance)
+        return SshHostBackend(host, remote_for_instance(host, instance), ui, store_for_host(host), provider=instance,
+                                handle=handle)
     if kind == "ssh":
-        return SshDockerBackend(host, remote_for_host(host), ui, store_for_host(host))
+        return SshHostBackend(host, remote_for_host(host), ui, store_for_host(host), handle=handle)
     raise BackendError(f"the run has no backend handle to reconnect to (backend {kind!r})")

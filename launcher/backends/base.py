@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +36,39 @@ NOTHING_BILLS = StopResult(True, "not_needed", None, "nothing bills on this host
 
 
 @dataclass
+class RunHandle:
+    """Where a started run is, saved in the ledger so that `attach`, `stop` and `status` find it
+    again from another process. One record for every backend; what one does not use stays empty."""
+
+    backend: str = ""  # ssh | docker | process
+    runtime: str = ""  # docker | python: how the trainer runs there
+    run_dir: str = ""  # the job's own files on its machine (pid, log, exit code, the watchdog's)
+    out_dir: str = ""  # where the trainer writes, as its machine sees it
+    container: str = ""  # the docker runtime's container
+    keep_alive: bool = False
+    terminate: bool = False
+    device: str = ""  # gpu | cpu
+    image_built: bool = False  # the image (or the trainer's code) was built or sent for this run
+    versions: dict = field(default_factory=dict)  # python, torch, torchvision, CUDA as found there
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.rstrip("/").rsplit("/", 1)[-1]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "RunHandle | None":
+        """A handle from the ledger; keys of older releases that no field takes are dropped."""
+        if not text:
+            return None
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
 class Prepared:
     """What prepare() found or made: the image (if any) and what the trainer will run on."""
 
@@ -46,8 +80,8 @@ class Prepared:
 class Backend(ABC):
     """Run the trainer somewhere: prepare, start detached, follow logs, wait, stop, clean up.
 
-    A handle is a JSON-able dict saved in the ledger, so `attach`, `stop` and `status` can find
-    the job again from another process.
+    start() returns a RunHandle; every later call gets it back (from the ledger, in another
+    process too).
     """
 
     name: str
@@ -69,38 +103,38 @@ class Backend(ABC):
         """Make sure the trainer can start (image built, device chosen)."""
 
     @abstractmethod
-    def start(self, job: Job, prepared: Prepared, ui: UI) -> dict:
+    def start(self, job: Job, prepared: Prepared, ui: UI) -> RunHandle:
         """Start the trainer detached; return its handle."""
 
     @abstractmethod
-    def follow_logs(self, handle: dict) -> Iterator[str]:
+    def follow_logs(self, handle: RunHandle) -> Iterator[str]:
         """Every log line from the beginning, then new ones until the job ends."""
 
     @abstractmethod
-    def read_logs(self, handle: dict) -> list[str]:
+    def read_logs(self, handle: RunHandle) -> list[str]:
         """The log lines so far, without waiting."""
 
     @abstractmethod
-    def wait(self, handle: dict) -> int:
+    def wait(self, handle: RunHandle) -> int:
         """Block until the job ends; its exit code."""
 
     @abstractmethod
-    def is_running(self, handle: dict) -> bool:
+    def is_running(self, handle: RunHandle) -> bool:
         """Whether the trainer is still running."""
 
     @abstractmethod
-    def exit_code(self, handle: dict) -> int | None:
+    def exit_code(self, handle: RunHandle) -> int | None:
         """The exit code once the job has ended, None while it runs or when it is unknown."""
 
     @abstractmethod
-    def stop(self, handle: dict, timeout_s: int = 120) -> None:
+    def stop(self, handle: RunHandle, timeout_s: int = 120) -> None:
         """SIGTERM (the trainer saves last.pth at the next step), then force after timeout_s."""
 
-    def pull(self, handle: dict, out_dir: Path, ui: UI) -> None:
+    def pull(self, handle: RunHandle, out_dir: Path, ui: UI) -> None:
         """Bring the outputs that exist now into out_dir (nothing to do where they are written there)."""
 
     @abstractmethod
-    def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
+    def finish(self, handle: RunHandle, out_dir: Path, ui: UI) -> dict:
         """After the job ended: make sure all outputs are in out_dir and release what it held.
         Returns what the host recorded about the end (e.g. the watchdog's outcome), if anything."""
 
@@ -119,14 +153,14 @@ class Backend(ABC):
         """A run whose laptop died during setup: end what it left on the machine and release it."""
         return NOTHING_BILLS
 
-    def ensure_watchdog(self, handle: dict, ui: UI) -> None:
+    def ensure_watchdog(self, handle: RunHandle, ui: UI) -> None:
         """Start the host's watchdog again if it was killed (hosts that have one)."""
 
-    def release(self, handle: dict, ui: UI) -> StopResult:
+    def release(self, handle: RunHandle, ui: UI) -> StopResult:
         """Let the machine stop after the run and confirm that it did."""
         return NOTHING_BILLS
 
-    def retry_stop(self, handle: dict, ui: UI) -> StopResult:
+    def retry_stop(self, handle: RunHandle, ui: UI) -> StopResult:
         """A stop that failed or was not confirmed: try again from the laptop and confirm."""
         return NOTHING_BILLS
 

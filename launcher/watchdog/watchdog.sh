@@ -41,6 +41,7 @@ SETUP_IDLE_S=${SETUP_IDLE_S:-900}      # the laptop renews the setup lease every
 HOLD_S=${HOLD_S:-120}                 # how long a laptop's pull holds the stop past the grace
 UPLOAD_COMMAND=${UPLOAD_COMMAND:-}
 CONTAINER=${CONTAINER:-}
+WATCH=${WATCH:-container}
 
 log() { echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) [$MODE $$] $*"; }
 wall() { date +%s; }
@@ -76,10 +77,19 @@ stop_done() {  # the release reached an end that needs no more work from us
   return 1
 }
 
-# The job (a container on the host's engine) ---------------------------------------------------
+# The job: a container on the host's engine (WATCH=container), or a process group started from the
+# host's own Python (WATCH=process: job.pid is the trainer, job.pgid its group, exit_code its end) --
 
 # running | created | ended | missing | error (the engine did not answer: not the same as gone)
 job_state() {
+  if [ "$WATCH" = process ]; then
+    if [ -f "$RUN_DIR/exit_code" ]; then echo ended
+    elif pid_is "$RUN_DIR/job.pgid" "$RUN_DIR"; then echo running
+    elif [ -f "$RUN_DIR/job.pgid" ]; then echo missing  # gone without an exit code: killed
+    else echo created
+    fi
+    return
+  fi
   j_out=$(dk inspect -f '{{.State.Status}}' "$CONTAINER" 2>&1)
   j_rc=$?
   j_out=$(printf '%s' "$j_out" | tr -d '[:space:]')
@@ -99,20 +109,41 @@ job_state() {
 
 # Whether the job printed anything since wall time $1; an error reading the log is not activity.
 job_active_since() {
+  if [ "$WATCH" = process ]; then
+    a_size=$(stat -c %s "$RUN_DIR/train.log" 2>/dev/null) || return 1
+    [ "$a_size" != "${LAST_LOG_SIZE:-}" ] || return 1
+    LAST_LOG_SIZE=$a_size
+    return 0
+  fi
   dk logs --since "$1" "$CONTAINER" >"$RUN_DIR/.logprobe" 2>&1 || return 1
   [ -s "$RUN_DIR/.logprobe" ]
 }
 
 job_stop() {  # SIGTERM (the trainer saves last.pth at its next step), killed after STOP_TIMEOUT_S
+  if [ "$WATCH" = process ]; then
+    pid_is "$RUN_DIR/job.pid" "$RUN_DIR" && kill -TERM "$(cat "$RUN_DIR/job.pid")" 2>/dev/null
+    s_deadline=$(($(mono) + STOP_TIMEOUT_S))
+    while pid_is "$RUN_DIR/job.pgid" "$RUN_DIR" && [ "$(mono)" -lt "$s_deadline" ]; do sleep 1; done
+    pid_is "$RUN_DIR/job.pgid" "$RUN_DIR" && kill -KILL -- "-$(cat "$RUN_DIR/job.pgid")" 2>/dev/null
+    return 0
+  fi
   bounded $((STOP_TIMEOUT_S + 60)) docker stop -t "$STOP_TIMEOUT_S" "$CONTAINER" >/dev/null 2>&1
 }
 
 job_exit_code() {
+  if [ "$WATCH" = process ]; then
+    j_code=$(cat "$RUN_DIR/exit_code" 2>/dev/null | tr -d '[:space:]')
+    echo "${j_code:--1}"
+    return
+  fi
   j_code=$(dk inspect -f '{{.State.ExitCode}}' "$CONTAINER" 2>/dev/null | tr -d '[:space:]')
   echo "${j_code:--1}"
 }
 
-job_remove() { dk rm -f "$CONTAINER" >/dev/null 2>&1; }
+job_remove() {
+  [ "$WATCH" = process ] && return 0  # the process is its own record; nothing to remove
+  dk rm -f "$CONTAINER" >/dev/null 2>&1
+}
 
 # Leases: which runs still hold this host ----------------------------------------------------------
 
@@ -213,13 +244,13 @@ upload_outputs() {
 # After the job: record how it ended, upload, give the laptop its grace to pull, release the host.
 end_job() {
   DONE=1
-  if [ ! -f "$RUN_DIR/status" ] && [ -z "$CONTAINER" ]; then
+  if [ ! -f "$RUN_DIR/status" ] && [ ! -f "$RUN_DIR/watchdog.env" ]; then
     put status "outcome=$outcome exit_code=-1 ended_at=$(wall)"  # ended before the job was set up
   fi
   if [ ! -f "$RUN_DIR/status" ]; then
     case "$outcome" in
       finished|never_started|rebooted) ;;
-      *) log "$outcome: stopping $CONTAINER (SIGTERM, the trainer saves last.pth; killed after ${STOP_TIMEOUT_S}s)"
+      *) log "$outcome: stopping the job (SIGTERM, the trainer saves last.pth; killed after ${STOP_TIMEOUT_S}s)"
          job_stop ;;
     esac
     code=$(job_exit_code)
@@ -239,7 +270,7 @@ end_job() {
     sleep 1
   done
   if [ -e "$RUN_DIR/pulled" ]; then log "outputs pulled by the client"; else log "grace period over"; fi
-  [ -n "$CONTAINER" ] && job_remove
+  [ -f "$RUN_DIR/watchdog.env" ] && job_remove
   release_host
   if pid_is "$RUN_DIR/backstop.pid" "$RUN_DIR" && [ "$MODE" != backstop ]; then
     kill "$(cat "$RUN_DIR/backstop.pid")" 2>/dev/null
@@ -300,7 +331,7 @@ watch() {
   [ -f "$RUN_DIR/seen" ] && seen=1
   err_since=""
   outcome=""
-  log "watching $CONTAINER (max ${MAX_S}s, silence ${SILENCE_S}s, grace ${GRACE_S:-0}s)"
+  log "watching the $WATCH ${CONTAINER:-of this run} (max ${MAX_S}s, silence ${SILENCE_S}s, grace ${GRACE_S:-0}s)"
   while :; do
     pid_is "$RUN_DIR/backstop.pid" "$RUN_DIR" || start_detached backstop
     state=$(job_state)
@@ -385,7 +416,7 @@ abort() {
     pid_is "$RUN_DIR/$f.pid" "$RUN_DIR" && kill -9 "$(cat "$RUN_DIR/$f.pid")" 2>/dev/null
   done
   DONE=1
-  [ -n "$CONTAINER" ] && job_remove
+  [ -f "$RUN_DIR/watchdog.env" ] && job_remove
   log "setup failed: releasing the host"
   release_host
 }

@@ -1,14 +1,12 @@
-"""Backend: the trainer in a container on a rented host's Docker engine, driven over SSH.
+"""Backend: a machine reached over SSH (a rented box, a container instance, a cloud instance).
 
-The engine is driven with the `docker` CLI on the host through one SSH connection (every command
-quoted by Remote): that needs nothing but sshd and Docker there, reuses a single connection, and
-keeps working when the laptop's SSH config is unusual. The watchdog shipped next to the run makes
-the host stop itself when the job ends, whether or not the laptop is still there.
+It owns what every SSH host shares: the dataset sync (tar over SSH, or S3), the watchdog that stops
+the machine, the verified pull, and the confirmed stop. How the trainer runs there is its runtime's
+business (launcher/runtimes/): our image on the host's Docker engine, or the host's own Python.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -17,77 +15,62 @@ from typing import Iterator
 import paramiko
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from launcher.backends.base import Backend, Job, Prepared, StopResult, launcher_argv, trainer_argv
+from launcher.backends.base import Backend, Job, Prepared, RunHandle, StopResult
 from launcher.config import Host
-from launcher.errors import BackendError, ConfigError
-from launcher.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
+from launcher.errors import BackendError
 from launcher.remote import Remote, quote
-from launcher.state import project_root
+from launcher.runtimes.base import Runtime
+from launcher.runtimes.docker import DockerRuntime, docker_version
+from launcher.runtimes.python import PythonRuntime, find_python
 from launcher.sync import ssh_tar
 from launcher.sync.s3 import S3Store
 from launcher.ui import UI
 from launcher.watchdog.host import POLL_S as WATCHDOG_POLL_S
 from launcher.watchdog.host import HostWatchdog, stop_command_problem
 
-RUN_LABEL = "gpu-run.run-id"
-NO_GPU_DRIVER = "could not select device driver"
 RECONNECT_FOR_S = 600  # how long a lost connection is retried before the client gives up (the run goes on)
 _DROPPED = (paramiko.SSHException, OSError, EOFError)
 _DROPPED_ANY = (BackendError, *_DROPPED)
 
 
+def choose_runtime(host: Host, remote: Remote, workdir: str, handle: RunHandle | None = None) -> Runtime:
+    """runtime = docker | python | auto (Docker when the engine answers, else the host's Python).
+    A run's handle says which runtime it was started with: that one, without probing again."""
+    if handle is not None and handle.runtime == "python" and handle.versions:
+        return PythonRuntime(host, remote, workdir, handle.versions, "as the run was started")
+    version, why_not = (None, "runtime = \"python\" in the host's table") if host.runtime == "python" else docker_version(remote)
+    if version is not None:
+        return DockerRuntime(host, remote, workdir, version)
+    if host.runtime == "docker":
+        raise BackendError(f"host {host.name} has no working Docker engine ({why_not}); install Docker there and let "
+                           f"{remote.target.user} use it, or set runtime = \"python\" to use the host's own Python")
+    found = find_python(remote, host.python)
+    if found is None:
+        where = f"python = {host.python!r}" if host.python else "no interpreter on the host (PATH, conda, /usr/bin)"
+        raise BackendError(f"host {host.name} has no Docker engine ({why_not}) and {where} imports torch and "
+                           f"torchvision; set python = \"/path/to/python\" in [hosts.{host.name}], or install Docker")
+    why = "runtime = python" if host.runtime == "python" else f"no Docker engine there: {why_not}"
+    return PythonRuntime(host, remote, workdir, found, why)
 
-def env_file_text(env: dict[str, str]) -> bytes:
-    """`docker run --env-file` lines; the format has no quoting, so a line break cannot be passed."""
-    for key, value in env.items():
-        if "\n" in value or "\r" in value or "\0" in value:
-            raise ConfigError(f"--env {key}=...: the value holds a line break or NUL, which cannot be passed "
-                              f"to the container; put it in a file in the dataset folder instead")
-    return "".join(f"{key}={value}\n" for key, value in env.items()).encode()
 
-
-class SshDockerBackend(Backend):
+class SshHostBackend(Backend):
     name = "ssh"
 
-    def __init__(self, host: Host, remote: Remote, ui: UI, store: S3Store | None = None, provider=None):
+    def __init__(self, host: Host, remote: Remote, ui: UI, store: S3Store | None = None, provider=None,
+                 handle: RunHandle | None = None):
         self.host = host
         self.remote = remote
         self.store = store
         self.provider = provider  # a cloud instance to stop through its API at the end, if any
-        self.image_tag: str | None = None
         home = remote.home()
         self.workdir = remote.expand(host.workdir, home).rstrip("/") or "/"
         self.watchdog = HostWatchdog(remote, self.workdir, host.name)
-        version = remote.run(["docker", "version", "--format", "{{.Server.Version}}"], check=False)
-        if version.code != 0:
-            reason = (version.stderr.strip() or version.stdout.strip()).splitlines()[-1:] or ["no output"]
-            raise BackendError(f"host {host.name} has no working Docker engine ({reason[0]}); install Docker there and let {remote.target.user} use it")
-        self.engine_version = version.stdout.strip()
-        runtimes = remote.run(["docker", "info", "--format", "{{json .Runtimes}}"], check=False).stdout
-        self.has_nvidia = "nvidia" in runtimes
+        self.runtime = choose_runtime(host, remote, self.workdir, handle)
 
     def describe(self) -> str:
-        gpu = "NVIDIA runtime" if self.has_nvidia else "no NVIDIA runtime"
-        return f"{self.host.name} over SSH ({self.remote.target.display}), Docker {self.engine_version} ({gpu})"
+        return f"{self.host.name} over SSH ({self.remote.target.display}), runtime {self.runtime.name}: {self.runtime.describe()}"
 
-    def _docker(self, *args: str, check: bool = True, timeout_s: float | None = 300):
-        return self.remote.run(["docker", *args], check=check, timeout_s=timeout_s)
-
-    # Data and image ---------------------------------------------------------------------------
-
-    @functools.cached_property
-    def uid_gid(self) -> str:
-        """The SSH user's uid:gid, so containers write files that user owns."""
-        return self.remote.run(["sh", "-c", 'printf %s:%s "$(id -u)" "$(id -g)"']).stdout
-
-    def _helper(self, mounts: list[str], args: list[str]) -> str:
-        """A `docker run` of trainer/s3sync.py in the trainer image; credentials come from the
-        caller's environment by name (-e NAME), so their values appear on no command line."""
-        env_args = [a for key in self.store.host_credentials_env() for a in ("-e", key)]
-        volumes = [a for m in mounts for a in ("-v", m)]
-        endpoint = ["--endpoint-url", self.store.endpoint_url] if self.store.endpoint_url else []
-        return quote(["docker", "run", "--rm", "--network", "host", "--user", self.uid_gid, *env_args, *volumes,
-                      "--entrypoint", "python3", self.image_tag, "-m", "trainer.s3sync", *args, *endpoint])
+    # Data and the trainer -----------------------------------------------------------------------
 
     def stage_data(self, local_root: Path, dataset_id: str, ui: UI) -> str:
         remote_root = f"{self.workdir}/data/{dataset_id}"
@@ -99,6 +82,10 @@ class SshDockerBackend(Backend):
                 f"{stats.deleted} deleted on the host")
         return remote_root
 
+    def _s3sync(self, action: str, uri: str, host_dir: str) -> str:
+        return self.runtime.s3sync_command(action, uri, host_dir, self.store.endpoint_url,
+                                           list(self.store.host_credentials_env()))
+
     def _stage_via_s3(self, local_root: Path, dataset_id: str, remote_root: str, ui: UI) -> str:
         with ui.progress("uploading dataset to S3", total=0, unit="bytes") as update:
             stats = self.store.upload_dataset(local_root, dataset_id, progress=update)
@@ -106,10 +93,8 @@ class SshDockerBackend(Backend):
         ui.info(f"dataset in {uri}: {stats.uploaded} file(s) uploaded, {stats.bytes / 1e6:.1f} MB, {stats.deleted} deleted")
         self.remote.run(["mkdir", "-p", remote_root])
         with ui.spinner(f"{self.host.name} fetches the dataset from S3"):
-            result = self.remote.run_with_env(
-                self._helper([f"{remote_root}:/data"], ["download", uri, "/data"]),
-                self.store.host_credentials_env(), check=False, timeout_s=3600,
-            )
+            result = self.remote.run_with_env(self._s3sync("download", uri, remote_root),
+                                              self.store.host_credentials_env(), check=False, timeout_s=3600)
         if result.code != 0:
             last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
             raise BackendError(f"{self.host.name} could not fetch the dataset from S3: {last[0]}")
@@ -117,80 +102,26 @@ class SshDockerBackend(Backend):
         ui.info(f"{self.host.name} fetched {fetched['fetched']} of {fetched['objects']} object(s) from S3")
         return remote_root
 
-    def _image_exists(self, ref: str) -> bool:
-        return self._docker("image", "inspect", ref, check=False).code == 0
-
-    def _ensure_base(self, base: str, ui: UI) -> None:
-        if self._image_exists(base):
-            return
-        if base == CPU_BASE_IMAGE:
-            script = (project_root() / "docker" / "build-base-cpu.sh").read_bytes()
-            with ui.spinner(f"building {CPU_BASE_IMAGE} on {self.host.name} (debootstrap, about 2 minutes)"):
-                self.remote.run(["bash", "-s", CPU_BASE_IMAGE], input=script, timeout_s=1800)
-            return
-        with ui.spinner(f"pulling {base} on {self.host.name}"):
-            self._docker("pull", base, timeout_s=3600)
-
     def prepare(self, ui: UI) -> Prepared:
-        base = choose_base_image(self.host.base_image, self.has_nvidia)
-        files = context_files()
-        tag = image_tag(files, base)
-        if self._image_exists(tag):
-            ui.info(f"image {tag} is up to date on {self.host.name} (no build needed)")
-            self.image_tag = tag
-            return Prepared(image_tag=tag, image_built=False, device="gpu" if self.has_nvidia else "cpu")
-        self._ensure_base(base, ui)
-        with ui.spinner(f"building {tag} on {self.host.name}"):
-            self.remote.run(
-                ["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={base}", "--label", "gpu-run=trainer", "-t", tag, "-"],
-                input=context_tar(files).getvalue(), timeout_s=3600,
-            )
-        ui.info(f"built image {tag} on {self.host.name}")
-        self.image_tag = tag
-        return Prepared(image_tag=tag, image_built=True, device="gpu" if self.has_nvidia else "cpu")
+        return self.runtime.prepare(ui)
 
     # The run ----------------------------------------------------------------------------------
 
     def run_dir(self, run_id: str) -> str:
         return f"{self.workdir}/runs/{run_id}"
 
-    def _run_args(self, job: Job, prepared: Prepared, gpu: bool) -> list[str]:
-        weights = job.weights
-        args = [
-            "run", "-d", "--name", f"gpu-run-{job.run_id}", "--label", f"{RUN_LABEL}={job.run_id}",
-            "-v", f"{job.data_dir}:/data:ro", "-v", f"{job.out_dir}:/out",
-            "-v", f"{self.workdir}/cache:/cache", "-e", "TORCH_HOME=/cache/torch", "-e", "HOME=/tmp",
-            "--shm-size", "2g", "--user", self.uid_gid,
-        ]
-        if weights not in ("none", "imagenet"):
-            args += ["-v", f"{weights}:/weights/{Path(weights).name}:ro"]
-            weights = f"/weights/{Path(weights).name}"
-        if job.env:  # the values travel in a file (see _write_env_file), never on this command line
-            args += ["--env-file", self._env_file(job)]
-        if gpu:
-            args += ["--gpus", str(max(1, job.gpus))]
-        argv = launcher_argv("python3", max(1, job.gpus)) + trainer_argv(job, "/data", "/out", weights)
-        return args + ["--entrypoint", argv[0], prepared.image_tag, *argv[1:]]
-
-    def _env_file(self, job: Job) -> str:
-        return f"{self.run_dir(job.run_id)}/trainer.env"
-
-    def _write_env_file(self, job: Job) -> None:
-        """The --env values, in a file only the run's user can read, for `docker run --env-file`:
-        `-e KEY=VALUE` would show them to anyone running `ps` on the host. The docker CLI reads it
-        when it creates the container; _drop_env_file removes it right after. (`docker inspect`
-        still shows them in the container's config to whoever may use the engine: that is where
-        Docker keeps a container's environment.)"""
-        if job.env:
-            # umask before the file exists: it is never readable by others, not even briefly.
-            self.remote.run(f"umask 077 && cat > {quote([self._env_file(job)])}", input=env_file_text(job.env))
-
-    def _drop_env_file(self, job: Job) -> None:
-        if job.env:
-            self.remote.run(["rm", "-f", self._env_file(job)], check=False)
-
     def out_dir_for(self, run_id: str, local_run_dir: Path) -> str:
         return f"{self.run_dir(run_id)}/out"
+
+    def _write_env_file(self, job: Job) -> str | None:
+        """The --env values, in a file only the run's user can read: `-e KEY=VALUE` on a command
+        line would show them to anyone running `ps` on the host. The runtime removes it once read."""
+        if not job.env:
+            return None
+        path = f"{self.run_dir(job.run_id)}/trainer.env"
+        # umask before the file exists: it is never readable by others, not even briefly.
+        self.remote.run(f"umask 077 && cat > {quote([path])}", input=self.runtime.env_file_bytes(job.env))
+        return path
 
     def claim(self, run_id: str, keep_alive: bool) -> None:
         self.run_id = run_id
@@ -216,42 +147,34 @@ class SshDockerBackend(Backend):
     def stop_command(self) -> str:
         return self.host.stop_command or "none"
 
-    def start(self, job: Job, prepared: Prepared, ui: UI) -> dict:
+    def start(self, job: Job, prepared: Prepared, ui: UI) -> RunHandle:
         run_dir = self.run_dir(job.run_id)
         self.remote.run(["mkdir", "-p", job.out_dir, f"{self.workdir}/cache"])
         if job.seed_dir:  # a resumed run continues from the last.pth it brought along
             ssh_tar.push(self.remote, Path(job.seed_dir), job.out_dir)
         if job.weights not in ("none", "imagenet"):
-            remote_weights = f"{run_dir}/weights/{Path(job.weights).name}"
-            self.remote.run(["mkdir", "-p", f"{run_dir}/weights"])
-            self.remote.run(f"cat > {quote([remote_weights])}", input=Path(job.weights).read_bytes(), timeout_s=3600)
-            job.weights = remote_weights
-        self.image_tag = prepared.image_tag
-        container = f"gpu-run-{job.run_id}"
-        # The watchdog has held the host since claim(); from here it watches for this container,
-        # so there is no moment in which a trainer runs unwatched.
-        self.watchdog.start_job(job.run_id, self._watchdog_settings(run_dir, container, job))
-        use_gpu = prepared.device == "gpu" and job.gpus != 0
-        self._write_env_file(job)
-        result = self._docker(*self._run_args(job, prepared, use_gpu), check=False)
-        if result.code != 0 and use_gpu and NO_GPU_DRIVER in result.stderr:
-            self._docker("rm", "-f", container, check=False)
-            prepared.device = "cpu"
-            result = self._docker(*self._run_args(job, prepared, False), check=False)
-        self._drop_env_file(job)
-        if result.code != 0:
-            raise BackendError(f"could not start the trainer on {self.host.name}: {result.stderr.strip().splitlines()[-1:]}")
+            from launcher.weights import stage_weights
+
+            job.weights = stage_weights(self.remote, self.workdir, Path(job.weights), ui)  # once per host, by sha256
+        # The watchdog has held the host since claim(); from here it watches for this job, so there
+        # is no moment in which a trainer runs unwatched.
+        self.watchdog.start_job(job.run_id, self._watchdog_settings(run_dir, job))
+        env_file = self._write_env_file(job)
+        try:
+            fields = self.runtime.start(job, run_dir, prepared, env_file, ui)
+        finally:
+            if env_file:
+                self.remote.run(["rm", "-f", env_file], check=False)
         if prepared.device == "cpu":
             ui.warn(f"{self.host.name} has no usable NVIDIA GPU: training runs on its CPU, which is slow and costs the same per hour")
-        return {"backend": self.name, "container": container, "run_dir": run_dir, "out_dir": job.out_dir,
-                "keep_alive": job.keep_alive, "terminate": job.terminate}
+        return RunHandle(backend=self.name, runtime=self.runtime.name, run_dir=run_dir, out_dir=job.out_dir,
+                         keep_alive=job.keep_alive, terminate=job.terminate, versions=self.runtime.versions(), **fields)
 
-    def _watchdog_settings(self, run_dir: str, container: str, job: Job) -> dict[str, str]:
+    def _watchdog_settings(self, run_dir: str, job: Job) -> dict[str, str]:
         return {
-            "CONTAINER": container, "MAX_S": str(job.max_runtime_s), "SILENCE_S": str(job.silence_s),
+            **self.runtime.watch_settings(job), "MAX_S": str(job.max_runtime_s), "SILENCE_S": str(job.silence_s),
             "STOP_TIMEOUT_S": str(job.stop_timeout_s), "POLL_S": str(WATCHDOG_POLL_S),
-            "UPLOAD_COMMAND": self._helper([f"{run_dir}/out:/out:ro"],
-                                           ["upload", "/out", self.store.uri(self.store.run_prefix(job.run_id))])
+            "UPLOAD_COMMAND": self._s3sync("upload", self.store.uri(self.store.run_prefix(job.run_id)), f"{run_dir}/out")
             if self.store else "",
         }
 
@@ -262,15 +185,13 @@ class SshDockerBackend(Backend):
                         wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
                         before_sleep=lambda _state: self.remote.close())
 
-    def follow_logs(self, handle: dict) -> Iterator[str]:
+    def follow_logs(self, handle: RunHandle) -> Iterator[str]:
         """All lines from the start; after a dropped connection, reconnect and skip what was shown."""
         shown = 0
         try:
             for attempt in self._reconnecting():
                 with attempt:
-                    channel = self.remote.open(["docker", "logs", "-f", handle["container"]], timeout_s=None)
-                    # stdout and stderr interleave as the trainer wrote them.
-                    channel.set_combine_stderr(True)
+                    channel = self.remote.open(self.runtime.log_command(handle, follow=True), timeout_s=None)
                     seen = 0
                     for raw in channel.makefile("rb"):
                         seen += 1
@@ -278,26 +199,24 @@ class SshDockerBackend(Backend):
                             shown = seen
                             yield raw.decode("utf-8", "replace").rstrip("\n")
                     if channel.recv_exit_status() != 0 and self.exit_code(handle) is None:
-                        raise EOFError("log stream ended while the container runs")
+                        raise EOFError("log stream ended while the trainer runs")
         except _DROPPED as e:
             raise BackendError(f"lost the connection to {self.host.name} ({e}); the run goes on: `gpu-run attach` when it is back") from None
 
-    def read_logs(self, handle: dict) -> list[str]:
-        r = self.remote.run(f"docker logs {quote([handle['container']])} 2>&1", check=False)
-        return r.stdout.splitlines()
+    def read_logs(self, handle: RunHandle) -> list[str]:
+        return self.remote.run(self.runtime.log_command(handle, follow=False), check=False).stdout.splitlines()
 
-    def exit_code(self, handle: dict) -> int | None:
-        r = self._docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", handle["container"], check=False)
-        if r.code != 0:
+    def exit_code(self, handle: RunHandle) -> int | None:
+        code = self.runtime.exit_code(handle)
+        if code == -1:  # ended without a code of its own (removed, killed): what the watchdog saw
             status = self.watchdog_status(handle)
-            return int(status["exit_code"]) if status else None
-        state, code = r.stdout.split()
-        return None if state in ("created", "running", "restarting") else int(code)
+            return int(status["exit_code"]) if status else -1
+        return code
 
-    def is_running(self, handle: dict) -> bool:
+    def is_running(self, handle: RunHandle) -> bool:
         return self.exit_code(handle) is None
 
-    def wait(self, handle: dict) -> int:
+    def wait(self, handle: RunHandle) -> int:
         for attempt in self._reconnecting():
             with attempt:
                 while (code := self.exit_code(handle)) is None:
@@ -305,21 +224,21 @@ class SshDockerBackend(Backend):
                 return code
         raise AssertionError("unreachable")
 
-    def stop(self, handle: dict, timeout_s: int = 120) -> None:
-        self.watchdog.hold(run_id_of(handle))  # this laptop pulls right after: keep the host up for it
-        self._docker("stop", "-t", str(timeout_s), handle["container"], check=False, timeout_s=timeout_s + 60)
+    def stop(self, handle: RunHandle, timeout_s: int = 120) -> None:
+        self.watchdog.hold(handle.run_id)  # this laptop pulls right after: keep the host up for it
+        self.runtime.stop(handle, timeout_s)
 
-    def watchdog_status(self, handle: dict) -> dict | None:
-        return self.watchdog.status(run_id_of(handle))
+    def watchdog_status(self, handle: RunHandle) -> dict | None:
+        return self.watchdog.status(handle.run_id)
 
-    def ensure_watchdog(self, handle: dict, ui: UI) -> None:
-        self.watchdog.ensure(run_id_of(handle), ui)
+    def ensure_watchdog(self, handle: RunHandle, ui: UI) -> None:
+        self.watchdog.ensure(handle.run_id, ui)
 
     # Outputs and the end ----------------------------------------------------------------------
 
-    def pull(self, handle: dict, out_dir: Path, ui: UI) -> ssh_tar.SyncStats:
+    def pull(self, handle: RunHandle, out_dir: Path, ui: UI) -> ssh_tar.SyncStats:
         with ui.spinner(f"pulling outputs from {self.host.name}"):
-            stats = ssh_tar.pull(self.remote, handle["out_dir"], out_dir,
+            stats = ssh_tar.pull(self.remote, handle.out_dir, out_dir,
                                  verify=["checkpoints/best.pth", "checkpoints/last.pth"])
         ui.info(f"pulled {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB; checkpoints verified (sha256)")
         return stats
@@ -334,8 +253,8 @@ class SshDockerBackend(Backend):
             raise BackendError(f"lost the connection to {self.host.name} ({e}); the run goes on: "
                                f"`gpu-run attach` when it is back") from None
 
-    def finish(self, handle: dict, out_dir: Path, ui: UI) -> dict:
-        run_id = run_id_of(handle)
+    def finish(self, handle: RunHandle, out_dir: Path, ui: UI) -> dict:
+        run_id = handle.run_id
         self._again_after_drops(lambda: self.watchdog.hold(run_id))
         self.pull(handle, out_dir, ui)
         # The outputs are safe: the watchdog may release the host now instead of after the grace.
@@ -366,14 +285,14 @@ class SshDockerBackend(Backend):
         self.run_id = run_id
         return self.abort(ui)
 
-    def release(self, handle: dict, ui: UI) -> StopResult:
+    def release(self, handle: RunHandle, ui: UI) -> StopResult:
         """Follow the watchdog's release of the host and confirm the stop (a cloud instance is
         stopped through its API, which says when it is)."""
-        run_id = run_id_of(handle)
+        run_id = handle.run_id
         if self.provider is not None:
-            if handle.get("keep_alive"):
+            if handle.keep_alive:
                 return StopResult(True, "kept_alive", None, f"instance {self.provider.instance_id} is left running (--keep-alive)")
-            return self._stop_instance(run_id, terminate=handle.get("terminate", False), ui=ui)
+            return self._stop_instance(run_id, terminate=handle.terminate, ui=ui)
         try:
             earlier = self.watchdog.stop_state(run_id)
             if earlier is not None and earlier.kind == "stopped":
@@ -386,11 +305,11 @@ class SshDockerBackend(Backend):
             pass  # the host may already be going down; the wait below tells
         return self._report(self.watchdog.wait_for_release(run_id, self.host.grace_s, ui), ui)
 
-    def retry_stop(self, handle: dict, ui: UI) -> StopResult:
+    def retry_stop(self, handle: RunHandle, ui: UI) -> StopResult:
         """Run the stop command from here (the watchdog's attempts failed or were not confirmed)."""
-        run_id = run_id_of(handle)
+        run_id = handle.run_id
         if self.provider is not None:
-            return self._stop_instance(run_id, terminate=handle.get("terminate", False), ui=ui)
+            return self._stop_instance(run_id, terminate=handle.terminate, ui=ui)
         others = self.watchdog.others(run_id)
         if others:
             return StopResult(True, "handed_over", time.time(), f"run {others[0]} still uses {self.host.name}")
@@ -425,7 +344,3 @@ class SshDockerBackend(Backend):
         else:
             ui.error(f"NOT STOPPED: {result.detail}")
         return result
-
-
-def run_id_of(handle: dict) -> str:
-    return handle["run_dir"].rstrip("/").rsplit("/", 1)[-1]

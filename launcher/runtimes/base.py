@@ -1,0 +1,73 @@
+"""What a runtime offers the SSH host backend: prepare, start, read the log, exit code, stop."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from launcher.backends.base import Job, Prepared, RunHandle
+from launcher.config import Host
+from launcher.errors import ConfigError
+from launcher.remote import Remote
+from launcher.ui import UI
+
+
+def env_file_text(env: dict[str, str]) -> bytes:
+    """KEY=VALUE lines (`docker run --env-file`, or sourced by the process wrapper); the format
+    has no quoting, so a line break cannot be passed."""
+    for key, value in env.items():
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise ConfigError(f"--env {key}=...: the value holds a line break or NUL, which cannot be passed "
+                              f"to the trainer; put it in a file in the dataset folder instead")
+    return "".join(f"{key}={value}\n" for key, value in env.items()).encode()
+
+
+class Runtime(ABC):
+    """The trainer on one host: everything here runs through `remote`, quoted."""
+
+    name: str
+
+    def __init__(self, host: Host, remote: Remote, workdir: str):
+        self.host, self.remote, self.workdir = host, remote, workdir
+
+    def env_file_bytes(self, env: dict[str, str]) -> bytes:
+        """The --env values as the runtime reads them from a file."""
+        return env_file_text(env)
+
+    @abstractmethod
+    def describe(self) -> str:
+        """What runs the trainer there, in a few words, for the user."""
+
+    @abstractmethod
+    def prepare(self, ui: UI) -> Prepared:
+        """Make sure the trainer can start: the image built, or the code shipped and Python checked."""
+
+    def versions(self) -> dict:
+        """Torch, torchvision and CUDA as the trainer will see them (for the run's summary)."""
+        return {}
+
+    @abstractmethod
+    def start(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None, ui: UI) -> dict:
+        """Start the trainer detached; the RunHandle fields that find it again."""
+
+    @abstractmethod
+    def watch_settings(self, job: Job) -> dict[str, str]:
+        """What the watchdog needs to watch this job (watchdog.env)."""
+
+    @abstractmethod
+    def log_command(self, handle: RunHandle, follow: bool) -> str:
+        """A shell command printing the trainer's output from the start (and on, with follow,
+        until the trainer ends)."""
+
+    @abstractmethod
+    def exit_code(self, handle: RunHandle) -> int | None:
+        """None while the trainer runs; its exit code after; -1 when it ended without one."""
+
+    @abstractmethod
+    def stop(self, handle: RunHandle, timeout_s: int) -> None:
+        """SIGTERM (the trainer saves last.pth at its next step), killed after timeout_s."""
+
+    @abstractmethod
+    def s3sync_command(self, action: str, uri: str, host_dir: str, endpoint_url: str | None,
+                       credential_names: list[str]) -> str:
+        """A shell command running trainer/s3sync.py on the host (credentials from the caller's
+        environment, by name)."""
