@@ -15,12 +15,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from launcher.dataset import is_image_file
 from launcher.state import home_dir
 
 INDEX = ".gpu-run-cache.json"
+# Bumped when resize_one changes what it writes, so copies made the old way are made again.
+# 2: EXIF orientation applied (copies made before it may lie on their side).
+COPY_FORMAT = 2
 
 
 def file_sha256(path: Path) -> str:
@@ -33,6 +36,9 @@ def resize_one(args: tuple[str, str, int]) -> str | None:
     try:
         with Image.open(src) as im:
             fmt = im.format or "JPEG"
+            # Upright pixels, and the orientation tag removed with them: the copy is saved without
+            # EXIF, so nothing downstream can rotate it a second time.
+            im = ImageOps.exif_transpose(im)
             im = im.convert("RGB") if im.mode not in ("RGB", "L") else im
             w, h = im.size
             scale = size / min(w, h)
@@ -63,7 +69,9 @@ def cached_dataset(source: Path, size: int, progress: Callable[..., None] | None
         rel = str(path.relative_to(source))
         st = path.stat()
         old = index.get(rel)
-        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if old and old.get("format") != COPY_FORMAT:
+            old = None
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": COPY_FORMAT}
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns and (root / rel).is_file():
             new_index[rel] = old
             continue

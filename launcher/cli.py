@@ -137,6 +137,11 @@ def cli(debug: bool) -> None:
 @click.option("--step-size", type=int, default=5, show_default=True, help="Multiply the lr by --gamma every this many epochs.")
 @click.option("--gamma", type=float, default=0.5, show_default=True, help="LR decay factor.")
 @click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--augment", type=click.Choice(["standard", "light", "none"]), default=None,
+              help="Training augmentation: standard (random crop, flip, colour jitter), light (milder crop and "
+                   "flip, for a short fine-tune on a small dataset) or none. Default: standard, or the resumed run's.")
+@click.option("--no-flip", is_flag=True,
+              help="No random horizontal flip (digits, text, X-rays: data whose orientation has a meaning). A resumed run keeps its choice.")
 @click.option("--workers", type=int, default=-1, help="Data loader processes (default: from the host's cores).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs; >1 runs DDP; 0 forces the CPU.")
@@ -159,7 +164,7 @@ def cli(debug: bool) -> None:
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON, nothing else on stdout.")
 @handle_errors
-def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, workers, seed, gpus,
+def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
           amp, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
           runs_dir, as_json) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost."""
@@ -170,7 +175,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         data = Path(ledger.get_run(resume).data_path)
     spec = pipeline.TrainSpec(
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
-        step_size=step_size, gamma=gamma, image_size=image_size, workers=workers, seed=seed, gpus=gpus, amp=amp,
+        step_size=step_size, gamma=gamma, image_size=image_size, augment=augment, no_flip=no_flip, workers=workers, seed=seed, gpus=gpus, amp=amp,
         compile=compile_, cache_size=cache_size, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
         stop_timeout_s=stop_timeout, keep_alive=keep_alive, terminate=terminate, budget=budget,
         epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,

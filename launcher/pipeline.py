@@ -57,6 +57,8 @@ class TrainSpec:
     step_size: int = 5
     gamma: float = 0.5
     image_size: int = 224
+    augment: str | None = None  # standard | light | none; None: standard, or the resumed run's
+    no_flip: bool = False  # True: no horizontal flip; a resumed run keeps the flip choice it had
     workers: int = -1
     seed: int = 0
     gpus: int = 1
@@ -84,6 +86,11 @@ class TrainSpec:
             "--image-size", str(self.image_size), "--workers", str(self.workers), "--seed", str(self.seed),
             "--amp", self.amp,
         ]
+        # Passed only when chosen: the trainer then takes a resumed run's recipe from its last.pth.
+        if self.augment:
+            args += ["--augment", self.augment]
+        if self.no_flip:
+            args.append("--no-flip")
         if self.compile:
             args.append("--compile")
         if self.resume:

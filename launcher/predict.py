@@ -35,7 +35,9 @@ def load_model(run_dir: Path):
 
 def predict(run_dir: Path, images: list[Path], top: int = 3) -> list[dict]:
     import torch
-    from PIL import Image
+
+    # The trainer's own loader: a phone photo is turned upright here as it was in training.
+    from trainer.train import load_image
 
     if top < 1:
         raise GpuRunError(f"--top must be at least 1, got {top}")
@@ -43,8 +45,7 @@ def predict(run_dir: Path, images: list[Path], top: int = 3) -> list[dict]:
     results = []
     for image in images:
         try:
-            with Image.open(image) as im:
-                x = eval_tf(im.convert("RGB")).unsqueeze(0)
+            x = eval_tf(load_image(image)).unsqueeze(0)
         except (OSError, ValueError) as e:
             raise GpuRunError(f"cannot read image {image}: {e}") from None
         with torch.no_grad():

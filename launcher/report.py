@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on a server, and none needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 from launcher.errors import GpuRunError  # noqa: E402
 from launcher.events import read_metrics  # noqa: E402
@@ -148,7 +148,8 @@ def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Pat
     for ax, p in zip(axes.flat, wrong):
         try:
             with Image.open(data_root / p.path) as im:
-                ax.imshow(im.convert("RGB"))
+                # Shown as the model saw it: the trainer applies the photo's EXIF orientation too.
+                ax.imshow(ImageOps.exif_transpose(im).convert("RGB"))
         except OSError:
             ax.text(0.5, 0.5, "image not found", ha="center", va="center")
         ax.set_title(f"true: {p.true}\npred: {p.predicted} ({p.confidence:.0%})", fontsize=8)

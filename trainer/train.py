@@ -5,7 +5,8 @@ This is the program gpu-run runs inside the training container (or as a plain pr
 
   1. arguments           every knob, with a help string
   2. events              one JSON object per line on stdout: the launcher's only input
-  3. data                ImageFolder that skips corrupt images; deterministic augmentation
+  3. data                ImageFolder that skips corrupt images and applies EXIF orientation;
+                         the augmentation recipe (standard | light | none, flip or not)
   4. model               any torchvision classifier, new head, weights none|PATH (never downloaded)
   5. checkpoints         written to a temp file then renamed, so a kill never leaves half a file
   6. one training step   mixed precision, and CUDA out-of-memory halves the micro-batch
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
@@ -45,6 +46,7 @@ EXIT_ERROR = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+AUGMENT_RECIPES = ("standard", "light", "none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +86,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=number(float, 0, low_inclusive=False), default=0.5,
                    help="lr decay factor applied every --step-size epochs")
     p.add_argument("--image-size", type=number(int, 1), default=224, help="training crop size (eval: resize to 256/224 of it, centre crop)")
+    # Both default to None so that --resume can tell "not given" (keep the checkpoint's) from a choice.
+    p.add_argument("--augment", choices=AUGMENT_RECIPES, default=None,
+                   help="training augmentation: standard (random crop, flip, colour jitter), light (milder crop, "
+                        "flip; for a short fine-tune on a small dataset) or none (the eval transform); "
+                        "default standard, or the resumed checkpoint's")
+    p.add_argument("--no-flip", action="store_true", default=None,
+                   help="no random horizontal flip, for data whose orientation has a meaning (digits, text, "
+                        "X-rays with laterality); default: flip, or the resumed checkpoint's choice")
     p.add_argument("--workers", type=number(int, -1), default=-1, help="data loading processes; -1 picks from the host's cores")
     p.add_argument("--seed", type=int, default=0, help="seed for weights init, sample order and augmentation")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth if it exists")
@@ -119,6 +129,13 @@ def find_classes(split_dir: Path) -> list:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def load_image(path) -> Image.Image:
+    """The image as RGB, upright: phones store pixels as the sensor saw them and say in an EXIF
+    tag how to turn them, so without exif_transpose a portrait photo trains lying on its side."""
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
 def list_samples(split_dir: Path, classes: list) -> list:
     samples = []
     for target, name in enumerate(classes):
@@ -150,8 +167,7 @@ class SafeImageFolder(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = load_image(path)
         except Exception:  # PIL raises many types for broken files; all mean "skip this one"
             return ("skip", path)
         if epoch is not None:
@@ -196,15 +212,10 @@ class EpochSampler(Sampler):
         return max(0, self.per_rank - self.start_batch * self.batch_size)
 
 
-def build_transforms(image_size: int):
+def build_transforms(image_size: int, augment: str = "standard", flip: bool = True):
+    """(train, eval) transforms. The eval transform is the same for every recipe: torchvision's
+    Resize(256)/CenterCrop(224), scaled to image_size, with ImageNet normalisation."""
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train = transforms.Compose([
-        transforms.RandomResizedCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        transforms.ToTensor(),
-        normalize,
-    ])
     resize = int(round(image_size * 256 / 224))
     evaluation = transforms.Compose([
         transforms.Resize(resize),
@@ -212,7 +223,41 @@ def build_transforms(image_size: int):
         transforms.ToTensor(),
         normalize,
     ])
+    if augment == "none":
+        # No augmentation at all: training sees exactly what evaluation sees, which is the plain
+        # tutorial loop (and a baseline to measure augmentation against).
+        return evaluation, evaluation
+    if augment == "standard":
+        # The seed recipe: crops down to 8% of the image teach a model trained for many epochs
+        # to find the object anywhere, at any scale.
+        steps = [transforms.RandomResizedCrop(image_size)]
+    elif augment == "light":
+        # A few epochs on a few hundred images, from pretrained weights: crops of 60-100% keep the
+        # object in view (an 8% crop is often background alone), and without colour jitter, as in
+        # torchvision's own recipe for its ImageNet ResNets: a short run has more to lose from
+        # colours it never sees at test time than it gains in robustness.
+        steps = [transforms.RandomResizedCrop(image_size, scale=(0.6, 1.0))]
+    else:
+        raise TrainerError(f"unknown --augment {augment!r}; choose one of: {', '.join(AUGMENT_RECIPES)}")
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    if augment == "standard":
+        steps.append(transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
+    train = transforms.Compose([*steps, transforms.ToTensor(), normalize])
     return train, evaluation
+
+
+def resolve_recipe(args, last_path: Path) -> None:
+    """Fill in --augment and --no-flip when not given: from last.pth when resuming (a resumed
+    run must augment as it did before it stopped), else standard with flip. The resolved values
+    are what the checkpoint's args record."""
+    saved = {}
+    if args.resume and last_path.exists() and (args.augment is None or args.no_flip is None):
+        saved = torch.load(last_path, map_location="cpu", weights_only=True).get("args", {})
+    if args.augment is None:
+        args.augment = saved.get("augment") or "standard"
+    if args.no_flip is None:
+        args.no_flip = bool(saved.get("no_flip", False))
 
 
 def pick_workers(requested: int) -> int:
@@ -524,7 +569,8 @@ def main(args) -> int:
     classes = find_classes(data / "train")
     if not classes:
         raise TrainerError(f"no class folders under {data / 'train'}")
-    train_tf, eval_tf = build_transforms(args.image_size)
+    resolve_recipe(args, ckpt_dir / "last.pth")
+    train_tf, eval_tf = build_transforms(args.image_size, args.augment, flip=not args.no_flip)
     train_set = SafeImageFolder(data / "train", classes, train_tf, seed=args.seed)
     val_set = SafeImageFolder(data / "val", classes, eval_tf)
     workers = pick_workers(args.workers)

@@ -208,9 +208,9 @@ class SshHostBackend(Backend):
 
     def exit_code(self, handle: RunHandle) -> int | None:
         code = self.runtime.exit_code(handle)
-        if code == -1:  # ended without a code of its own (removed, killed): what the watchdog saw
-            status = self.watchdog_status(handle)
-            return int(status["exit_code"]) if status else -1
+        if code == -1:  # ended without a code of its own (removed, killed): what the watchdog saw,
+            status = self.watchdog_status(handle)  # which it records within a poll or two
+            return int(status["exit_code"]) if status else None
         return code
 
     def is_running(self, handle: RunHandle) -> bool:

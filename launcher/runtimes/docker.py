@@ -135,7 +135,9 @@ class DockerRuntime(Runtime):
     def exit_code(self, handle: RunHandle) -> int | None:
         r = self._docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", handle.container, check=False)
         if r.code != 0:
-            return -1  # removed (by the watchdog, after the end): the caller asks the watchdog
+            if "no such" in (r.stderr + r.stdout).lower():
+                return -1  # removed (by the watchdog, after the end): the caller asks the watchdog
+            return None  # the engine does not answer (restarting): that is not the job's end
         state, code = r.stdout.split()
         return None if state in ("created", "running", "restarting") else int(code)
 

@@ -143,8 +143,9 @@ class PythonRuntime(Runtime):
         # the grace and it outlives this SSH session; os.setsid from Python because not every
         # system has a setsid command (macOS has none).
         detach = [self.python, "-c", "import os, sys; os.setsid(); os.execvp('sh', ['sh', '-c', sys.argv[1]])", wrapper]
-        self.remote.run(f"rm -f {quote([run_dir + '/exit_code'])}; "
-                        f"nohup {quote(detach)} > {quote([run_dir + '/train.log'])} 2>&1 < /dev/null & "
+        # The log exists before this returns: whoever follows it next must find it.
+        self.remote.run(f"rm -f {quote([run_dir + '/exit_code'])}; : > {quote([run_dir + '/train.log'])}; "
+                        f"nohup {quote(detach)} >> {quote([run_dir + '/train.log'])} 2>&1 < /dev/null & "
                         f"echo $! > {quote([run_dir + '/job.pgid'])}")
         return {}
 
