@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -26,9 +27,20 @@ REMOTE_RUNS = "/root/autodl-tmp/gpu-run/runs"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768-60999): the instance's sshd binds it again
+    after each restart, and a port in that range can meanwhile be taken by an outgoing connection
+    (even a connection to itself, when a client dials a port with no listener)."""
+    import random
+
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port between 20000 and 32000")
 
 
 class Instance:
@@ -75,6 +87,8 @@ class Instance:
                 return s.recv(64).startswith(b"SSH-")
 
         wait_for(answers, 30, "sshd in the instance")
+        time.sleep(1)
+        assert self.running(), subprocess.run(["docker", "logs", "-t", self.name], capture_output=True, text=True)
 
     def read(self, path: str) -> bytes:
         """A file from the instance's disk, whether it runs or not (docker cp reads a stopped one)."""
@@ -160,7 +174,11 @@ def test_stop_then_resume_on_the_instance(instance, dataset):
     assert not instance.running()
     last = torch.load(Path(stopped["run_dir"]) / "checkpoints" / "last.pth", weights_only=True)
     instance.start_again()
-    resumed = instance.cli.json("train", "--resume", run_id, *FAST, "--image-size", "64", "--epochs", str(last["epoch"] + 1))
+    proc = instance.cli("train", "--resume", run_id, *FAST, "--image-size", "64", "--epochs", str(last["epoch"] + 1), "--json")
+    logs = subprocess.run(["docker", "logs", "-t", instance.name], capture_output=True, text=True)
+    state = subprocess.run(["docker", "inspect", "-f", "{{json .State}}", instance.name], capture_output=True, text=True).stdout
+    assert proc.returncode == 0, (proc.stderr, logs.stdout[-3000:], logs.stderr[-3000:], state)
+    resumed = json.loads(proc.stdout)
     assert resumed["status"] == "succeeded" and resumed["resumed_from"] == run_id
     assert '"event": "resumed", ' in (Path(resumed["run_dir"]) / "train.log").read_text()
     assert not instance.running()
