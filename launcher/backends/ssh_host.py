@@ -257,10 +257,13 @@ class SshHostBackend(Backend):
         run_id = handle.run_id
         self._again_after_drops(lambda: self.watchdog.hold(run_id))
         self.pull(handle, out_dir, ui)
-        # The outputs are safe: the watchdog may release the host now instead of after the grace.
-        # The container stays for the watchdog to see end and to remove itself.
-        self._again_after_drops(lambda: self.watchdog.mark_pulled(run_id))
+        # Read what the watchdog recorded first: once it hears the outputs are safe, it may take
+        # the machine down at once. (The container stays for the watchdog to see end and remove.)
         status = self._again_after_drops(lambda: self.watchdog_status(handle)) or {}
+        try:
+            self.watchdog.mark_pulled(run_id)
+        except _DROPPED_ANY:
+            pass  # the host went down as the marker landed: the release below confirms it
         if status.get("outcome") in ("max_runtime", "silent"):
             why = "it reached --max-hours" if status["outcome"] == "max_runtime" else "it logged nothing for --silence-minutes"
             ui.warn(f"the watchdog stopped the job because {why}")
