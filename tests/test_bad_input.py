@@ -141,10 +141,19 @@ def test_runs_dir_that_is_a_file_is_refused(cli, small_data):
     assert cli.json("runs") == []
 
 
-@pytest.mark.skipif(AS_ROOT, reason="root writes into any folder")
-def test_runs_dir_that_is_not_writable_is_refused(cli, small_data):
-    locked = cli.cwd / "locked"
-    locked.mkdir(mode=0o500)
+def locked_folder(path, request):
+    """A folder nobody may write into: mode 0500, or for root (who writes anyway) a read-only mount."""
+    path.mkdir(mode=0o500)
+    if AS_ROOT:
+        import subprocess
+
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(path)]))
+    return path
+
+
+def test_runs_dir_that_is_not_writable_is_refused(cli, small_data, request):
+    locked_folder(cli.cwd / "locked", request)
     refused(cli("train", "--weights", "none", "--data", str(small_data), "--runs-dir", "locked/runs"), "is not writable")
     nothing_left(cli)
 
@@ -216,10 +225,8 @@ def test_gpu_run_home_that_is_a_file_is_one_line(cli, tmp_path):
     refused(cli("runs", env={"GPU_RUN_HOME": str(home / "sub")}), "GPU_RUN_HOME", "cannot create")
 
 
-@pytest.mark.skipif(AS_ROOT, reason="root writes into any folder")
-def test_gpu_run_home_not_writable_is_one_line(cli, tmp_path):
-    home = tmp_path / "locked"
-    home.mkdir(mode=0o500)
+def test_gpu_run_home_not_writable_is_one_line(cli, tmp_path, request):
+    home = locked_folder(tmp_path / "locked", request)
     refused(cli("runs", env={"GPU_RUN_HOME": str(home)}), "GPU_RUN_HOME", "not writable")
 
 
