@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DATA := build/demo-data
 
-.PHONY: install demo test testbed benchmark faults clean
+.PHONY: install demo test test-unit testbed wheel-check benchmark faults clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ testbed: install
 
 test: testbed
 	$(BIN)/python -m pytest -q
+
+# The wheel as a user installs it, in a fresh venv outside the checkout (and the launcher on Python 3.10).
+wheel-check: testbed
+	bash tests/bed/wheel.sh
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_trainer.py

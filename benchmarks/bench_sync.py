@@ -27,8 +27,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher.remote import Remote, SshTarget  # noqa: E402
-from launcher.sync import ssh_tar  # noqa: E402
+from gpu_run.remote import Remote, SshTarget  # noqa: E402
+from gpu_run.sync import ssh_tar  # noqa: E402
 
 
 def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:

@@ -29,7 +29,7 @@ from torchvision import datasets, transforms
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launcher.demo_data import make_dataset  # noqa: E402
+from gpu_run.demo_data import make_dataset  # noqa: E402
 
 
 def tutorial_loop(data: Path, model_name: str, epochs: int, batch_size: int, image_size: int,
@@ -65,7 +65,7 @@ def our_trainer(data: Path, model_name: str, epochs: int, batch_size: int, image
                 workers: int, device: str) -> tuple[list[float], dict]:
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "trainer.train", "--data", str(data), "--out", out, "--model", model_name,
+            [sys.executable, "-m", "gpu_run.trainer.train", "--data", str(data), "--out", out, "--model", model_name,
              "--epochs", str(epochs), "--batch-size", str(batch_size), "--image-size", str(image_size),
              "--workers", str(workers), "--device", device, "--weights", "none", "--log-every", "1000"],
             capture_output=True, text=True, cwd=ROOT, check=True,

@@ -17,8 +17,8 @@ from typing import Callable
 
 from PIL import Image, ImageOps
 
-from launcher.dataset import is_image_file
-from launcher.state import home_dir
+from gpu_run.dataset import is_image_file
+from gpu_run.state import home_dir
 
 INDEX = ".gpu-run-cache.json"
 # Bumped when resize_one changes what it writes, so copies made the old way are made again.
@@ -56,7 +56,7 @@ def resize_one(args: tuple[str, str, int]) -> str | None:
 def cached_dataset(source: Path, size: int, progress: Callable[..., None] | None = None,
                    workers: int | None = None) -> Path:
     """Bring the resized copy of `source` up to date and return its root."""
-    from launcher.dataset import dataset_id
+    from gpu_run.dataset import dataset_id
 
     source = Path(source).resolve()
     root = home_dir() / "cache" / f"{dataset_id(source)}-s{size}"

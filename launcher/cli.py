@@ -14,12 +14,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from launcher import pipeline
-from launcher.config import load_config
-from launcher.errors import GpuRunError
-from launcher.ledger import Ledger
-from launcher.state import ledger_path
-from launcher.ui import UI
+from gpu_run import pipeline
+from gpu_run.config import load_config
+from gpu_run.errors import GpuRunError
+from gpu_run.ledger import Ledger
+from gpu_run.state import ledger_path
+from gpu_run.ui import UI
 
 
 def handle_errors(func):
@@ -217,7 +217,7 @@ def stop(target: str, terminate: bool, as_json: bool) -> None:
     if host is not None:
         if host.kind != "aws":
             raise GpuRunError(f"host {target} is not a cloud instance gpu-run can stop; stop a run by its id")
-        from launcher.providers.aws import AwsInstance
+        from gpu_run.providers.aws import AwsInstance
 
         instance = AwsInstance(host)
         instance.stop(terminate=terminate)
@@ -247,7 +247,7 @@ def pull(run_id: str, as_json: bool) -> None:
 @handle_errors
 def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
     """Check a host: SSH login, Docker, NVIDIA runtime and GPUs, free disk, rsync, clock offset."""
-    from launcher.doctor import check_host
+    from gpu_run.doctor import check_host
 
     checks = check_host(load_config().host(host_name), accept_new_host_key)
     if as_json:
@@ -380,7 +380,7 @@ def hosts_add(name: str, ssh_command: str, preset: str | None, password_stdin: b
               price_per_hour: float | None, as_json: bool) -> None:
     """Add a rented host from its console's SSH command: install this laptop's key (asking for the
     password once), record its host key, append [hosts.NAME] to gpu-run.toml."""
-    from launcher import onboard
+    from gpu_run import onboard
 
     result = onboard.add_host(
         name, ssh_command, preset=preset, price_per_hour=price_per_hour, accept_new_host_key=accept_new_host_key,
@@ -397,7 +397,7 @@ def hosts_add(name: str, ssh_command: str, preset: str | None, password_stdin: b
 @handle_errors
 def cost(as_json: bool, as_csv: bool) -> None:
     """What every run cost: billed time, idle after the job, amount; totals per host and month."""
-    from launcher.cost_report import cost_rows, totals
+    from gpu_run.cost_report import cost_rows, totals
 
     rows = cost_rows(open_ledger(), load_config())
     by_host, by_month = totals(rows, "host"), totals(rows, "month")
@@ -431,7 +431,7 @@ def cost(as_json: bool, as_csv: bool) -> None:
         console.print(t)
     warn_not_stopped([open_ledger().get_run(r["run_id"]) for r in rows if r["stop_failed"]])
     if any(r["cloud"] for r in rows):
-        from launcher.prices import PRICES_TAKEN
+        from gpu_run.prices import PRICES_TAKEN
 
         console.print("Stopped cloud instances still bill for their disks (EBS); that is not in these amounts.")
         console.print(f"Cloud prices without price_per_hour come from the shipped table, taken {PRICES_TAKEN}.")
@@ -449,7 +449,7 @@ def run_dir_of(run_id: str) -> tuple[str, Path]:
 @handle_errors
 def report(run_id: str, data: Path | None, as_json: bool) -> None:
     """Draw the thesis figures and report.md into runs/<run-id>/report/."""
-    from launcher.report import write_report
+    from gpu_run.report import write_report
 
     run = open_ledger().get_run(run_id)
     ui = UI(quiet=as_json)
@@ -471,7 +471,7 @@ def report(run_id: str, data: Path | None, as_json: bool) -> None:
 @handle_errors
 def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     """Tabulate runs against each other: model, parameters, accuracy, speed, cost."""
-    from launcher.compare import run_row, write_comparison
+    from gpu_run.compare import run_row, write_comparison
 
     rows = [run_row(*run_dir_of(r)) for r in run_ids]
     out = out or Path("runs") / f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -497,7 +497,7 @@ def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
 @handle_errors
 def predict(run_id: str, images: tuple[Path, ...], top: int, export_format: str | None, as_json: bool) -> None:
     """Classify images with the run's best checkpoint on this machine's CPU."""
-    from launcher import predict as predictor
+    from gpu_run import predict as predictor
 
     if top < 1:
         raise GpuRunError(f"--top must be at least 1, got {top}")
@@ -525,7 +525,7 @@ def image() -> None:
 @handle_errors
 def image_build_base() -> None:
     """Build gpu-run-base:cpu on the local engine without a registry (debootstrap, about 2 minutes)."""
-    from launcher.image import CPU_BASE_IMAGE, build_cpu_base, connect, image_exists
+    from gpu_run.image import CPU_BASE_IMAGE, build_cpu_base, connect, image_exists
 
     client = connect()
     if client is None:
@@ -547,7 +547,7 @@ def image_build_base() -> None:
 @handle_errors
 def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int, size: int, seed: int) -> None:
     """Write a small generated ImageFolder dataset (textures a CNN learns in an epoch or two)."""
-    from launcher.demo_data import check_options, make_dataset
+    from gpu_run.demo_data import check_options, make_dataset
 
     check_options(classes, train_per_class, val_per_class, size)
     if path.exists() and not path.is_dir():

@@ -6,9 +6,9 @@ import csv
 import json
 from pathlib import Path
 
-from launcher.errors import GpuRunError
-from launcher.events import parse_event, read_metrics
-from launcher.report import DPI, plt, setup_fonts
+from gpu_run.errors import GpuRunError
+from gpu_run.events import parse_event, read_metrics
+from gpu_run.report import DPI, plt, setup_fonts
 
 COLUMNS = ["run", "model", "parameters", "best_val_acc", "train_images_per_s", "epoch_time_s", "cost", "currency"]
 

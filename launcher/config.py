@@ -9,15 +9,19 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
+import sys
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04's python3): the same parser, from PyPI
+    import tomli as tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dotenv import load_dotenv
 
-from launcher.errors import ConfigError
-from launcher.presets import PRESETS
-from launcher.prices import hourly_price
+from gpu_run.errors import ConfigError
+from gpu_run.presets import PRESETS
+from gpu_run.prices import hourly_price
 
 CONFIG_FILENAME = "gpu-run.toml"
 BILLING_RULES = ("per_second", "per_minute", "per_hour")

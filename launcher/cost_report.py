@@ -7,9 +7,9 @@ import time
 from collections import defaultdict
 from decimal import Decimal
 
-from launcher.config import Config
-from launcher.cost import billed_seconds, cost_of
-from launcher.ledger import Ledger
+from gpu_run.config import Config
+from gpu_run.cost import billed_seconds, cost_of
+from gpu_run.ledger import Ledger
 
 
 def cost_rows(ledger: Ledger, config: Config, now: float | None = None) -> list[dict]:

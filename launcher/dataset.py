@@ -17,7 +17,7 @@ from typing import Callable
 
 from PIL import Image
 
-from launcher.errors import DatasetError
+from gpu_run.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val")

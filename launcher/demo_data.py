@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from launcher.errors import ConfigError
+from gpu_run.errors import ConfigError
 
 PATTERNS = ("horizontal", "vertical", "dots", "diagonal")
 # A pattern's period is at least 4 px: below two periods a class is noise. Above the maximum, the

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-from launcher.backends import remote_for_host
-from launcher.config import Host
-from launcher.errors import GpuRunError
-from launcher.remote import quote
-from launcher.runtimes.docker import docker_version
-from launcher.runtimes.python import find_python
-from launcher.watchdog.host import reboot_rearm, stop_command_problem
+from gpu_run.backends import remote_for_host
+from gpu_run.config import Host
+from gpu_run.errors import GpuRunError
+from gpu_run.remote import quote
+from gpu_run.runtimes.docker import docker_version
+from gpu_run.runtimes.python import find_python
+from gpu_run.watchdog.host import reboot_rearm, stop_command_problem
 
 
 def _row(check: str, result: str, ok: bool, required: bool = True) -> dict:
@@ -35,7 +35,7 @@ def stop_command_row(host: Host, remote) -> dict:
 
 def check_host(host: Host, accept_new_host_key: bool = False) -> list[dict]:
     if host.is_local:
-        from launcher.image import connect
+        from gpu_run.image import connect
 
         client = connect()
         if client is None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from launcher.errors import BackendError
-from launcher.state import project_root
-from launcher.ui import UI
+from gpu_run.errors import BackendError
+from gpu_run.shipped import base_image_script, dockerfile, trainer_files
+from gpu_run.ui import UI
 
 IMAGE_REPO = "gpu-run-trainer"
 CPU_BASE_IMAGE = "gpu-run-base:cpu"
@@ -26,13 +26,9 @@ CPU_BASE_IMAGE = "gpu-run-base:cpu"
 CUDA_BASE_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
 
 
-def context_files(root: Path | None = None) -> list[tuple[str, bytes]]:
+def context_files() -> list[tuple[str, bytes]]:
     """(path in the build context, content), sorted, so the hash is stable across machines."""
-    root = root or project_root()
-    files = [("Dockerfile", (root / "docker" / "Dockerfile").read_bytes())]
-    for path in sorted((root / "trainer").glob("*.py")):
-        files.append((f"trainer/{path.name}", path.read_bytes()))
-    return files
+    return [("Dockerfile", dockerfile()), *trainer_files()]
 
 
 def image_tag(files: list[tuple[str, bytes]], base_image: str) -> str:
@@ -72,13 +68,13 @@ def image_exists(client: docker.DockerClient, ref: str) -> bool:
 
 
 def build_cpu_base(ui: UI, docker_host: str | None = None) -> None:
-    """Run docker/build-base-cpu.sh (debootstrap + docker import) against an engine."""
-    script = project_root() / "docker" / "build-base-cpu.sh"
+    """Run launcher/docker/build-base-cpu.sh (debootstrap + docker import) against an engine."""
     env = dict(os.environ)
     if docker_host:
         env["DOCKER_HOST"] = docker_host
     with ui.spinner(f"building the offline CPU base image {CPU_BASE_IMAGE} (debootstrap, about 2 minutes)"):
-        proc = subprocess.run(["bash", str(script), CPU_BASE_IMAGE], env=env, capture_output=True, text=True)
+        proc = subprocess.run(["bash", "-s", CPU_BASE_IMAGE], input=base_image_script().decode(), env=env,
+                              capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise BackendError(

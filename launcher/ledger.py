@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from launcher.errors import GpuRunError, RunNotFound
+from gpu_run.errors import GpuRunError, RunNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

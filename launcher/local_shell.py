@@ -1,4 +1,4 @@
-"""Commands on this machine, with the same interface as an SSH connection (launcher.remote.Remote),
+"""Commands on this machine, with the same interface as an SSH connection (gpu_run.remote.Remote),
 so that a runtime drives the trainer the same way here and on a rented host."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from launcher.errors import BackendError
-from launcher.remote import Result, quote
+from gpu_run.errors import BackendError
+from gpu_run.remote import Result, quote
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,10 @@ import re
 import shlex
 import socket
 import sys
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04's python3): the same parser, from PyPI
+    import tomli as tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,11 +32,11 @@ from typing import Callable
 import click
 import paramiko
 
-from launcher.config import CONFIG_FILENAME, LOCAL_HOST, _HOST_NAME, load_config, parse_hosts
-from launcher.errors import BackendError, ConfigError, Unreachable
-from launcher.presets import PRESETS
-from launcher.remote import CONNECT_TIMEOUT_S, Remote, SshTarget, fingerprint
-from launcher.ui import UI
+from gpu_run.config import CONFIG_FILENAME, LOCAL_HOST, _HOST_NAME, load_config, parse_hosts
+from gpu_run.errors import BackendError, ConfigError, Unreachable
+from gpu_run.presets import PRESETS
+from gpu_run.remote import CONNECT_TIMEOUT_S, Remote, SshTarget, fingerprint
+from gpu_run.ui import UI
 
 DEFAULT_KEY = "~/.ssh/id_ed25519"
 # Options of the OpenSSH client that take a value; the consoles print some of them (vast.ai adds

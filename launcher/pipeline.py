@@ -17,17 +17,17 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from launcher.backends import Backend, Job, RunHandle, backend_for_run, bring_up
-from launcher.providers.base import StopResult
-from launcher.cache import cached_dataset
-from launcher.config import Config, Host
-from launcher.cost import billed_seconds, budget_seconds, cost_of, format_money
-from launcher.dataset import DatasetInfo, validate_dataset
-from launcher.errors import BackendError, ConfigError, GpuRunError, Unreachable
-from launcher.events import read_metrics, status_for_exit
-from launcher.ledger import ACTIVE_STATUSES, FINAL_STATUSES, Ledger, RunRecord
-from launcher.ui import UI, TrainingDisplay
-from launcher.weights import check_weights, resolve_weights
+from gpu_run.backends import Backend, Job, RunHandle, backend_for_run, bring_up
+from gpu_run.providers.base import StopResult
+from gpu_run.cache import cached_dataset
+from gpu_run.config import Config, Host
+from gpu_run.cost import billed_seconds, budget_seconds, cost_of, format_money
+from gpu_run.dataset import DatasetInfo, validate_dataset
+from gpu_run.errors import BackendError, ConfigError, GpuRunError, Unreachable
+from gpu_run.events import read_metrics, status_for_exit
+from gpu_run.ledger import ACTIVE_STATUSES, FINAL_STATUSES, Ledger, RunRecord
+from gpu_run.ui import UI, TrainingDisplay
+from gpu_run.weights import check_weights, resolve_weights
 
 STOP_TIMEOUT_S = 120  # time the trainer gets to finish its step and write last.pth
 MAX_STOP_TIMEOUT_S = 3600  # a stop that waits longer than this is a hang, and the host bills meanwhile
@@ -551,7 +551,7 @@ def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
 
 
 def pull_from_s3(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
-    from launcher.sync.s3 import S3Store
+    from gpu_run.sync.s3 import S3Store
 
     run_dir = Path(run.run_dir)
     with ui.spinner(f"downloading {run.run_id} from S3"):

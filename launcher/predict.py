@@ -6,14 +6,14 @@ import contextlib
 import sys
 from pathlib import Path
 
-from launcher.errors import GpuRunError
+from gpu_run.errors import GpuRunError
 
 
 def load_model(run_dir: Path):
     """best.pth -> (eval-mode model on CPU, classes, eval transform), exactly as the trainer built them."""
     import torch
 
-    from trainer.train import build_transforms, classification_models, replace_head
+    from gpu_run.trainer.train import build_transforms, classification_models, replace_head
     import torchvision
 
     path = run_dir / "checkpoints" / "best.pth"
@@ -37,7 +37,7 @@ def predict(run_dir: Path, images: list[Path], top: int = 3) -> list[dict]:
     import torch
 
     # The trainer's own loader: a phone photo is turned upright here as it was in training.
-    from trainer.train import load_image
+    from gpu_run.trainer.train import load_image
 
     if top < 1:
         raise GpuRunError(f"--top must be at least 1, got {top}")

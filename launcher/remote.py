@@ -17,7 +17,7 @@ from pathlib import Path
 
 import paramiko
 
-from launcher.errors import BackendError, Unreachable
+from gpu_run.errors import BackendError, Unreachable
 
 CONNECT_TIMEOUT_S = 15
 KEEPALIVE_S = 15

@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from launcher.errors import GpuRunError  # noqa: E402
-from launcher.events import read_metrics  # noqa: E402
+from gpu_run.errors import GpuRunError  # noqa: E402
+from gpu_run.events import read_metrics  # noqa: E402
 
 DPI = 300
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
-from launcher.errors import ConfigError
+from gpu_run.errors import ConfigError
 
 
 def home_dir() -> Path:
@@ -39,8 +39,3 @@ def torch_cache_dir() -> Path:
     path = home_dir() / "torch-cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def project_root() -> Path:
-    """The folder holding trainer/ and docker/ (the source tree gpu-run is installed from)."""
-    return Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from launcher.events import parse_event
+from gpu_run.events import parse_event
 
 
 class _NullStatus:

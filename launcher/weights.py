@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from launcher.errors import BackendError, ConfigError
-from launcher.state import torch_cache_dir
+from gpu_run.errors import BackendError, ConfigError
+from gpu_run.state import torch_cache_dir
 
 DOWNLOAD_TIMEOUT_S = 30  # per connect/read: with no network the download fails fast, not after minutes
 UPLOAD_TIMEOUT_S = 3600

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.demo_data import make_dataset
+from gpu_run.demo_data import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_INTEGRATION = os.environ.get("GPU_RUN_REQUIRE_INTEGRATION") == "1"
@@ -88,7 +88,7 @@ def fault_row():
 
 @pytest.fixture
 def docker_client():
-    from launcher.image import connect
+    from gpu_run.image import connect
 
     client = connect()
     if client is None:
@@ -108,7 +108,7 @@ class CLI:
 
     def __call__(self, *args: str, env: dict | None = None, timeout: float = 600, check: bool = False):
         proc = subprocess.run(
-            [sys.executable, "-m", "launcher.cli", *args],
+            [sys.executable, "-m", "gpu_run.cli", *args],
             cwd=self.cwd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout,
         )
         if check and proc.returncode != 0:
@@ -129,7 +129,7 @@ def cli(tmp_path, gpu_run_home) -> CLI:
 
 
 def trainer(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.train", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gpu_run.trainer.train", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

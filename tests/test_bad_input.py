@@ -11,13 +11,13 @@ import stat
 import pytest
 from rich.console import Console
 
-from launcher.config import parse_hosts
-from launcher.dataset import validate_dataset
-from launcher.demo_data import make_dataset
-from launcher.errors import BackendError, ConfigError, DatasetError
-from launcher.ledger import Ledger, LedgerError, like_prefix
-from launcher.remote import resolve_target
-from launcher.ui import UI
+from gpu_run.config import parse_hosts
+from gpu_run.dataset import validate_dataset
+from gpu_run.demo_data import make_dataset
+from gpu_run.errors import BackendError, ConfigError, DatasetError
+from gpu_run.ledger import Ledger, LedgerError, like_prefix
+from gpu_run.remote import resolve_target
+from gpu_run.ui import UI
 
 AS_ROOT = os.geteuid() == 0
 
@@ -159,7 +159,7 @@ def test_runs_dir_that_is_not_writable_is_refused(cli, small_data, request):
 
 
 def test_trainer_refuses_values_that_would_fail_mid_run():
-    from trainer.train import get_args_parser
+    from gpu_run.trainer.train import get_args_parser
 
     parser = get_args_parser()
     base = ["--data", "d", "--out", "o"]

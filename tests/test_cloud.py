@@ -155,7 +155,7 @@ def test_ec2_instance_started_used_and_stopped(ssh_host, moto, dataset):
 def test_ec2_client_killed_then_stop_host(ssh_host, moto, dataset):
     iid = make_instance(moto)
     use_ec2(ssh_host, moto, iid)
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", "--host", "g4", *FAST, "--image-size", "64",
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_run.cli", "train", "--host", "g4", *FAST, "--image-size", "64",
                              "--epochs", "30", "--data", str(dataset)],
                             cwd=ssh_host.work, env=ssh_host.cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: list((ssh_host.workdir / "runs").glob("*/out/metrics.jsonl")), 120, "the first epoch")

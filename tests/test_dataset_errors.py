@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.demo_data import make_dataset
+from gpu_run.demo_data import make_dataset
 
 
 def build(tmp_path: Path, case: str) -> Path:

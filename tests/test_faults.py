@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.dataset import dataset_id
+from gpu_run.dataset import dataset_id
 from tests.conftest import ROOT, cut_ssh_connections, wait_for
 
 FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 def start(ssh_host, *args: str) -> subprocess.Popen:
     """`gpu-run train` in the background, as a user's terminal would run it."""
     stem = ssh_host.work / f"train-{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", *FAST, *args], cwd=ssh_host.work,
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_run.cli", "train", *FAST, *args], cwd=ssh_host.work,
                             env={**ssh_host.cli.env, **QUICK_ENV}, stdout=open(f"{stem}.out", "w"),
                             stderr=open(f"{stem}.err", "w"))
     proc.stem = stem
@@ -470,7 +470,7 @@ def test_a_failed_setup_never_stops_the_host_under_another_run(ssh_host, dataset
     data_dir = ssh_host.workdir / "data"
     blocker = data_dir / dataset_id(dataset)
     other = tmp_path / "other-data"
-    from launcher.demo_data import make_dataset
+    from gpu_run.demo_data import make_dataset
 
     make_dataset(other, classes=2, train_per_class=4, val_per_class=2, size=32, seed=5)
     (data_dir / dataset_id(other)).write_text("a file where the dataset folder should go\n")

@@ -24,13 +24,13 @@ from pathlib import Path
 import boto3
 import pytest
 
-from launcher.backends.base import RunHandle
-from launcher.config import builtin_local_host
-from launcher.local_shell import LocalShell
-from launcher.runtimes.python import PythonRuntime
-from launcher.errors import BackendError
-from launcher.remote import Remote, resolve_target
-from launcher.sync import ssh_tar
+from gpu_run.backends.base import RunHandle
+from gpu_run.config import builtin_local_host
+from gpu_run.local_shell import LocalShell
+from gpu_run.runtimes.python import PythonRuntime
+from gpu_run.errors import BackendError
+from gpu_run.remote import Remote, resolve_target
+from gpu_run.sync import ssh_tar
 from tests.conftest import missing_test_bed
 from tests.conftest import testbed_env as bed_env
 
@@ -325,8 +325,8 @@ def test_s3sync_download_keeps_every_key_inside_and_skips_folders(moto_url, tmp_
 
 
 def test_download_run_skips_folder_objects_and_keys_outside(moto_url, tmp_path):
-    from launcher.config import Host
-    from launcher.sync.s3 import S3Store
+    from gpu_run.config import Host
+    from gpu_run.sync.s3 import S3Store
 
     good = b"checkpoint"
     prefix = "p/runs/R"
@@ -352,8 +352,8 @@ def test_download_run_skips_folder_objects_and_keys_outside(moto_url, tmp_path):
 
 
 def test_host_gets_short_lived_keys_scoped_to_the_prefix(moto_url):
-    from launcher.config import Host
-    from launcher.sync.s3 import S3Store
+    from gpu_run.config import Host
+    from gpu_run.sync.s3 import S3Store
 
     host = Host(name="h", kind="ssh", ssh="x", sync="s3", bucket="thesis", prefix="gpu-run", s3_endpoint_url=moto_url)
     store = S3Store(host)
@@ -371,9 +371,9 @@ def test_host_gets_short_lived_keys_scoped_to_the_prefix(moto_url):
 
 
 def test_a_store_without_sts_is_refused_with_the_fix(moto_url, monkeypatch):
-    from launcher.config import Host
-    from launcher.errors import ConfigError
-    from launcher.sync.s3 import S3Store
+    from gpu_run.config import Host
+    from gpu_run.errors import ConfigError
+    from gpu_run.sync.s3 import S3Store
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with socket.socket() as s:  # a port nobody answers on: like a store that has no STS at all
@@ -417,7 +417,7 @@ def test_env_values_reach_the_trainer_but_not_the_ledger_ps_or_the_host(ssh_host
         done.set()
         watcher.join()
     # Only the laptop's own gpu-run command line, which the user typed, holds the value.
-    leaks = [line for snap in snapshots for line in snap.splitlines() if value in line and "launcher.cli" not in line]
+    leaks = [line for snap in snapshots for line in snap.splitlines() if value in line and "gpu_run.cli" not in line]
     assert snapshots and not leaks, leaks
     for path in [*gpu_run_home.rglob("*"), *ssh_host.remote_run_dir(run_id).rglob("*"), *Path(summary["run_dir"]).rglob("*")]:
         if path.is_file():

@@ -143,7 +143,7 @@ def test_train_on_a_container_instance_end_to_end(instance, dataset, fault_row):
 
 
 def test_client_killed_the_instance_still_stops(instance, dataset, gpu_run_home, fault_row):
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", *FAST, "--image-size", "64", "--epochs", "3",
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_run.cli", "train", *FAST, "--image-size", "64", "--epochs", "3",
                              "--data", str(dataset)], cwd=instance.work, env=instance.cli.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = instance.work / "runs"
@@ -191,7 +191,7 @@ def in_instance(instance, script: str) -> str:
 
 @pytest.mark.parametrize("victim", ["watchdog", "trainer"])
 def test_killed_watchdog_or_trainer_on_the_instance(victim, instance, dataset, fault_row):
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", *FAST, "--image-size", "64", "--epochs", "3",
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_run.cli", "train", *FAST, "--image-size", "64", "--epochs", "3",
                              "--data", str(dataset), "--json"], cwd=instance.work, env=instance.cli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = instance.work / "runs"

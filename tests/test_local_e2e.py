@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from launcher.image import context_files, image_tag, CPU_BASE_IMAGE
+from gpu_run.image import context_files, image_tag, CPU_BASE_IMAGE
 
 TRAIN = ["train", "--host", "local", "--epochs", "2", "--image-size", "32", "--batch-size", "16",
          "--weights", "none", "--workers", "0"]

@@ -12,7 +12,10 @@ import socket
 import stat
 import subprocess
 import sys
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04's python3): the same parser, from PyPI
+    import tomli as tomllib
 from pathlib import Path
 
 import paramiko
@@ -20,16 +23,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from launcher.config import parse_hosts
-from launcher.errors import ConfigError
-from launcher.onboard import (
+from gpu_run.config import parse_hosts
+from gpu_run.errors import ConfigError
+from gpu_run.onboard import (
     SshCommand,
     check_new_host,
     create_laptop_key,
     host_table,
     parse_ssh_command,
 )
-from launcher.remote import fingerprint
+from gpu_run.remote import fingerprint
 from tests.conftest import CLI, ROOT, missing_test_bed
 
 INSTANCE_SH = ROOT / "tests" / "bed" / "instance.sh"
@@ -172,7 +175,7 @@ def laptop(tmp_path, gpu_run_home) -> CLI:
 
 def hosts_add(cli: CLI, *args: str, input: str = "") -> subprocess.CompletedProcess:
     """`gpu-run hosts add ...` with stdin (CLI.__call__ has none)."""
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "hosts", "add", *args], cwd=cli.cwd, env=cli.env,
+    return subprocess.run([sys.executable, "-m", "gpu_run.cli", "hosts", "add", *args], cwd=cli.cwd, env=cli.env,
                           input=input, capture_output=True, text=True, timeout=120)
 
 

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from launcher.cli import cli
-from launcher.pipeline import TrainSpec
+from gpu_run.cli import cli
+from gpu_run.pipeline import TrainSpec
 from tests.conftest import trainer
-from trainer.train import (IMAGENET_MEAN, IMAGENET_STD, SafeImageFolder, build_transforms, list_samples,
+from gpu_run.trainer.train import (IMAGENET_MEAN, IMAGENET_STD, SafeImageFolder, build_transforms, list_samples,
                            load_image)
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
@@ -181,7 +181,7 @@ def test_the_trainer_loads_phone_photos_upright(tmp_path, orientation):
 
 
 def test_the_cache_copy_is_upright_with_no_tag_left(tmp_path, gpu_run_home):
-    import launcher.cache as cache
+    import gpu_run.cache as cache
 
     source = tmp_path / "data"
     phone_photo(source / "train" / "a" / "p.jpg", 6)
@@ -207,7 +207,7 @@ def test_the_cache_copy_is_upright_with_no_tag_left(tmp_path, gpu_run_home):
 
 
 def test_predict_sees_phone_photos_upright(tmp_path, monkeypatch):
-    import launcher.predict as predict
+    import gpu_run.predict as predict
 
     seen = []
 

@@ -14,9 +14,9 @@ import paramiko
 import pytest
 import torch
 
-from launcher.dataset import dataset_id
-from launcher.remote import Remote, resolve_target
-from launcher.sync import ssh_tar
+from gpu_run.dataset import dataset_id
+from gpu_run.remote import Remote, resolve_target
+from gpu_run.sync import ssh_tar
 from tests.conftest import cut_ssh_connections, wait_for
 
 FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
@@ -67,7 +67,7 @@ def test_train_on_ssh_host_end_to_end(ssh_host, dataset, gpu_run_home):
 
 def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_home, fault_row):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "train", *FAST, "--image-size", "64", "--epochs", "4",
+        [sys.executable, "-m", "gpu_run.cli", "train", *FAST, "--image-size", "64", "--epochs", "4",
          "--data", str(dataset)],
         cwd=ssh_host.work, env=ssh_host.cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -102,7 +102,7 @@ def test_client_killed_mid_training_host_still_stops(ssh_host, dataset, gpu_run_
 
 @pytest.mark.parametrize("client", ["paramiko", "openssh"])
 def test_connection_cut_during_sync_resumes_without_resending(client, ssh_host, tmp_path, monkeypatch):
-    from launcher.demo_data import make_dataset
+    from gpu_run.demo_data import make_dataset
 
     # Small streams go over the open paramiko connection, big ones through the OpenSSH client.
     monkeypatch.setattr(ssh_tar, "OPENSSH_FROM_BYTES", 0 if client == "openssh" else 1 << 40)
@@ -134,7 +134,7 @@ def test_connection_cut_during_sync_resumes_without_resending(client, ssh_host, 
 
 def test_connection_cut_during_tailing_reconnects_without_duplicates(ssh_host, dataset, fault_row):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "train", *FAST, "--image-size", "64", "--epochs", "3",
+        [sys.executable, "-m", "gpu_run.cli", "train", *FAST, "--image-size", "64", "--epochs", "3",
          "--data", str(dataset)],
         cwd=ssh_host.work, env=ssh_host.cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

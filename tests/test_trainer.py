@@ -43,7 +43,7 @@ def test_resume_continues_at_the_next_epoch(dataset, tmp_path):
 SAVER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from trainer.train import atomic_save
+    from gpu_run.trainer.train import atomic_save
     path = Path(sys.argv[1])
     i = 0
     while True:
@@ -77,7 +77,7 @@ def test_a_kill_during_a_checkpoint_write_never_replaces_the_good_one(tmp_path):
     ckpt = load(path)
     assert (ckpt["w"] == float(ckpt["i"])).all()  # a whole, consistent checkpoint
     # The trainer clears such leftovers when it starts again.
-    from trainer.train import remove_stale_temp_files
+    from gpu_run.trainer.train import remove_stale_temp_files
 
     remove_stale_temp_files(path.parent)
     assert [p.name for p in path.parent.iterdir()] == ["last.pth"]
@@ -89,7 +89,7 @@ def test_sigterm_mid_epoch_resumes_to_the_same_weights(dataset, tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", "--out", str(out), *common],
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_run.trainer.train", "--out", str(out), *common],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         e = json.loads(line)
@@ -141,7 +141,7 @@ def test_ddp_with_two_cpu_processes_writes_one_checkpoint(dataset, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "trainer.train", "--data", str(dataset), "--out", str(out), "--epochs", "1", "--device", "cpu", *FAST],
+         "-m", "gpu_run.trainer.train", "--data", str(dataset), "--out", str(out), "--epochs", "1", "--device", "cpu", *FAST],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torchvision
 
-from launcher import weights as W
-from launcher.errors import BackendError, ConfigError
-from launcher.remote import Result
+from gpu_run import weights as W
+from gpu_run.errors import BackendError, ConfigError
+from gpu_run.remote import Result
 from tests.conftest import events, trainer
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1"]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 
-from launcher.backends.base import Backend, Job, Prepared, RunHandle
-from launcher.backends.local import LocalBackend
-from launcher.backends.ssh_host import SshHostBackend
-from launcher.config import Host
-from launcher.errors import BackendError, Unreachable
-from launcher.providers.aws import AwsInstance
-from launcher.remote import Remote, resolve_target
-from launcher.sync.s3 import S3Store
-from launcher.ui import UI
+from gpu_run.backends.base import Backend, Job, Prepared, RunHandle
+from gpu_run.backends.local import LocalBackend
+from gpu_run.backends.ssh_host import SshHostBackend
+from gpu_run.config import Host
+from gpu_run.errors import BackendError, Unreachable
+from gpu_run.providers.aws import AwsInstance
+from gpu_run.remote import Remote, resolve_target
+from gpu_run.sync.s3 import S3Store
+from gpu_run.ui import UI
 
 SSH_WAIT_S = 300  # a freshly started instance takes a minute or two to answer SSH
 

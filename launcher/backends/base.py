@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
-from launcher.providers.base import StopResult
-from launcher.ui import UI
+from gpu_run.providers.base import StopResult
+from gpu_run.ui import UI
 
 
 @dataclass

@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from launcher.backends.base import Backend, Job, Prepared, RunHandle
-from launcher.config import Host
-from launcher.errors import BackendError
-from launcher.local_shell import LocalShell
-from launcher.runtimes.base import Runtime
-from launcher.runtimes.docker import DockerRuntime, docker_version
-from launcher.runtimes.python import PythonRuntime, find_python
-from launcher.state import home_dir
-from launcher.ui import UI
+from gpu_run.backends.base import Backend, Job, Prepared, RunHandle
+from gpu_run.config import Host
+from gpu_run.errors import BackendError
+from gpu_run.local_shell import LocalShell
+from gpu_run.runtimes.base import Runtime
+from gpu_run.runtimes.docker import DockerRuntime, docker_version
+from gpu_run.runtimes.python import PythonRuntime, find_python
+from gpu_run.state import home_dir
+from gpu_run.ui import UI
 
 POLL_S = 0.5
 

@@ -15,18 +15,18 @@ from typing import Iterator
 import paramiko
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from launcher.backends.base import Backend, Job, Prepared, RunHandle, StopResult
-from launcher.config import Host
-from launcher.errors import BackendError
-from launcher.remote import Remote, quote
-from launcher.runtimes.base import Runtime
-from launcher.runtimes.docker import DockerRuntime, docker_version
-from launcher.runtimes.python import PythonRuntime, find_python
-from launcher.sync import ssh_tar
-from launcher.sync.s3 import S3Store
-from launcher.ui import UI
-from launcher.watchdog.host import POLL_S as WATCHDOG_POLL_S
-from launcher.watchdog.host import HostWatchdog, stop_command_problem
+from gpu_run.backends.base import Backend, Job, Prepared, RunHandle, StopResult
+from gpu_run.config import Host
+from gpu_run.errors import BackendError
+from gpu_run.remote import Remote, quote
+from gpu_run.runtimes.base import Runtime
+from gpu_run.runtimes.docker import DockerRuntime, docker_version
+from gpu_run.runtimes.python import PythonRuntime, find_python
+from gpu_run.sync import ssh_tar
+from gpu_run.sync.s3 import S3Store
+from gpu_run.ui import UI
+from gpu_run.watchdog.host import POLL_S as WATCHDOG_POLL_S
+from gpu_run.watchdog.host import HostWatchdog, stop_command_problem
 
 RECONNECT_FOR_S = 600  # how long a lost connection is retried before the client gives up (the run goes on)
 _DROPPED = (paramiko.SSHException, OSError, EOFError)
@@ -153,7 +153,7 @@ class SshHostBackend(Backend):
         if job.seed_dir:  # a resumed run continues from the last.pth it brought along
             ssh_tar.push(self.remote, Path(job.seed_dir), job.out_dir)
         if job.weights not in ("none", "imagenet"):
-            from launcher.weights import stage_weights
+            from gpu_run.weights import stage_weights
 
             job.weights = stage_weights(self.remote, self.workdir, Path(job.weights), ui)  # once per host, by sha256
         # The watchdog has held the host since claim(); from here it watches for this job, so there

@@ -8,10 +8,10 @@ from typing import Callable
 import boto3
 import botocore.exceptions
 
-from launcher.providers.base import StopResult
-from launcher.config import Host
-from launcher.errors import BackendError, ConfigError
-from launcher.ui import UI
+from gpu_run.providers.base import StopResult
+from gpu_run.config import Host
+from gpu_run.errors import BackendError, ConfigError
+from gpu_run.ui import UI
 
 START_TIMEOUT_S = 600
 STOP_CONFIRM_TIMEOUT_S = 120

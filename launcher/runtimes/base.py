@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from launcher.backends.base import Job, Prepared, RunHandle
-from launcher.config import Host
-from launcher.errors import ConfigError
-from launcher.remote import Remote
-from launcher.ui import UI
+from gpu_run.backends.base import Job, Prepared, RunHandle
+from gpu_run.config import Host
+from gpu_run.errors import ConfigError
+from gpu_run.remote import Remote
+from gpu_run.ui import UI
 
 
 def env_file_text(env: dict[str, str]) -> bytes:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from launcher.backends.base import Job, Prepared, RunHandle, launcher_argv, trainer_argv
-from launcher.config import Host
-from launcher.errors import BackendError
-from launcher.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
-from launcher.remote import Remote, quote
-from launcher.runtimes.base import Runtime
-from launcher.state import project_root
-from launcher.ui import UI
+from gpu_run.backends.base import Job, Prepared, RunHandle, launcher_argv, trainer_argv
+from gpu_run.config import Host
+from gpu_run.errors import BackendError
+from gpu_run.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
+from gpu_run.remote import Remote, quote
+from gpu_run.runtimes.base import Runtime
+from gpu_run.shipped import base_image_script
+from gpu_run.ui import UI
 
 RUN_LABEL = "gpu-run.run-id"
 NO_GPU_DRIVER = "could not select device driver"
@@ -62,7 +62,7 @@ class DockerRuntime(Runtime):
         if self._image_exists(base):
             return
         if base == CPU_BASE_IMAGE:
-            script = (project_root() / "docker" / "build-base-cpu.sh").read_bytes()
+            script = base_image_script()
             with ui.spinner(f"building {CPU_BASE_IMAGE} on {self.host.name} (debootstrap, about 2 minutes)"):
                 self.remote.run(["bash", "-s", CPU_BASE_IMAGE], input=script, timeout_s=1800)
             return

@@ -17,24 +17,19 @@ import json
 import tarfile
 from pathlib import Path
 
-from launcher.backends.base import Job, Prepared, RunHandle, launcher_argv, trainer_argv
-from launcher.config import Host
-from launcher.errors import BackendError
-from launcher.presets import PYTHON_CANDIDATES
-from launcher.remote import Remote, quote
-from launcher.runtimes.base import Runtime, env_file_text
-from launcher.ui import UI
+from gpu_run.backends.base import Job, Prepared, RunHandle, launcher_argv, trainer_argv
+from gpu_run.config import Host
+from gpu_run.errors import BackendError
+from gpu_run.presets import PYTHON_CANDIDATES
+from gpu_run.remote import Remote, quote
+from gpu_run.runtimes.base import Runtime, env_file_text
+from gpu_run.shipped import trainer_files
+from gpu_run.ui import UI
 
 # Run by each candidate interpreter: it must import torch and torchvision to be the one.
 _PROBE = ("import json, sys, torch, torchvision; print(json.dumps({'python': sys.executable, "
           "'python_version': sys.version.split()[0], 'torch': torch.__version__, 'torchvision': torchvision.__version__, "
           "'cuda': torch.cuda.is_available(), 'cuda_version': torch.version.cuda, 'gpus': torch.cuda.device_count()}))")
-
-
-def trainer_files() -> list[tuple[str, bytes]]:
-    """The trainer package as it ships: (path, content), sorted so the hash is stable."""
-    root = Path(__file__).resolve().parent.parent.parent / "trainer"
-    return [(f"trainer/{p.name}", p.read_bytes()) for p in sorted(root.glob("*.py"))]
 
 
 def files_hash(files: list[tuple[str, bytes]]) -> str:

@@ -29,9 +29,9 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from s3transfer.manager import TransferManager
 
-from launcher.config import Host
-from launcher.errors import BackendError, ConfigError
-from launcher.sync.ssh_tar import diff_manifests, local_manifest, sha256_file
+from gpu_run.config import Host
+from gpu_run.errors import BackendError, ConfigError
+from gpu_run.sync.ssh_tar import diff_manifests, local_manifest, sha256_file
 
 MANIFEST = ".gpu-run-manifest.json"
 FEDERATION_TOKEN_S = 129600  # the longest a federation token lives (36 h)

@@ -26,8 +26,8 @@ from typing import Callable
 import paramiko
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from launcher.errors import BackendError
-from launcher.remote import Remote, quote
+from gpu_run.errors import BackendError
+from gpu_run.remote import Remote, quote
 
 Manifest = dict[str, tuple[int, int]]  # relative path -> (size, mtime seconds)
 CHUNK = 1 << 20

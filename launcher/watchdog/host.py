@@ -16,10 +16,10 @@ from importlib import resources
 
 import paramiko
 
-from launcher.providers.base import StopResult
-from launcher.errors import GpuRunError
-from launcher.remote import Remote, quote
-from launcher.ui import UI
+from gpu_run.providers.base import StopResult
+from gpu_run.errors import GpuRunError
+from gpu_run.remote import Remote, quote
+from gpu_run.ui import UI
 
 POLL_S = 2  # how often the watchdog looks at the job
 STOP_WAIT_S = 120  # after the grace: how long the laptop waits for the host to report its stop
@@ -135,7 +135,7 @@ class HostWatchdog:
                     "KEEP_ALIVE": "1" if keep_alive else "0", "GRACE_S": str(grace_s),
                     "SETUP_IDLE_S": str(SETUP_IDLE_S), "HOLD_S": str(HOLD_S)}
         self.remote.run(["mkdir", "-p", run_dir])
-        script = resources.files("launcher.watchdog").joinpath("watchdog.sh").read_bytes()
+        script = resources.files("gpu_run.watchdog").joinpath("watchdog.sh").read_bytes()
         self._write(f"{run_dir}/watchdog.sh", script)
         self._write(f"{run_dir}/host.env", "".join(f"{k}={quote([v])}\n" for k, v in settings.items()).encode())
         self.touch(run_id)

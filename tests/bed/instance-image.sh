@@ -20,7 +20,7 @@ fi
 t0=$(date +%s)
 if ! docker image inspect "$base" >/dev/null 2>&1; then
   # The base is normally built by step 3 of up.sh; build it here too so this script stands alone.
-  bash "$root/docker/build-base-cpu.sh" "$base"
+  bash "$root/launcher/docker/build-base-cpu.sh" "$base"
 fi
 
 ctx="$(mktemp -d /var/tmp/gpu-run-instance.XXXXXX)"
