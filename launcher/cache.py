@@ -18,7 +18,7 @@ from typing import Callable
 from PIL import Image, ImageOps
 
 from gpu_run.dataset import is_image_file
-from gpu_run.state import home_dir
+from gpu_run.paths import home_dir
 
 INDEX = ".gpu-run-cache.json"
 # Bumped when resize_one changes what it writes, so copies made the old way are made again.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import sys
 from pathlib import Path
@@ -14,24 +13,26 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from gpu_run import pipeline
+from gpu_run import pipeline, run_commands
 from gpu_run.config import load_config
 from gpu_run.errors import GpuRunError
 from gpu_run.ledger import Ledger
-from gpu_run.state import ledger_path
+from gpu_run.paths import ledger_path
+from gpu_run.run_end import Detached
+from gpu_run.spec import TrainSpec
+from gpu_run.trainer import defaults as recipe
 from gpu_run.ui import UI
 
 
-def handle_errors(func):
-    """One line for an error the user can fix (traceback only with --debug), non-zero exit."""
+class GpuRunGroup(click.Group):
+    """Our errors are handled here, once, for every command: one line for an error the user can
+    fix (the traceback only with --debug) and a non-zero exit."""
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        debug = ctx.find_root().params.get("debug", False)
+    def invoke(self, ctx: click.Context):
+        debug = ctx.params.get("debug", False)
         try:
-            return func(*args, **kwargs)
-        except pipeline.Detached as d:
+            return super().invoke(ctx)
+        except Detached as d:
             Console(stderr=True).print(
                 f"\nDetached from {d.run_id}; training goes on. Come back with: gpu-run attach {d.run_id}"
             )
@@ -47,7 +48,9 @@ def handle_errors(func):
             UI().error("interrupted")
             sys.exit(130)
 
-    return wrapper
+
+def json_option(help: str = "Print JSON only on stdout, for scripts."):
+    return click.option("--json", "as_json", is_flag=True, help=help)
 
 
 def open_ledger() -> Ledger:
@@ -118,7 +121,7 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GpuRunGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="gpu-run")
 def cli(debug: bool) -> None:
@@ -128,30 +131,30 @@ def cli(debug: bool) -> None:
 @cli.command()
 @click.option("--host", default="local", show_default=True, help="Host name from gpu-run.toml, or the built-in local.")
 @click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
-@click.option("--model", default="resnet18", show_default=True, help="torchvision classification model.")
-@click.option("--weights", default="imagenet", show_default=True,
+@click.option("--model", default=recipe.MODEL, show_default=True, help="torchvision classification model.")
+@click.option("--weights", default=TrainSpec.weights, show_default=True,
               help="imagenet (torchvision's pretrained file, fetched once on this machine and sent to the host), none (from scratch), or a .pth file.")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--step-size", type=int, default=5, show_default=True, help="Multiply the lr by --gamma every this many epochs.")
-@click.option("--gamma", type=float, default=0.5, show_default=True, help="LR decay factor.")
-@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--epochs", type=int, default=recipe.EPOCHS, show_default=True)
+@click.option("--batch-size", type=int, default=recipe.BATCH_SIZE, show_default=True)
+@click.option("--lr", type=float, default=recipe.LR, show_default=True)
+@click.option("--step-size", type=int, default=recipe.STEP_SIZE, show_default=True, help="Multiply the lr by --gamma every this many epochs.")
+@click.option("--gamma", type=float, default=recipe.GAMMA, show_default=True, help="LR decay factor.")
+@click.option("--image-size", type=int, default=recipe.IMAGE_SIZE, show_default=True)
 @click.option("--augment", type=click.Choice(["standard", "light", "none"]), default=None,
               help="Training augmentation: standard (random crop, flip, colour jitter), light (milder crop and "
                    "flip, for a short fine-tune on a small dataset) or none. Default: standard, or the resumed run's.")
 @click.option("--no-flip", is_flag=True,
               help="No random horizontal flip (digits, text, X-rays: data whose orientation has a meaning). A resumed run keeps its choice.")
-@click.option("--workers", type=int, default=-1, help="Data loader processes (default: from the host's cores).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=recipe.WORKERS, help="Data loader processes (default: from the host's cores).")
+@click.option("--seed", type=int, default=recipe.SEED, show_default=True)
 @click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs; >1 runs DDP; 0 forces the CPU.")
-@click.option("--amp", type=click.Choice(["auto", "off"]), default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(["auto", "off"]), default=recipe.AMP, show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--cache-size", type=int, default=0, help="Train on a copy resized to this short side (made once).")
 @click.option("--detach", is_flag=True, help="Start and return at once; follow later with `gpu-run attach`.")
 @click.option("--max-hours", type=float, default=0, help="Stop the job (and host) after this long; 0: no limit.")
 @click.option("--silence-minutes", type=float, default=0, help="Stop a job that logs nothing this long; 0: never.")
-@click.option("--stop-timeout", type=int, default=120, show_default=True,
+@click.option("--stop-timeout", type=int, default=TrainSpec.stop_timeout_s, show_default=True,
               help="Seconds the trainer gets to save last.pth when stopped before it is killed.")
 @click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable).")
 @click.option("--keep-alive", is_flag=True, help="Do not run the host's stop command at the end.")
@@ -162,8 +165,7 @@ def cli(debug: bool) -> None:
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON, nothing else on stdout.")
-@handle_errors
+@json_option("Print the run summary as JSON, nothing else on stdout.")
 def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
           amp, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
           runs_dir, as_json) -> None:
@@ -173,7 +175,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         if not resume:
             raise GpuRunError("missing --data DIR (a folder with train/<class>/ and val/<class>/)")
         data = Path(ledger.get_run(resume).data_path)
-    spec = pipeline.TrainSpec(
+    spec = TrainSpec(
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
         step_size=step_size, gamma=gamma, image_size=image_size, augment=augment, no_flip=no_flip, workers=workers, seed=seed, gpus=gpus, amp=amp,
         compile=compile_, cache_size=cache_size, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
@@ -195,19 +197,17 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def attach(run_id: str, as_json: bool) -> None:
     """Re-attach the live display to a running job, then pull its outputs."""
     ui = UI(quiet=as_json)
-    render_result(ui, pipeline.attach(run_id, load_config(), open_ledger(), ui), as_json)
+    render_result(ui, run_commands.attach(run_id, load_config(), open_ledger(), ui), as_json)
 
 
 @cli.command()
 @click.argument("target", metavar="RUN|HOST")
 @click.option("--terminate", is_flag=True, help="With a cloud HOST: terminate instead of stop.")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def stop(target: str, terminate: bool, as_json: bool) -> None:
     """Stop a run (the trainer saves a resumable last.pth, outputs are pulled, the host stops),
     or a cloud HOST's instance by name."""
@@ -227,24 +227,22 @@ def stop(target: str, terminate: bool, as_json: bool) -> None:
         else:
             ui.info(f"instance {host.instance_id} of {target}: {state} (a stopped instance still bills for its disk)")
         return
-    render_result(ui, pipeline.stop(target, config, open_ledger(), ui), as_json)
+    render_result(ui, run_commands.stop(target, config, open_ledger(), ui), as_json)
 
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def pull(run_id: str, as_json: bool) -> None:
     """Fetch a run's outputs into runs/<run-id>/ (verified); finishes a run whose job has ended."""
     ui = UI(quiet=as_json)
-    render_result(ui, pipeline.pull(run_id, load_config(), open_ledger(), ui), as_json)
+    render_result(ui, run_commands.pull(run_id, load_config(), open_ledger(), ui), as_json)
 
 
 @cli.command()
 @click.argument("host_name", metavar="HOST")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
     """Check a host: SSH login, Docker, NVIDIA runtime and GPUs, free disk, rsync, clock offset."""
     from gpu_run.doctor import check_host
@@ -266,20 +264,18 @@ def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
 @cli.command()
 @click.argument("run_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the run ends.")
-@handle_errors
 def logs(run_id: str, follow: bool) -> None:
     """Print a run's trainer log."""
-    for line in pipeline.log_lines(run_id, follow, load_config(), open_ledger(), UI()):
+    for line in run_commands.log_lines(run_id, follow, load_config(), open_ledger(), UI()):
         click.echo(line)
 
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def status(run_id: str, as_json: bool) -> None:
     """A run's state, phases and latest metrics (live from its host when it runs)."""
-    state = pipeline.live_status(run_id, load_config(), open_ledger(), UI(quiet=True))
+    state = run_commands.live_status(run_id, load_config(), open_ledger(), UI(quiet=True))
     if as_json:
         print_json(state)
         return
@@ -311,8 +307,7 @@ def status(run_id: str, as_json: bool) -> None:
 @cli.command()
 @click.option("--host", help="Only runs on this host.")
 @click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def runs(host: str | None, limit: int, as_json: bool) -> None:
     """List recorded runs, newest first."""
     records = open_ledger().list_runs(host=host, limit=limit)
@@ -341,9 +336,8 @@ def runs(host: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 @click.pass_context
-@handle_errors
 def hosts(ctx: click.Context, as_json: bool) -> None:
     """List the configured hosts (gpu-run.toml) and the built-in local host; `hosts add` adds one."""
     if ctx.invoked_subcommand is not None:
@@ -374,8 +368,7 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the console's password from the first line of stdin.")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust the host key without asking (compare it yourself).")
 @click.option("--price-per-hour", type=float, help="What the machine costs per hour, in the preset's currency.")
-@click.option("--json", "as_json", is_flag=True, help="Print the new host as JSON, nothing else on stdout.")
-@handle_errors
+@json_option("Print the new host as JSON, nothing else on stdout.")
 def hosts_add(name: str, ssh_command: str, preset: str | None, password_stdin: bool, accept_new_host_key: bool,
               price_per_hour: float | None, as_json: bool) -> None:
     """Add a rented host from its console's SSH command: install this laptop's key (asking for the
@@ -392,12 +385,11 @@ def hosts_add(name: str, ssh_command: str, preset: str | None, password_stdin: b
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 @click.option("--csv", "as_csv", is_flag=True)
-@handle_errors
 def cost(as_json: bool, as_csv: bool) -> None:
     """What every run cost: billed time, idle after the job, amount; totals per host and month."""
-    from gpu_run.cost_report import cost_rows, totals
+    from gpu_run.money.report import cost_rows, totals
 
     rows = cost_rows(open_ledger(), load_config())
     by_host, by_month = totals(rows, "host"), totals(rows, "month")
@@ -431,7 +423,7 @@ def cost(as_json: bool, as_csv: bool) -> None:
         console.print(t)
     warn_not_stopped([open_ledger().get_run(r["run_id"]) for r in rows if r["stop_failed"]])
     if any(r["cloud"] for r in rows):
-        from gpu_run.prices import PRICES_TAKEN
+        from gpu_run.money.prices import PRICES_TAKEN
 
         console.print("Stopped cloud instances still bill for their disks (EBS); that is not in these amounts.")
         console.print(f"Cloud prices without price_per_hour come from the shipped table, taken {PRICES_TAKEN}.")
@@ -445,11 +437,10 @@ def run_dir_of(run_id: str) -> tuple[str, Path]:
 @cli.command()
 @click.argument("run_id")
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset folder, if it moved (for the mistakes grid).")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def report(run_id: str, data: Path | None, as_json: bool) -> None:
     """Draw the thesis figures and report.md into runs/<run-id>/report/."""
-    from gpu_run.report import write_report
+    from gpu_run.deliverables.report import write_report
 
     run = open_ledger().get_run(run_id)
     ui = UI(quiet=as_json)
@@ -467,11 +458,10 @@ def report(run_id: str, data: Path | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("run_ids", nargs=-1, required=True, metavar="RUN...")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for compare.csv/.md and the figure.")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     """Tabulate runs against each other: model, parameters, accuracy, speed, cost."""
-    from gpu_run.compare import run_row, write_comparison
+    from gpu_run.deliverables.compare import run_row, write_comparison
 
     rows = [run_row(*run_dir_of(r)) for r in run_ids]
     out = out or Path("runs") / f"compare-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -493,11 +483,10 @@ def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--top", type=int, default=3, show_default=True)
 @click.option("--export", "export_format", type=click.Choice(["onnx", "torchscript"]), help="Write a deployable model.")
-@click.option("--json", "as_json", is_flag=True)
-@handle_errors
+@json_option()
 def predict(run_id: str, images: tuple[Path, ...], top: int, export_format: str | None, as_json: bool) -> None:
     """Classify images with the run's best checkpoint on this machine's CPU."""
-    from gpu_run import predict as predictor
+    from gpu_run.deliverables import predict as predictor
 
     if top < 1:
         raise GpuRunError(f"--top must be at least 1, got {top}")
@@ -522,7 +511,6 @@ def image() -> None:
 
 
 @image.command("build-base")
-@handle_errors
 def image_build_base() -> None:
     """Build gpu-run-base:cpu on the local engine without a registry (debootstrap, about 2 minutes)."""
     from gpu_run.image import CPU_BASE_IMAGE, build_cpu_base, connect, image_exists
@@ -543,8 +531,7 @@ def image_build_base() -> None:
 @click.option("--train-per-class", type=int, default=150, show_default=True)
 @click.option("--val-per-class", type=int, default=50, show_default=True)
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@handle_errors
+@click.option("--seed", type=int, default=recipe.SEED, show_default=True)
 def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int, size: int, seed: int) -> None:
     """Write a small generated ImageFolder dataset (textures a CNN learns in an epoch or two)."""
     from gpu_run.demo_data import check_options, make_dataset

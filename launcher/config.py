@@ -21,7 +21,7 @@ from dotenv import load_dotenv
 
 from gpu_run.errors import ConfigError
 from gpu_run.presets import PRESETS
-from gpu_run.prices import hourly_price
+from gpu_run.money.prices import hourly_price
 
 CONFIG_FILENAME = "gpu-run.toml"
 BILLING_RULES = ("per_second", "per_minute", "per_hour")

@@ -11,7 +11,6 @@ import io
 import os
 import subprocess
 import tarfile
-from pathlib import Path
 
 import docker
 import docker.errors

@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gpu_run.errors import BackendError, ConfigError
-from gpu_run.state import torch_cache_dir
+from gpu_run.paths import torch_cache_dir
 
 DOWNLOAD_TIMEOUT_S = 30  # per connect/read: with no network the download fails fast, not after minutes
 UPLOAD_TIMEOUT_S = 3600

@@ -163,7 +163,7 @@ def test_report_renders_cjk_class_names(tmp_path):
     """Class names in Chinese must not come out as empty boxes (needs a CJK font: the test bed installs one)."""
     import warnings
 
-    from gpu_run.report import write_report
+    from gpu_run.deliverables.report import write_report
 
     if not Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc").exists():
         from tests.conftest import missing_test_bed

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from gpu_run.cli import cli
-from gpu_run.pipeline import TrainSpec
+from gpu_run.spec import TrainSpec
 from tests.conftest import trainer
 from gpu_run.trainer.train import (IMAGENET_MEAN, IMAGENET_STD, SafeImageFolder, build_transforms, list_samples,
                            load_image)

@@ -11,6 +11,9 @@ from typing import Iterator
 from gpu_run.providers.base import StopResult
 from gpu_run.ui import UI
 
+# What the trainer gets, once asked to stop, to finish its step and write last.pth before it is
+# killed: the default of `gpu-run train --stop-timeout`, and of every stop that has no run's own.
+STOP_TIMEOUT_S = 120
 
 @dataclass
 class Job:
@@ -26,7 +29,7 @@ class Job:
     # Limits the host-side watchdog enforces (0: none), and what it does at the end.
     max_runtime_s: int = 0
     silence_s: int = 0
-    stop_timeout_s: int = 120  # what the trainer gets to save last.pth before it is killed
+    stop_timeout_s: int = STOP_TIMEOUT_S
     keep_alive: bool = False
     terminate: bool = False  # cloud instances: terminate instead of stop at the end
     seed_dir: str | None = None  # a local folder (a resumed run's checkpoints) to put in out_dir first
@@ -127,7 +130,7 @@ class Backend(ABC):
         """The exit code once the job has ended, None while it runs or when it is unknown."""
 
     @abstractmethod
-    def stop(self, handle: RunHandle, timeout_s: int = 120) -> None:
+    def stop(self, handle: RunHandle, timeout_s: int = STOP_TIMEOUT_S) -> None:
         """SIGTERM (the trainer saves last.pth at the next step), then force after timeout_s."""
 
     def pull(self, handle: RunHandle, out_dir: Path, ui: UI) -> None:

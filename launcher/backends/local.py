@@ -18,7 +18,7 @@ from gpu_run.local_shell import LocalShell
 from gpu_run.runtimes.base import Runtime
 from gpu_run.runtimes.docker import DockerRuntime, docker_version
 from gpu_run.runtimes.python import PythonRuntime, find_python
-from gpu_run.state import home_dir
+from gpu_run.paths import home_dir
 from gpu_run.ui import UI
 
 POLL_S = 0.5
@@ -100,7 +100,7 @@ class LocalBackend(Backend):
             time.sleep(POLL_S)
         return code
 
-    def stop(self, handle: RunHandle, timeout_s: int = 120) -> None:
+    def stop(self, handle: RunHandle, timeout_s: int) -> None:
         self.runtime.stop(handle, timeout_s)
 
     def finish(self, handle: RunHandle, out_dir: Path, ui: UI) -> dict:

@@ -224,7 +224,7 @@ class SshHostBackend(Backend):
                 return code
         raise AssertionError("unreachable")
 
-    def stop(self, handle: RunHandle, timeout_s: int = 120) -> None:
+    def stop(self, handle: RunHandle, timeout_s: int) -> None:
         self.watchdog.hold(handle.run_id)  # this laptop pulls right after: keep the host up for it
         self.runtime.stop(handle, timeout_s)
 

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import tarfile
-from pathlib import Path
 
 from gpu_run.backends.base import Job, Prepared, RunHandle, launcher_argv, trainer_argv
 from gpu_run.config import Host

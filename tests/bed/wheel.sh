@@ -12,6 +12,7 @@ trap 'rm -rf "$work"' EXIT
 say() { printf '[wheel] %s\n' "$*"; }
 
 say "building the wheel"
+rm -rf "$root/build/lib"  # setuptools never deletes there: a moved module would ship twice
 "$root/.venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$work/dist" "$root"
 wheel="$(ls "$work"/dist/gpu_run-*.whl)"
 # The wheel must carry what the program reads at run time, and no generic top-level names.

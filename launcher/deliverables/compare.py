@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gpu_run.errors import GpuRunError
 from gpu_run.events import parse_event, read_metrics
-from gpu_run.report import DPI, plt, setup_fonts
+from gpu_run.deliverables.figures import new_figure, save
 
 COLUMNS = ["run", "model", "parameters", "best_val_acc", "train_images_per_s", "epoch_time_s", "cost", "currency"]
 
@@ -53,15 +53,12 @@ def write_comparison(rows: list[dict], out: Path) -> dict[str, Path]:
                      f"{r['train_images_per_s']:.1f} | {r['epoch_time_s']:.1f} | {r['cost']:.2f} {r['currency']} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
 
-    setup_fonts()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = new_figure(figsize=(5, 3.6))
     for r in rows:
         ax.scatter(r["train_images_per_s"], r["best_val_acc"] * 100, s=60)
         ax.annotate(f"{r['model']}\n{r['run']}", (r["train_images_per_s"], r["best_val_acc"] * 100),
                     textcoords="offset points", xytext=(6, 4), fontsize=6)
     ax.set(xlabel="training speed (images/s)", ylabel="best validation accuracy (%)", title="Accuracy vs speed")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_speed.png", dpi=DPI)
-    plt.close(fig)
+    save(fig, out / "accuracy_vs_speed.png")
     return {"csv": out / "compare.csv", "markdown": out / "compare.md", "figure": out / "accuracy_vs_speed.png"}

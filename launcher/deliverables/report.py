@@ -2,8 +2,7 @@
 
 Everything comes from metrics.jsonl, predictions.csv, summary.json and the dataset (for the
 misclassified-image grid), so the trainer image stays lean. Figures are PNG at 300 dpi; class
-names in CJK render when a CJK font is installed (matplotlib falls back per glyph along the
-font list).
+names in CJK render when a CJK font is installed (figures.py).
 """
 
 from __future__ import annotations
@@ -13,38 +12,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from PIL import Image, ImageOps
 
-matplotlib.use("Agg")  # no display on a server, and none needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
-
-from gpu_run.errors import GpuRunError  # noqa: E402
-from gpu_run.events import read_metrics  # noqa: E402
-
-DPI = 300
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
-             "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
-
-
-CJK_FILE_HINTS = ("cjk", "wqy", "simhei", "msyh", "pingfang", "sourcehan", "uming", "ukai", "droidsansfallback")
-
-
-def setup_fonts() -> None:
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    if not any(name in installed for name in CJK_FONTS):
-        # matplotlib's font cache predates a CJK font installed later: register such files now.
-        for path in font_manager.findSystemFonts():
-            if any(hint in Path(path).name.lower() for hint in CJK_FILE_HINTS):
-                try:
-                    font_manager.fontManager.addfont(path)
-                except (OSError, RuntimeError, ValueError):
-                    pass
-        installed = {f.name for f in font_manager.fontManager.ttflist}
-    cjk = [name for name in CJK_FONTS if name in installed]
-    plt.rcParams["font.family"] = ["DejaVu Sans", *cjk]
-    plt.rcParams["axes.unicode_minus"] = False
+from gpu_run.deliverables.figures import new_figure, save
+from gpu_run.errors import GpuRunError
+from gpu_run.events import read_metrics
 
 
 @dataclass
@@ -82,17 +54,9 @@ def per_class_scores(matrix: list[list[int]], classes: list[str]) -> list[dict]:
     return rows
 
 
-def save(fig, out: Path, name: str) -> Path:
-    fig.tight_layout()
-    path = out / name
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
 def plot_curves(metrics: list[dict], out: Path) -> Path:
     epochs = [m["epoch"] for m in metrics]
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, (acc, loss) = new_figure(1, 2, figsize=(8, 3.2))
     acc.plot(epochs, [m["train_acc"] * 100 for m in metrics], "o-", label="train")
     acc.plot(epochs, [m["val_acc"] * 100 for m in metrics], "s-", label="validation")
     acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
@@ -103,13 +67,13 @@ def plot_curves(metrics: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
-    return save(fig, out, "curves.png")
+    return save(fig, out / "curves.png")
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Path:
     n = len(classes)
     size = max(3.2, 0.55 * n + 1.8)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 0.8, size))
+    fig, axes = new_figure(1, 2, figsize=(2 * size + 0.8, size))
     normalised = [[v / max(1, sum(row)) for v in row] for row in matrix]
     for ax, data, title, fmt in ((axes[0], matrix, "Confusion matrix (counts)", "{:d}"),
                                  (axes[1], normalised, "Normalised by true class", "{:.2f}")):
@@ -123,17 +87,17 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Pa
                 ax.text(c, r, fmt.format(data[r][c]), ha="center", va="center",
                         color="white" if data[r][c] > top / 2 else "black", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return save(fig, out, "confusion_matrix.png")
+    return save(fig, out / "confusion_matrix.png")
 
 
 def plot_per_class(rows: list[dict], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.0))
+    fig, ax = new_figure(figsize=(6, 0.4 * len(rows) + 1.0))
     ax.axis("off")
     cells = [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"])] for r in rows]
     table = ax.table(cellText=cells, colLabels=["class", "precision", "recall", "F1", "support"], loc="center")
     table.scale(1, 1.4)
     ax.set_title("Per-class precision, recall and F1 (validation)")
-    return save(fig, out, "per_class.png")
+    return save(fig, out / "per_class.png")
 
 
 def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Path, limit: int = 16) -> Path | None:
@@ -142,7 +106,7 @@ def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Pat
         return None
     cols = min(4, len(wrong))
     rows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(2.2 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, p in zip(axes.flat, wrong):
@@ -154,7 +118,7 @@ def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Pat
             ax.text(0.5, 0.5, "image not found", ha="center", va="center")
         ax.set_title(f"true: {p.true}\npred: {p.predicted} ({p.confidence:.0%})", fontsize=8)
     fig.suptitle("Most confident mistakes (validation)")
-    return save(fig, out, "misclassified.png")
+    return save(fig, out / "misclassified.png")
 
 
 def write_report(run_dir: Path, data_root: Path | None = None) -> Path:
@@ -162,7 +126,6 @@ def write_report(run_dir: Path, data_root: Path | None = None) -> Path:
     metrics_path, preds_path = run_dir / "metrics.jsonl", run_dir / "predictions.csv"
     if not metrics_path.is_file() or not preds_path.is_file():
         raise GpuRunError(f"{run_dir} has no metrics.jsonl / predictions.csv yet; `gpu-run pull` the run first")
-    setup_fonts()
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     metrics = read_metrics(metrics_path.read_text())
     preds = read_predictions(preds_path)

@@ -8,7 +8,7 @@ from collections import defaultdict
 from decimal import Decimal
 
 from gpu_run.config import Config
-from gpu_run.cost import billed_seconds, cost_of
+from gpu_run.money.cost import billed_seconds, cost_of
 from gpu_run.ledger import Ledger
 
 

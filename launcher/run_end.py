@@ -1,0 +1,134 @@
+"""How a run ends, one way for every path: follow the trainer to its end, pull the outputs, let the
+machine stop and confirm it, then record the end (summary.json and the ledger) once."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from gpu_run.backends import Backend, RunHandle
+from gpu_run.config import Host
+from gpu_run.errors import GpuRunError
+from gpu_run.events import read_metrics, status_for_exit
+from gpu_run.ledger import Ledger, RunRecord
+from gpu_run.money.budget import run_cost
+from gpu_run.money.cost import format_money
+from gpu_run.providers.base import StopResult
+from gpu_run.ui import UI, TrainingDisplay
+
+
+class Detached(Exception):
+    """The user pressed Ctrl-C while following: the run goes on without us."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        self.run_id = run_id
+
+def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, ui: UI) -> dict:
+    """Show the live display until the trainer ends, then pull, record and summarise.
+
+    Ctrl-C raises Detached: the run goes on and `gpu-run attach` picks it up again.
+    """
+    run_dir = Path(run.run_dir)
+    handle = handle_of(run)
+
+    def cost_line() -> str:
+        if host.is_free:
+            return ""
+        amount, _ = run_cost(host, ledger.get_run(run.run_id))
+        return format_money(amount, host.currency)
+
+    ledger.update_run(run.run_id, status="running")
+    try:
+        backend.ensure_watchdog(handle, ui)
+        with TrainingDisplay(ui, cost_line) as display, open(run_dir / "train.log", "w") as log:
+            # Replaying from the start rewrites train.log whole, so an attach never duplicates lines.
+            for line in backend.follow_logs(handle):
+                log.write(line + "\n")
+                log.flush()
+                display.feed(line)
+        exit_code = backend.wait(handle)
+    except KeyboardInterrupt:
+        ledger.update_run(run.run_id, status="detached")
+        raise Detached(run.run_id) from None
+    except GpuRunError:
+        # The client lost the host, not the run: the watchdog still stops the machine.
+        ledger.update_run(run.run_id, status="detached")
+        raise
+    return finish_run(run, host, backend, exit_code, ledger, ui)
+
+def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI) -> dict:
+    run_dir = Path(run.run_dir)
+    ended = time.time()
+    status = status_for_exit(exit_code)
+    ledger.end_phase(run.run_id, "train", "ok" if status != "failed" else "failed", f"exit code {exit_code}", at=ended)
+    with ledger.phase(run.run_id, "pull"):
+        ended_info = backend.finish(handle_of(run), run_dir, ui)
+    with ledger.phase(run.run_id, "stop"):
+        stop_result = backend.release(handle_of(run), ui)
+        record_stop(ledger, run.run_id, stop_result, run.billed_from)
+    missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
+    if status == "succeeded" and missing:
+        status = "failed"
+        ui.error(f"the trainer exited 0 but {', '.join(missing)} did not arrive in {run_dir}")
+    return record_end(run, host, status, exit_code, ended, ledger, extra=ended_info)
+
+
+def record_end(run: RunRecord, host: Host, status: str, exit_code: int | None, ended: float, ledger: Ledger,
+               extra: dict | None = None) -> dict:
+    """Write a run's end: summary.json in its folder and the ledger's row, from the ledger as it is
+    now. Called again when something about an ended run changes (a stop confirmed later); `extra`
+    carries what only the end knew (the watchdog's record, where the outputs came from)."""
+    summary = {**(extra or {}), **build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended)}
+    (Path(run.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ledger.update_run(
+        run.run_id, status=status, exit_code=exit_code, ended_at=ended, summary_json=json.dumps(summary),
+        best_val_acc=summary["best_val_acc"], cost_amount=summary["cost"]["amount"],
+    )
+    return summary
+
+def handle_of(run: RunRecord) -> RunHandle:
+    """The run's handle from the ledger (an empty one for a run that never started its trainer)."""
+    return RunHandle.from_json(run.handle_json) or RunHandle()
+
+def record_stop(ledger: Ledger, run_id: str, result: StopResult, billed_from: float | None) -> None:
+    """The machine's end, in the ledger: billing closes only on a confirmed stop (or when nothing
+    bills); a failed or unconfirmed stop leaves it open until `gpu-run stop RUN` confirms one."""
+    fields: dict = {"stop_status": result.state, "stop_detail": result.detail}
+    if billed_from is not None and result.ok:
+        fields["billed_to"] = result.at or time.time()
+    ledger.update_run(run_id, **fields)
+
+def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended: float) -> dict:
+    run_dir = Path(run.run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = read_metrics(metrics_path.read_text()) if metrics_path.is_file() else []
+    plan = run.args
+    amount, billed = run_cost(host, run, now=ended)
+    handle = handle_of(run)
+    return {
+        "run_id": run.run_id,
+        "host": run.host,
+        "backend": run.backend,
+        "device": handle.device or None,
+        "model": run.model,
+        "classes": plan.get("classes", []),
+        "epochs": plan.get("spec", {}).get("epochs"),
+        "epochs_completed": metrics[-1]["epoch"] if metrics else 0,
+        "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
+        "final_val_acc": metrics[-1]["val_acc"] if metrics else None,
+        "status": status,
+        "exit_code": exit_code,
+        "duration_s": round(ended - run.created_at, 3),
+        "image_tag": run.image_tag,
+        "image_built": handle.image_built,
+        "runtime": handle.runtime or None,
+        "versions": handle.versions or None,
+        "weights": plan.get("weights"),
+        "dataset": {"path": run.data_path, "id": run.dataset_id, **plan.get("dataset", {})},
+        "cost": {"amount": float(amount), "currency": host.currency, "billed_s": billed},
+        "resumed_from": run.resumed_from,
+        "run_dir": str(run_dir),
+        "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail},
+    }

@@ -1,0 +1,128 @@
+"""What the user asked `gpu-run train` for, and the checks that refuse what cannot work.
+
+The recipe's defaults are the trainer's own (gpu_run.trainer.defaults), so the command line, this
+spec and the trainer cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpu_run.backends.base import STOP_TIMEOUT_S
+from gpu_run.errors import ConfigError
+from gpu_run.trainer import defaults as recipe
+from gpu_run.weights import check_weights
+
+MAX_STOP_TIMEOUT_S = 3600  # a stop that waits longer than this is a hang, and the host bills meanwhile
+
+
+@dataclass
+class TrainSpec:
+    """What the user asked `gpu-run train` for."""
+
+    host: str
+    data: Path
+    model: str = recipe.MODEL
+    weights: str = "imagenet"  # the seed recipe: transfer learning from torchvision's ImageNet weights
+    epochs: int = recipe.EPOCHS
+    batch_size: int = recipe.BATCH_SIZE
+    lr: float = recipe.LR
+    step_size: int = recipe.STEP_SIZE
+    gamma: float = recipe.GAMMA
+    image_size: int = recipe.IMAGE_SIZE
+    augment: str | None = None  # standard | light | none; None: standard, or the resumed run's
+    no_flip: bool = False  # True: no horizontal flip; a resumed run keeps the flip choice it had
+    workers: int = recipe.WORKERS
+    seed: int = recipe.SEED
+    gpus: int = 1
+    amp: str = recipe.AMP
+    compile: bool = False
+    cache_size: int = 0  # >0: train on a copy resized to this short side (made once, on the laptop)
+    detach: bool = False
+    max_hours: float = 0.0  # 0: no limit; enforced by the watchdog on the host
+    silence_minutes: float = 0.0  # 0: no limit; a job that logs nothing this long is stopped
+    stop_timeout_s: int = STOP_TIMEOUT_S  # what the trainer gets to save last.pth when stopped
+    keep_alive: bool = False
+    terminate: bool = False
+    budget: float = 0.0  # in the host's currency; 0: none
+    epoch_time_s: float = 0.0  # a known time per epoch, for the budget estimate
+    force: bool = False  # start even when the estimate is over the budget
+    accept_new_host_key: bool = False
+    runs_dir: Path = Path("runs")
+    resume: str | None = None  # a run id whose last.pth this run continues from
+    extra_env: dict = field(default_factory=dict)
+
+    def trainer_args(self) -> list[str]:
+        args = [
+            "--model", self.model, "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
+            "--lr", str(self.lr), "--step-size", str(self.step_size), "--gamma", str(self.gamma),
+            "--image-size", str(self.image_size), "--workers", str(self.workers), "--seed", str(self.seed),
+            "--amp", self.amp,
+        ]
+        # Passed only when chosen: the trainer then takes a resumed run's recipe from its last.pth.
+        if self.augment:
+            args += ["--augment", self.augment]
+        if self.no_flip:
+            args.append("--no-flip")
+        if self.compile:
+            args.append("--compile")
+        if self.resume:
+            args.append("--resume")
+        return args
+
+def check_spec(spec: TrainSpec) -> None:
+    """Command-line values that cannot work, caught before anything starts."""
+    # nan passes every comparison below (nan < 0 is False), so it is refused first.
+    for name, option in (("lr", "--lr"), ("gamma", "--gamma"), ("max_hours", "--max-hours"),
+                         ("silence_minutes", "--silence-minutes"), ("budget", "--budget"),
+                         ("epoch_time_s", "--epoch-time")):
+        if not math.isfinite(getattr(spec, name)):
+            raise ConfigError(f"{option} must be a finite number, got {getattr(spec, name)}")
+    for name in ("epochs", "batch_size", "step_size"):
+        if getattr(spec, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(spec, name)}")
+    if spec.gamma <= 0:
+        raise ConfigError(f"--gamma must be positive (the lr is multiplied by it), got {spec.gamma}")
+    if spec.budget < 0 or spec.epoch_time_s < 0:
+        raise ConfigError("--budget and --epoch-time must be 0 (none) or more")
+    if not 1 <= spec.stop_timeout_s <= MAX_STOP_TIMEOUT_S:
+        raise ConfigError(f"--stop-timeout must be between 1 and {MAX_STOP_TIMEOUT_S} seconds, got {spec.stop_timeout_s}")
+    if spec.workers < -1:
+        raise ConfigError(f"--workers must be -1 (from the host's cores), 0 (in the main process) or more, got {spec.workers}")
+    if not 0 <= spec.seed < 2**32:
+        raise ConfigError(f"--seed must be between 0 and {2**32 - 1}, got {spec.seed}")
+    if spec.cache_size < 0:
+        raise ConfigError(f"--cache-size must be 0 (no cache) or a size in pixels, got {spec.cache_size}")
+    if spec.cache_size and spec.cache_size < spec.image_size:
+        raise ConfigError(f"--cache-size {spec.cache_size} is smaller than --image-size {spec.image_size}; use at least the image size")
+    if spec.image_size < 32:
+        raise ConfigError(f"--image-size must be at least 32 pixels, got {spec.image_size}")
+    if spec.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {spec.lr}")
+    if spec.max_hours < 0 or spec.silence_minutes < 0:
+        raise ConfigError("--max-hours and --silence-minutes must be 0 (no limit) or more")
+    if spec.gpus < 0:
+        raise ConfigError(f"--gpus must be 0 (CPU) or more, got {spec.gpus}")
+    import torchvision  # imported here: only train needs it, and it takes a second
+
+    models = torchvision.models.list_models(module=torchvision.models)
+    if spec.model not in models:
+        raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(sorted(models))}")
+    check_weights(spec.weights, spec.model)  # the file, or torchvision weights for the model (no network)
+    check_runs_dir(spec.runs_dir)
+
+def check_runs_dir(runs_dir: Path) -> None:
+    """--runs-dir must be a folder this user can create run folders in; found out now, not after the run."""
+    path = runs_dir.absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir} is a file; pass a folder for the run outputs")
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir} cannot be created: {existing} is not a folder; pass another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--runs-dir {runs_dir}: {existing} is not writable; pass a folder you can write")
