@@ -18,8 +18,10 @@ from typing import Callable
 from PIL import Image
 
 from gpu_run.errors import DatasetError
+# The ImageFolder rules are the trainer's own, so the laptop counts exactly what the host trains on
+# (is_image_file and image_files are also imported from here by others).
+from gpu_run.trainer.imagefolder import IMAGE_EXTENSIONS, class_folders, image_files, is_hidden, is_image_file
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val")
 # More unreadable images than this (per split) is a broken dataset, not a few bad files.
 MAX_UNREADABLE_FRACTION = 0.5
@@ -51,18 +53,6 @@ def dataset_id(root: Path) -> str:
     resolved = str(root.expanduser().resolve())
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(resolved).name).strip("-.") or "data"
     return f"{slug[:40]}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def class_folders(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
 
 
 def is_readable_image(path: Path) -> bool:
@@ -125,11 +115,11 @@ def check_entries(root: Path) -> None:
     """Every file and folder the sync sends (the same walk, the same hidden-name rule as its manifest)."""
     top = str(root)
     for dirpath, dirnames, filenames in os.walk(top, onerror=_raise_walk_error):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
         for name in dirnames:
             check_entry(top, dirpath, name, is_dir=True)
         for name in filenames:
-            if not name.startswith("."):
+            if not is_hidden(name):
                 check_entry(top, dirpath, name, is_dir=False)
 
 

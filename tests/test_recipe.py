@@ -207,7 +207,7 @@ def test_the_cache_copy_is_upright_with_no_tag_left(tmp_path, gpu_run_home):
 
 
 def test_predict_sees_phone_photos_upright(tmp_path, monkeypatch):
-    import gpu_run.predict as predict
+    import gpu_run.deliverables.predict as predict
 
     seen = []
 

@@ -5,7 +5,7 @@ This is the program gpu-run runs inside the training container (or as a plain pr
 
   1. arguments           every knob, with a help string
   2. events              one JSON object per line on stdout: the launcher's only input
-  3. data                ImageFolder that skips corrupt images and applies EXIF orientation;
+  3. data                ImageFolder (rules in imagefolder.py) that skips corrupt images;
                          the augmentation recipe (standard | light | none, flip or not)
   4. model               any torchvision classifier, new head, weights none|PATH (never downloaded)
   5. checkpoints         written to a temp file then renamed, so a kill never leaves half a file
@@ -35,17 +35,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
+from .imagefolder import class_folders, image_files, open_image
+
 EXIT_STOPPED = 75  # stopped on request with a resumable last.pth (EX_TEMPFAIL)
 EXIT_ERROR = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 AUGMENT_RECIPES = ("standard", "light", "none")
 
 
@@ -125,24 +126,14 @@ class TrainerError(Exception):
 # 3. data
 
 
-def find_classes(split_dir: Path) -> list:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
 def load_image(path) -> Image.Image:
-    """The image as RGB, upright: phones store pixels as the sensor saw them and say in an EXIF
-    tag how to turn them, so without exif_transpose a portrait photo trains lying on its side."""
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+    """The image as RGB, upright (EXIF orientation applied), at full size: what predict shows."""
+    return open_image(path)
 
 
 def list_samples(split_dir: Path, classes: list) -> list:
-    samples = []
-    for target, name in enumerate(classes):
-        for path in sorted((split_dir / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                samples.append((str(path), target))
-    return samples
+    """(path, class index) pairs, by the ImageFolder rules the launcher checked the dataset with."""
+    return [(str(path), target) for target, name in enumerate(classes) for path in image_files(split_dir / name)]
 
 
 class SafeImageFolder(Dataset):
@@ -566,7 +557,7 @@ def main(args) -> int:
         remove_stale_temp_files(ckpt_dir)
 
     # Data.
-    classes = find_classes(data / "train")
+    classes = class_folders(data / "train")
     if not classes:
         raise TrainerError(f"no class folders under {data / 'train'}")
     resolve_recipe(args, ckpt_dir / "last.pth")

@@ -1,0 +1,105 @@
+"""The data path from file to batch: the ImageFolder rules the launcher and the trainer share,
+reduced-scale JPEG decoding, and the choice of CPU or GPU decoding."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gpu_run.dataset import validate_dataset
+from gpu_run.trainer.imagefolder import class_folders, image_files, is_image_file, open_image
+from gpu_run.trainer.train import list_samples
+
+EXIF_ORIENTATION = 0x0112
+
+
+# The ImageFolder rules, one copy -------------------------------------------------------------------
+
+
+@pytest.fixture
+def with_mac_litter(dataset, tmp_path) -> Path:
+    """The test dataset as it arrives from a Mac: an AppleDouble `._x.jpg` beside a photo (a resource
+    fork, not a JPEG), a hidden folder inside a class, and a hidden folder beside the classes."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    for split in ("train", "val"):
+        cls = sorted(p for p in (root / split).iterdir())[0]
+        (cls / "._00000.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 78)  # AppleDouble magic
+        (cls / ".thumbnails").mkdir()
+        shutil.copy(cls / "00000.jpg", cls / ".thumbnails" / "00000.jpg")
+        (root / split / ".hidden").mkdir()
+        shutil.copy(cls / "00000.jpg", root / split / ".hidden" / "00000.jpg")
+    return root
+
+
+def test_dot_files_and_hidden_folders_are_not_data_for_the_launcher_or_the_trainer(dataset, with_mac_litter):
+    assert not is_image_file("train/a/._00000.jpg") and is_image_file("train/a/00000.JPG")
+
+    info = validate_dataset(with_mac_litter)
+    clean = validate_dataset(dataset)
+    assert info.classes == clean.classes and ".hidden" not in info.classes
+    assert info.counts == clean.counts and not info.unreadable  # the AppleDouble file was not even looked at
+
+    for split in ("train", "val"):
+        classes = class_folders(with_mac_litter / split)
+        assert classes == info.classes
+        samples = list_samples(with_mac_litter / split, classes)
+        expected = list_samples(dataset / split, classes)
+        assert [Path(p).relative_to(with_mac_litter) for p, _ in samples] == \
+               [Path(p).relative_to(dataset) for p, _ in expected]
+
+
+def test_image_files_follows_a_symlinked_folder_once(tmp_path):
+    cls = tmp_path / "a"
+    (cls / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(cls / "sub" / "x.jpg")
+    (cls / "sub" / "loop").symlink_to("..")  # a loop back to the class folder
+    assert image_files(cls) == [cls / "sub" / "x.jpg"]
+
+
+# Reduced-scale JPEG decoding -----------------------------------------------------------------------
+
+
+def big_photo(path: Path, size=(1600, 1200), orientation: int = 1) -> Path:
+    """A JPEG as a phone writes it: left half red, right half blue, and an EXIF orientation tag."""
+    im = Image.new("RGB", size, (20, 20, 230))
+    im.paste((230, 20, 20), (0, 0, size[0] // 2, size[1]))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, "JPEG", quality=90, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("min_short_side, expected", [
+    (None, (1600, 1200)),  # not asked: full size
+    (1200, (1600, 1200)),  # no reduced scale keeps 1200: full size
+    (599, (800, 600)),  # 1/2
+    (300, (400, 300)),  # 1/4
+    (150, (200, 150)),  # 1/8, the smallest the decoder has
+    (10, (200, 150)),
+])
+def test_open_image_decodes_a_big_jpeg_smaller_but_never_below_the_short_side_asked(tmp_path, min_short_side, expected):
+    path = big_photo(tmp_path / "p.jpg")
+    assert open_image(path, min_short_side).size == expected
+    assert open_image(path, 601).size == (1600, 1200)  # 1/2 would give 600 < 601
+
+
+def test_open_image_at_reduced_scale_applies_the_exif_orientation(tmp_path):
+    # Orientation 6: the stored pixels are turned 90 degrees; shown upright the photo is 1200 x 1600,
+    # red on top (the stored left half), and the short side is the stored height.
+    path = big_photo(tmp_path / "p.jpg", orientation=6)
+    im = open_image(path, min_short_side=300)
+    assert im.size == (300, 400) and im.mode == "RGB"
+    top, bottom = im.getpixel((150, 50)), im.getpixel((150, 350))
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0], (top, bottom)
+
+
+def test_open_image_leaves_other_formats_whole(tmp_path):
+    path = tmp_path / "p.png"
+    Image.new("L", (800, 600)).save(path)
+    im = open_image(path, min_short_side=100)
+    assert im.size == (800, 600) and im.mode == "RGB"
