@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpu_run.backends.base import STOP_TIMEOUT_S
 from gpu_run.errors import ConfigError
+from gpu_run.model_zoo import CLASSIFICATION_MODELS
 from gpu_run.trainer import defaults as recipe
 from gpu_run.weights import check_weights
 
@@ -106,11 +107,8 @@ def check_spec(spec: TrainSpec) -> None:
         raise ConfigError("--max-hours and --silence-minutes must be 0 (no limit) or more")
     if spec.gpus < 0:
         raise ConfigError(f"--gpus must be 0 (CPU) or more, got {spec.gpus}")
-    import torchvision  # imported here: only train needs it, and it takes a second
-
-    models = torchvision.models.list_models(module=torchvision.models)
-    if spec.model not in models:
-        raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(sorted(models))}")
+    if spec.model not in CLASSIFICATION_MODELS:
+        raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(CLASSIFICATION_MODELS)}")
     check_weights(spec.weights, spec.model)  # the file, or torchvision weights for the model (no network)
     check_runs_dir(spec.runs_dir)
 

@@ -6,7 +6,7 @@ torch_cache_dir(), then the user's torch hub folder), downloads it there once if
 and from then on it travels like a weights file the user named: mounted read-only on the local
 host, and sent to an SSH host once, content-addressed (<workdir>/weights/<sha256>.pth).
 
-torch and torchvision are imported inside the functions: the CLI stays light.
+Torch is imported only to download a missing file: the CLI stays light (model_zoo.py has the URLs).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gpu_run.errors import BackendError, ConfigError
+from gpu_run.model_zoo import IMAGENET_WEIGHTS
 from gpu_run.paths import torch_cache_dir
 
 DOWNLOAD_TIMEOUT_S = 30  # per connect/read: with no network the download fails fast, not after minutes
@@ -46,13 +47,7 @@ class Weights:
 
 def imagenet_url(model: str) -> str:
     """The URL of torchvision's default (ImageNet) weights for a model; a one-line error if it has none."""
-    import torchvision
-
-    try:
-        default = torchvision.models.get_model_weights(model).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        default = None
-    url = getattr(default, "url", None)
+    url = IMAGENET_WEIGHTS.get(model)
     if not url:
         raise ConfigError(f"--weights imagenet: torchvision has no pretrained weights for {model}; "
                           f"use --weights none or a .pth file")
@@ -71,13 +66,19 @@ def cache_file(name: str) -> Path:
 
 def cached_candidates(name: str) -> list[Path]:
     """Places a torchvision weights file may already be on the laptop, gpu-run's own cache first."""
-    import torch.hub
-
     return [
         cache_file(name),
         torch_cache_dir() / "torch" / "hub" / "checkpoints" / name,  # where the trainer used to download it
-        Path(torch.hub.get_dir()) / "checkpoints" / name,  # the user's own torch hub cache
+        user_torch_hub() / "checkpoints" / name,  # the user's own torch hub cache
     ]
+
+
+def user_torch_hub() -> Path:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub,
+    else ~/.cache/torch/hub."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return Path(torch_home).expanduser() / "hub"
 
 
 def download(url: str, dest: Path) -> None:

@@ -38,3 +38,29 @@ def test_stop_gives_the_trainer_the_runs_own_stop_timeout() -> None:
     assert stop_timeout_of(record({"spec": {"stop_timeout_s": 900}})) == 900
     # A run recorded before the option existed gets the default.
     assert stop_timeout_of(record({})) == TrainSpec.stop_timeout_s
+
+
+def test_the_model_table_matches_the_installed_torchvision() -> None:
+    """The launcher checks --model and finds imagenet weights without importing torchvision; the
+    table it uses must be what torchvision itself says."""
+    import torchvision
+
+    from gpu_run.model_zoo import IMAGENET_WEIGHTS
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    assert sorted(IMAGENET_WEIGHTS) == sorted(names)
+    for name in names:
+        assert IMAGENET_WEIGHTS[name] == torchvision.models.get_model_weights(name).DEFAULT.url, name
+
+
+def test_the_launcher_finds_the_users_torch_hub_as_torch_does(monkeypatch, tmp_path) -> None:
+    import torch.hub
+
+    from gpu_run.weights import user_torch_hub
+
+    for env in ({}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {"TORCH_HOME": str(tmp_path / "th")}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert user_torch_hub() == Path(torch.hub.get_dir()), env

@@ -79,10 +79,9 @@ def test_cache_lookup_ours_then_the_users_hub(gpu_run_home, empty_torch_home):
 
 
 def test_model_without_torchvision_weights_is_one_line(monkeypatch):
-    def no_weights(name):
-        raise ValueError(f"no weights for {name}")
+    from gpu_run.model_zoo import IMAGENET_WEIGHTS
 
-    monkeypatch.setattr(torchvision.models, "get_model_weights", no_weights)
+    monkeypatch.setitem(IMAGENET_WEIGHTS, "resnet18", None)  # as for a model torchvision ships no weights of
     with pytest.raises(ConfigError) as e:
         W.check_weights("imagenet", "resnet18")
     assert str(e.value) == ("--weights imagenet: torchvision has no pretrained weights for resnet18; "
@@ -187,7 +186,7 @@ def test_trainer_refuses_a_file_for_another_model(dataset, tmp_path):
 # End to end -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["docker", "process"])
+@pytest.mark.parametrize("engine", [pytest.param("docker", marks=pytest.mark.integration), "process"])
 def test_imagenet_is_the_default_and_loads_on_the_local_host(engine, cli, dataset, fake_imagenet, empty_torch_home):
     env = {"TORCH_HOME": str(empty_torch_home), **(NO_ENGINE if engine == "process" else {})}
     proc = cli("train", "--host", "local", *FAST, "--data", str(dataset), env=env, check=True)  # no --weights
@@ -210,6 +209,7 @@ def test_imagenet_is_the_default_and_loads_on_the_local_host(engine, cli, datase
     assert trained["fc.weight"].shape == (len(summary["classes"]), 512)
 
 
+@pytest.mark.integration
 def test_imagenet_weights_go_to_an_ssh_host_once(ssh_host, dataset, fake_imagenet, empty_torch_home):
     env = {"TORCH_HOME": str(empty_torch_home)}
     digest = sha(fake_imagenet)
