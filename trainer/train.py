@@ -1,15 +1,18 @@
 """Fine-tune a torchvision classifier on an ImageFolder dataset.
 
 This is the program gpu-run runs inside the training container (or as a plain process on the
-`local` host when no Docker engine is there). Read it top to bottom:
+`local` host when no Docker engine is there). It has the shape of torchvision's
+references/classification/train.py: `train_one_epoch`, `evaluate`, and a short epoch loop in
+`main`. Read it top to bottom:
 
-  1. arguments           every knob, with a help string
+  1. arguments           every knob, with a help string; the recipe's defaults from defaults.py
   2. events              one JSON object per line on stdout: the launcher's only input
   3. data                ImageFolder (rules in imagefolder.py) that skips corrupt images;
                          the augmentation recipe (standard | light | none, flip or not)
   4. model               any torchvision classifier, new head, weights none|PATH (never downloaded)
   5. checkpoints         written to a temp file then renamed, so a kill never leaves half a file
-  6. one training step   mixed precision, and CUDA out-of-memory halves the micro-batch
+  6. training            one step (mixed precision; CUDA out-of-memory halves the micro-batch),
+                         then one epoch of them
   7. evaluation          accuracy, loss and per-sample predictions
   8. main                the epoch loop, SIGTERM handling, resume
 
@@ -41,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
+from . import defaults
 from .imagefolder import class_folders, image_files, open_image
 
 EXIT_STOPPED = 75  # stopped on request with a resumable last.pth (EX_TEMPFAIL)
@@ -75,30 +79,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="gpu-run trainer: fine-tune an image classifier")
     p.add_argument("--data", required=True, help="dataset root holding train/<class>/ and val/<class>/")
     p.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, predictions.csv")
-    p.add_argument("--model", default="resnet18", help="torchvision classification model name")
+    p.add_argument("--model", default=defaults.MODEL, help="torchvision classification model name")
     p.add_argument("--weights", default="none",
                    help="none, or a path to a state_dict (torchvision's ImageNet file) / checkpoint; nothing is downloaded")
-    p.add_argument("--epochs", type=number(int, 1), default=20, help="number of epochs to train in total")
-    p.add_argument("--batch-size", type=number(int, 1), default=32, help="images per optimizer step (per process)")
-    p.add_argument("--lr", type=number(float, 0, low_inclusive=False), default=1e-3, help="initial learning rate of SGD")
+    p.add_argument("--epochs", type=number(int, 1), default=defaults.EPOCHS, help="number of epochs to train in total")
+    p.add_argument("--batch-size", type=number(int, 1), default=defaults.BATCH_SIZE,
+                   help="images per optimizer step (per process)")
+    p.add_argument("--lr", type=number(float, 0, low_inclusive=False), default=defaults.LR,
+                   help="initial learning rate of SGD")
     p.add_argument("--momentum", type=number(float, 0), default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=number(float, 0), default=1e-4, help="SGD weight decay")
-    p.add_argument("--step-size", type=number(int, 1), default=5, help="multiply the lr by --gamma every this many epochs")
-    p.add_argument("--gamma", type=number(float, 0, low_inclusive=False), default=0.5,
+    p.add_argument("--step-size", type=number(int, 1), default=defaults.STEP_SIZE,
+                   help="multiply the lr by --gamma every this many epochs")
+    p.add_argument("--gamma", type=number(float, 0, low_inclusive=False), default=defaults.GAMMA,
                    help="lr decay factor applied every --step-size epochs")
-    p.add_argument("--image-size", type=number(int, 1), default=224, help="training crop size (eval: resize to 256/224 of it, centre crop)")
+    p.add_argument("--image-size", type=number(int, 1), default=defaults.IMAGE_SIZE,
+                   help="training crop size (eval: resize to 256/224 of it, centre crop)")
     # Both default to None so that --resume can tell "not given" (keep the checkpoint's) from a choice.
     p.add_argument("--augment", choices=AUGMENT_RECIPES, default=None,
                    help="training augmentation: standard (random crop, flip, colour jitter), light (milder crop, "
                         "flip; for a short fine-tune on a small dataset) or none (the eval transform); "
-                        "default standard, or the resumed checkpoint's")
+                        f"default {defaults.AUGMENT}, or the resumed checkpoint's")
     p.add_argument("--no-flip", action="store_true", default=None,
                    help="no random horizontal flip, for data whose orientation has a meaning (digits, text, "
                         "X-rays with laterality); default: flip, or the resumed checkpoint's choice")
-    p.add_argument("--workers", type=number(int, -1), default=-1, help="data loading processes; -1 picks from the host's cores")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights init, sample order and augmentation")
+    p.add_argument("--workers", type=number(int, -1), default=defaults.WORKERS,
+                   help="data loading processes; -1 picks from the host's cores")
+    p.add_argument("--seed", type=int, default=defaults.SEED, help="seed for weights init, sample order and augmentation")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth if it exists")
-    p.add_argument("--amp", default="auto", choices=["auto", "off"], help="mixed precision on GPU (bf16 if supported, else fp16)")
+    p.add_argument("--amp", default=defaults.AMP, choices=["auto", "off"],
+                   help="mixed precision on GPU (bf16 if supported, else fp16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only; slow first epoch)")
     p.add_argument("--log-every", type=number(int, 1), default=10, help="emit a step event every this many steps (and every 2 s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -240,13 +250,13 @@ def build_transforms(image_size: int, augment: str = "standard", flip: bool = Tr
 
 def resolve_recipe(args, last_path: Path) -> None:
     """Fill in --augment and --no-flip when not given: from last.pth when resuming (a resumed
-    run must augment as it did before it stopped), else standard with flip. The resolved values
+    run must augment as it did before it stopped), else the standard recipe with flip. The resolved values
     are what the checkpoint's args record."""
     saved = {}
     if args.resume and last_path.exists() and (args.augment is None or args.no_flip is None):
         saved = torch.load(last_path, map_location="cpu", weights_only=True).get("args", {})
     if args.augment is None:
-        args.augment = saved.get("augment") or "standard"
+        args.augment = saved.get("augment") or defaults.AUGMENT
     if args.no_flip is None:
         args.no_flip = bool(saved.get("no_flip", False))
 
@@ -256,6 +266,45 @@ def pick_workers(requested: int) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores - 1))
+
+
+def load_data(args, data: Path, classes: list, device: torch.device, rank: int, world: int):
+    """(train loader, val loader, the train sampler): training reads batches of its (seed, epoch)
+    order, sharded across ranks; evaluation reads the val split in file order."""
+    train_tf, eval_tf = build_transforms(args.image_size, args.augment, flip=not args.no_flip)
+    train_set = SafeImageFolder(data / "train", classes, train_tf, seed=args.seed)
+    val_set = SafeImageFolder(data / "val", classes, eval_tf)
+    workers = pick_workers(args.workers)
+    loader_opts = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        collate_fn=collate_skipping,
+    )
+    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, rank, world)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_opts)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **loader_opts)
+    return train_loader, val_loader, sampler
+
+
+class SkippedImages:
+    """Unreadable images, each reported once (a skipped_image event) however often it comes up."""
+
+    def __init__(self, data: Path):
+        self.data, self.paths = data, set()
+
+    def report(self, paths: list) -> None:
+        for path in paths:
+            if path not in self.paths:
+                self.paths.add(path)
+                emit("skipped_image", path=os.path.relpath(path, self.data))
+
+
+def batches(loader, skipped: SkippedImages):
+    """The loader's (images, targets, indices) batches; the unreadable images it met are reported."""
+    for images, targets, indices, unreadable in loader:
+        skipped.report(unreadable)
+        yield images, targets, indices
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,41 +426,99 @@ def remove_stale_temp_files(folder: Path) -> None:
         tmp.unlink()
 
 
+class Checkpoints:
+    """last.pth (every epoch, and on a stop: what a resume starts from) and best.pth (the best
+    val accuracy) in <out>/checkpoints. Plain dicts, as torchvision's reference saves them, and
+    written by rank 0 only (its save_on_master)."""
+
+    def __init__(self, folder: Path, raw_model, optimizer, scheduler, ctx, args, classes: list):
+        self.folder, self.last = folder, folder / "last.pth"
+        self.raw_model, self.optimizer, self.scheduler, self.ctx = raw_model, optimizer, scheduler, ctx
+        self.args, self.classes = args, classes
+
+    def save(self, name: str, epoch: int, step: int, partial: dict, best_acc: float) -> None:
+        if not is_main_process():
+            return
+        atomic_save({
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": self.ctx.scaler.state_dict(),
+            "epoch": epoch,  # epochs fully trained
+            "step": step,  # steps already trained in the next epoch
+            "partial": dict(partial),  # that epoch's totals so far
+            "best_val_acc": best_acc,
+            "classes": self.classes,
+            "model_name": self.args.model,
+            "image_size": self.args.image_size,
+            "micro_batch": self.ctx.micro_batch,
+            "seed": self.args.seed,
+            "args": vars(self.args),
+            "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+        }, self.folder / name)
+
+    def resume(self) -> tuple[int, int, float, dict | None]:
+        """Load last.pth into the model, optimizer, schedule and scaler. Returns (epochs done,
+        steps done in the next epoch, best val accuracy, that epoch's totals so far)."""
+        ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
+        if ckpt["classes"] != self.classes:
+            raise TrainerError(f"last.pth was trained on classes {ckpt['classes']}, the data has {self.classes}")
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if ckpt["scaler"]:  # empty when saved on CPU or with bf16; an fp16 GPU then starts a fresh scale
+            self.ctx.scaler.load_state_dict(ckpt["scaler"])
+        self.ctx.micro_batch = min(self.ctx.micro_batch, ckpt.get("micro_batch", self.ctx.micro_batch))
+        return ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"], ckpt["partial"]
+
+
 # ----------------------------------------------------------------------------------------------
-# 6. one training step
+# 6. training
+
+
+class Faults:
+    """Test seams, read from the environment once at start; both unset (None) outside tests.
+
+    GPU_RUN_FAULT_OOM_ABOVE=N makes micro-batches larger than N fail like CUDA out of memory.
+    GPU_RUN_FAULT_HANG_AT_STEP=N makes the trainer hang at step N, like a stuck NCCL call.
+    """
+
+    def __init__(self, environ=os.environ):
+        self.oom_above = int(environ["GPU_RUN_FAULT_OOM_ABOVE"]) if environ.get("GPU_RUN_FAULT_OOM_ABOVE") else None
+        self.hang_at_step = int(environ["GPU_RUN_FAULT_HANG_AT_STEP"]) if environ.get("GPU_RUN_FAULT_HANG_AT_STEP") else None
+
+    def before_micro_batch(self, size: int) -> None:
+        if self.oom_above is not None and size > self.oom_above:
+            raise torch.cuda.OutOfMemoryError(f"injected: micro-batch {size} > {self.oom_above}")
+
+    def before_step(self, step: int) -> None:
+        if step == self.hang_at_step:
+            print(f"hanging at step {step} (GPU_RUN_FAULT_HANG_AT_STEP)", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
 
 
 class StepContext:
     """What a step needs besides the batch; micro_batch shrinks when CUDA runs out of memory."""
 
-    def __init__(self, device, amp_dtype, scaler, micro_batch: int, channels_last: bool):
+    def __init__(self, device, amp_dtype, scaler, micro_batch: int, channels_last: bool, faults: Faults):
         self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
-        self.micro_batch, self.channels_last = micro_batch, channels_last
-
-
-def fault_injected_oom(micro_batch: int) -> None:
-    """Test seam: GPU_RUN_FAULT_OOM_ABOVE=N makes micro-batches larger than N fail like CUDA OOM."""
-    limit = os.environ.get("GPU_RUN_FAULT_OOM_ABOVE")
-    if limit and micro_batch > int(limit):
-        raise torch.cuda.OutOfMemoryError(f"injected: micro-batch {micro_batch} > {limit}")
-
-
-def fault_injected_hang(step: int) -> None:
-    """Test seam: GPU_RUN_FAULT_HANG_AT_STEP=N makes the trainer hang (like a stuck NCCL call) at step N."""
-    if os.environ.get("GPU_RUN_FAULT_HANG_AT_STEP") == str(step):
-        print(f"hanging at step {step} (GPU_RUN_FAULT_HANG_AT_STEP)", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
+        self.micro_batch, self.channels_last, self.faults = micro_batch, channels_last, faults
 
 
 def forward_backward(model, criterion, images, targets, ctx: StepContext, optimizer):
-    """One optimizer step over the batch, as ceil(batch / micro_batch) accumulated micro-batches."""
+    """One optimizer step over the batch, as ceil(batch / micro_batch) accumulated micro-batches.
+
+    Returns the batch's loss sum and correct count as tensors on the device: reading them here
+    (.item()) would make the CPU wait for the GPU at every step."""
     optimizer.zero_grad(set_to_none=True)
     total = len(images)
-    loss_sum, correct = 0.0, 0
+    # float64 sums, so a long epoch's total keeps its digits (and equals a sum of Python floats).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     chunks = list(zip(images.split(ctx.micro_batch), targets.split(ctx.micro_batch)))
     for i, (x, y) in enumerate(chunks):
-        fault_injected_oom(len(x))
+        ctx.faults.before_micro_batch(len(x))
         x = x.to(ctx.device, non_blocking=True)
         y = y.to(ctx.device, non_blocking=True)
         if ctx.channels_last:
@@ -423,8 +530,8 @@ def forward_backward(model, criterion, images, targets, ctx: StepContext, optimi
             logits = model(x)
             loss = criterion(logits, y)
             ctx.scaler.scale(loss * (len(x) / total)).backward()
-        loss_sum += loss.item() * len(x)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.detach().double() * len(x)
+        correct += (logits.argmax(1) == y).sum()
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     return loss_sum, correct
@@ -446,16 +553,105 @@ def train_step(model, criterion, images, targets, ctx: StepContext, optimizer):
         emit("oom", micro_batch=ctx.micro_batch, accumulation_steps=math.ceil(len(images) / ctx.micro_batch))
 
 
+class EpochTotals:
+    """The epoch so far: loss sum and correct count on the device (each step adds to them without
+    waiting for the GPU), images seen and seconds spent. A checkpoint saves them as `partial`."""
+
+    def __init__(self, device: torch.device, world: int, saved: dict | None = None):
+        saved = saved or {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+        self.loss_sum = torch.tensor(saved["loss_sum"], dtype=torch.float64, device=device)
+        self.correct = torch.tensor(saved["correct"], dtype=torch.int64, device=device)
+        self.seen, self.time_s, self.world = saved["seen"], saved["time_s"], world
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.seen += images
+
+    def as_numbers(self) -> dict:
+        """The totals as plain numbers. .item() makes the CPU wait until the GPU has run every step
+        queued so far (a CPU-GPU sync point), so this is called only to log or to save."""
+        return {"loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "seen": self.seen,
+                "time_s": self.time_s}
+
+    def images_per_s(self) -> float:
+        return self.seen * self.world / max(self.time_s, 1e-9)
+
+    def epoch_stats(self) -> dict:
+        done = self.as_numbers()
+        seen = max(done["seen"], 1)
+        return {"train_loss": done["loss_sum"] / seen, "train_acc": done["correct"] / seen,
+                "train_images_per_s": self.images_per_s(), "epoch_time_s": self.time_s}
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes its current step, saves last.pth and exits 75."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, signum, _frame):
+        if not self.requested:
+            self.requested = True
+            print(f"signal {signum}: stopping after this step and saving last.pth", file=sys.stderr, flush=True)
+
+
+def agree_on_stop(flag: StopFlag, device, vote: bool = True) -> bool:
+    """Whether to stop now. Alone, a process reads its flag. Under DDP every rank must stop at
+    the same step, or the next all-reduce waits forever: they vote (an all-reduce, itself a sync
+    point) only when `vote`, at steps all ranks reach together."""
+    if not dist.is_initialized():
+        return flag.requested
+    if not vote:
+        return False
+    t = torch.tensor([1.0 if flag.requested else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train_one_epoch(model, criterion, optimizer, batches, ctx: StepContext, totals: EpochTotals,
+                    epoch: int, step: int, steps: int, log_every: int, stop: StopFlag) -> tuple[int, bool]:
+    """Train the rest of `epoch` from `step` on; returns (the step reached, whether to stop there)."""
+    model.train()
+    tick = last_event = time.perf_counter()
+    for images, targets, _indices in batches:
+        ctx.faults.before_step(step + 1)
+        # A lone image cannot train BatchNorm (one value per channel); it is rare and harmless to drop.
+        if images is not None and len(images) > 1:
+            totals.add(*train_step(model, criterion, images, targets, ctx, optimizer), len(images))
+        step += 1
+        log_step = step % log_every == 0 or step == steps  # the same steps on every rank
+        # Every --log-every steps, and at least every 2 s so a slow run's display still moves.
+        show = log_step or time.perf_counter() - last_event >= 2.0
+        numbers = totals.as_numbers() if show else None  # waits for the GPU: before the clock is read
+        now = time.perf_counter()
+        totals.time_s += now - tick
+        tick = now
+        if show:
+            last_event = now
+            seen = max(numbers["seen"], 1)
+            emit("step", epoch=epoch + 1, step=step, steps=steps, loss=numbers["loss_sum"] / seen,
+                 acc=numbers["correct"] / seen, lr=optimizer.param_groups[0]["lr"], images_per_s=totals.images_per_s())
+        if agree_on_stop(stop, ctx.device, vote=log_step) and step < steps:
+            return step, True
+    return step, False
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. evaluation
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, ctx: StepContext, dataset: SafeImageFolder):
+def evaluate(model, criterion, batches, ctx: StepContext, dataset: "SafeImageFolder"):
+    """Val loss and accuracy, and one (path, true, predicted, confidence) row per image."""
     model.eval()
-    loss_sum, correct, seen, rows = 0.0, 0, 0, []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    seen, outputs = 0, []
     start = time.perf_counter()
-    for images, targets, indices, _skipped in loader:
+    for images, targets, indices in batches:
         if images is None:
             continue
         x = images.to(ctx.device, non_blocking=True)
@@ -465,14 +661,16 @@ def evaluate(model, criterion, loader, ctx: StepContext, dataset: SafeImageFolde
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
             logits = model(x)
         logits = logits.float()
-        loss_sum += criterion(logits, y).item() * len(y)
-        probs = logits.softmax(1)
-        confidence, predicted = probs.max(1)
-        correct += (predicted == y).sum().item()
+        loss_sum += criterion(logits, y).double() * len(y)
+        confidence, predicted = logits.softmax(1).max(1)
+        correct += (predicted == y).sum()
         seen += len(y)
-        for idx, t, p, c in zip(indices.tolist(), y.tolist(), predicted.tolist(), confidence.tolist()):
-            rows.append((os.path.relpath(dataset.samples[idx][0], dataset.root.parent), t, p, c))
+        outputs.append((indices, y, predicted, confidence))  # kept on the device until the end
+    # One wait for the GPU, here, rather than one per batch.
+    loss_sum, correct = loss_sum.item(), correct.item()
+    columns = [torch.cat(column).tolist() for column in zip(*outputs)] if outputs else [[]] * 4
     elapsed = time.perf_counter() - start
+    rows = [(os.path.relpath(dataset.samples[idx][0], dataset.root.parent), t, p, c) for idx, t, p, c in zip(*columns)]
     return {
         "val_loss": loss_sum / max(seen, 1),
         "val_acc": correct / max(seen, 1),
@@ -523,29 +721,6 @@ def pick_amp(device: torch.device, amp: str):
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes its current step, saves last.pth and exits 75."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._set)
-        signal.signal(signal.SIGINT, self._set)
-
-    def _set(self, signum, _frame):
-        if not self.requested:
-            self.requested = True
-            print(f"signal {signum}: stopping after this step and saving last.pth", file=sys.stderr, flush=True)
-
-
-def agree_on_stop(flag: StopFlag, device) -> bool:
-    """Every rank must stop at the same step, or DDP's all-reduce waits forever."""
-    if not dist.is_initialized():
-        return flag.requested
-    t = torch.tensor([1.0 if flag.requested else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def main(args) -> int:
     stop = StopFlag()
     rank, world, local_rank = setup_distributed()
@@ -561,20 +736,9 @@ def main(args) -> int:
     if not classes:
         raise TrainerError(f"no class folders under {data / 'train'}")
     resolve_recipe(args, ckpt_dir / "last.pth")
-    train_tf, eval_tf = build_transforms(args.image_size, args.augment, flip=not args.no_flip)
-    train_set = SafeImageFolder(data / "train", classes, train_tf, seed=args.seed)
-    val_set = SafeImageFolder(data / "val", classes, eval_tf)
-    workers = pick_workers(args.workers)
-    loader_opts = dict(
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        collate_fn=collate_skipping,
-    )
-    sampler = EpochSampler(len(train_set), args.batch_size, args.seed, rank, world)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_opts)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **loader_opts)
+    train_loader, val_loader, sampler = load_data(args, data, classes, device, rank, world)
     steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
+    skipped = SkippedImages(data)
 
     # Model, optimizer, schedule.
     torch.manual_seed(args.seed)
@@ -587,50 +751,19 @@ def main(args) -> int:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     amp_dtype, scaler = pick_amp(device, args.amp)
     criterion = nn.CrossEntropyLoss()
-    ctx = StepContext(device, amp_dtype, scaler, args.batch_size, channels_last)
+    ctx = StepContext(device, amp_dtype, scaler, args.batch_size, channels_last, Faults())
+    raw_model = model
+    checkpoints = Checkpoints(ckpt_dir, raw_model, optimizer, scheduler, ctx, args, classes)
 
     # Resume: the checkpoint says how many epochs are done and how many steps into the next one.
-    start_epoch, start_step, best_acc = 0, 0, 0.0
-    partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
-    last_path = ckpt_dir / "last.pth"
-    if args.resume and last_path.exists():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        if ckpt["classes"] != classes:
-            raise TrainerError(f"last.pth was trained on classes {ckpt['classes']}, the data has {classes}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if ckpt["scaler"]:  # empty when saved on CPU or with bf16; an fp16 GPU then starts a fresh scale
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"]
-        partial = ckpt["partial"]
-        ctx.micro_batch = min(ctx.micro_batch, ckpt.get("micro_batch", ctx.micro_batch))
+    start_epoch, start_step, best_acc, partial = 0, 0, 0.0, None
+    if args.resume and checkpoints.last.exists():
+        start_epoch, start_step, best_acc, partial = checkpoints.resume()
         emit("resumed", epoch=start_epoch + 1, step=start_step)
-
-    raw_model = model
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    def checkpoint(epoch_done: int, step: int, part: dict) -> dict:
-        return {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch_done,  # epochs fully trained
-            "step": step,  # steps already trained in the next epoch
-            "partial": dict(part),
-            "best_val_acc": best_acc,
-            "classes": classes,
-            "model_name": args.model,
-            "image_size": args.image_size,
-            "micro_batch": ctx.micro_batch,
-            "seed": args.seed,
-            "args": vars(args),
-            "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-        }
 
     emit(
         "start",
@@ -638,99 +771,63 @@ def main(args) -> int:
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=world,
         classes=classes,
-        train_images=len(train_set),
-        val_images=len(val_set),
+        train_images=len(train_loader.dataset),
+        val_images=len(val_loader.dataset),
         epochs=args.epochs,
         start_epoch=start_epoch + 1,
         steps_per_epoch=steps_per_epoch,
         batch_size=args.batch_size,
         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-        workers=workers,
+        workers=train_loader.num_workers,
         model=args.model,
         parameters=sum(p.numel() for p in raw_model.parameters()),
         torch=torch.__version__,
         torchvision=torchvision.__version__,
     )
-    metrics_path = out / "metrics.jsonl"
-    skipped_seen = set()
 
+    # The epoch loop: train, step the schedule, evaluate and save (rank 0), stop if asked.
+    totals, stopped, step = EpochTotals(device, world, partial), False, start_step
     for epoch in range(start_epoch, args.epochs):
-        model.train()
         sampler.set_epoch(epoch, start_step)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step, tick = start_step, time.perf_counter()
-        last_event = tick
-        for images, targets, _indices, skipped in train_loader:
-            for path in skipped:
-                if path not in skipped_seen:
-                    skipped_seen.add(path)
-                    emit("skipped_image", path=os.path.relpath(path, data))
-            fault_injected_hang(step + 1)
-            # A lone image cannot train BatchNorm (one value per channel); it is rare and harmless to drop.
-            if images is not None and len(images) > 1:
-                loss_sum, correct = train_step(model, criterion, images, targets, ctx, optimizer)
-                partial["loss_sum"] += loss_sum
-                partial["correct"] += correct
-                partial["seen"] += len(images)
-            step += 1
-            now = time.perf_counter()
-            partial["time_s"] += now - tick
-            tick = now
-            # Every --log-every steps, and at least every 2 s so a slow run's display still moves.
-            if step % args.log_every == 0 or step == steps_per_epoch or now - last_event >= 2.0:
-                last_event = now
-                emit(
-                    "step",
-                    epoch=epoch + 1,
-                    step=step,
-                    steps=steps_per_epoch,
-                    loss=partial["loss_sum"] / max(partial["seen"], 1),
-                    acc=partial["correct"] / max(partial["seen"], 1),
-                    lr=optimizer.param_groups[0]["lr"],
-                    images_per_s=partial["seen"] * world / max(partial["time_s"], 1e-9),
-                )
-            if agree_on_stop(stop, device) and step < steps_per_epoch:
-                if is_main_process():
-                    atomic_save(checkpoint(epoch, step, partial), last_path)
-                emit("stopped", epoch=epoch + 1, step=step, resumable=True)
-                return EXIT_STOPPED
-
-        train_stats = {
-            "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
-            "train_acc": partial["correct"] / max(partial["seen"], 1),
-            "train_images_per_s": partial["seen"] * world / max(partial["time_s"], 1e-9),
-            "epoch_time_s": partial["time_s"],
-        }
-        partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
-        start_step = 0
+        step, stopped = train_one_epoch(model, criterion, optimizer, batches(train_loader, skipped), ctx, totals,
+                                        epoch, start_step, steps_per_epoch, args.log_every, stop)
+        if stopped:
+            checkpoints.save("last.pth", epoch, step, totals.as_numbers(), best_acc)
+            break
+        train_stats = totals.epoch_stats()
+        totals, start_step = EpochTotals(device, world), 0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
         if is_main_process():
-            val_stats, rows = evaluate(raw_model, criterion, val_loader, ctx, val_set)
+            val_stats, rows = evaluate(raw_model, criterion, batches(val_loader, skipped), ctx, val_loader.dataset)
             improved = val_stats["val_acc"] > best_acc or epoch == 0
             best_acc = max(best_acc, val_stats["val_acc"])
             record = {"epoch": epoch + 1, "lr": lr, **train_stats, **val_stats, "best": improved}
             if device.type == "cuda":
                 record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if improved:
-                atomic_save(checkpoint(epoch + 1, 0, partial), ckpt_dir / "best.pth")
+                checkpoints.save("best.pth", epoch + 1, 0, totals.as_numbers(), best_acc)
                 write_predictions(out / "predictions.csv", rows, classes, epoch + 1)
             # metrics before last.pth: a kill in between repeats the epoch line, and readers keep
             # the last line per epoch, rather than losing it.
-            with open(metrics_path, "a") as f:
+            with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            atomic_save(checkpoint(epoch + 1, 0, partial), last_path)
+            checkpoints.save("last.pth", epoch + 1, 0, totals.as_numbers(), best_acc)
             emit("epoch", **record, epochs=args.epochs)
         if dist.is_initialized():
             dist.barrier()
         if agree_on_stop(stop, device) and epoch + 1 < args.epochs:
-            emit("stopped", epoch=epoch + 1, step=0, resumable=True)
-            return EXIT_STOPPED
+            stopped, step = True, 0
+            break
 
-    emit("done", best_val_acc=best_acc, epochs=args.epochs, skipped_images=len(skipped_seen))
-    return 0
+    if stopped:
+        emit("stopped", epoch=epoch + 1, step=step, resumable=True)
+    else:
+        emit("done", best_val_acc=best_acc, epochs=args.epochs, skipped_images=len(skipped.paths))
+    return EXIT_STOPPED if stopped else 0
 
 
 def run(argv=None) -> int:
