@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from gpu_run import pipeline, run_commands
@@ -21,7 +20,7 @@ from gpu_run.paths import ledger_path
 from gpu_run.run_end import Detached
 from gpu_run.spec import TrainSpec
 from gpu_run.trainer import defaults as recipe
-from gpu_run.ui import UI
+from gpu_run.ui import UI, listing, wide
 
 
 class GpuRunGroup(click.Group):
@@ -165,10 +164,11 @@ def cli(debug: bool) -> None:
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
 @json_option("Print the run summary as JSON, nothing else on stdout.")
 def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
           amp, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
-          runs_dir, as_json) -> None:
+          runs_dir, verbose, as_json) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost."""
     ledger = open_ledger()
     if data is None:
@@ -183,7 +183,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,
         runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
     )
-    ui = UI(quiet=as_json)
+    ui = UI(quiet=as_json, verbose=verbose)
     summary = pipeline.train(spec, load_config(), ledger, ui)
     if as_json:
         print_json(summary)
@@ -251,7 +251,9 @@ def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
     if as_json:
         print_json(checks)
     else:
-        table = Table("check", "result", "")
+        table = listing("check")
+        table.add_column("result", overflow="fold")
+        table.add_column("")
         for c in checks:
             verdict = Text("ok", style="green") if c["ok"] else Text("problem" if c["required"] else "warning",
                                                                    style="red" if c["required"] else "yellow")
@@ -290,7 +292,7 @@ def status(run_id: str, as_json: bool) -> None:
     if "last_epoch" in state:
         e = state["last_epoch"]
         console.print(f"  last epoch {e['epoch']}: val acc {e['val_acc'] * 100:.1f}%, train loss {e['train_loss']:.4f}")
-    table = Table("phase", "status", "started", "duration")
+    table = listing("phase", "status", "started", "duration")
     for p in state["phases"]:
         table.add_row(p["phase"], p["status"], when(p["started_at"]),
                       f"{p['duration_s']:.1f}s" if p["duration_s"] is not None else "running")
@@ -320,18 +322,27 @@ def runs(host: str | None, limit: int, as_json: bool) -> None:
             for r in records
         ])
         return
-    table = Table()
-    table.add_column("run", no_wrap=True)
-    for column in ("host", "model", "status", "started", "best val acc", "cost"):
-        table.add_column(column)
+    console = Console()
+    table = listing("run", "model", "status")
+    table.add_column("host", overflow="fold", min_width=8)
+    if wide(console):
+        table.add_column("started")
+    table.add_column("acc", justify="right")
+    # One currency (the usual case) goes in the header, so the amounts stay narrow.
+    currencies = {r.currency for r in records if r.cost_amount is not None}
+    single = currencies.pop() if len(currencies) == 1 else None
+    table.add_column(f"cost {single}" if single else "cost", justify="right")
     for r in records:
         acc = f"{r.best_val_acc * 100:.1f}%" if r.best_val_acc is not None else "-"
-        cost = f"{r.cost_amount:.2f} {r.currency}" if r.cost_amount is not None else "-"
+        cost = "-" if r.cost_amount is None else f"{r.cost_amount:.2f}" + ("" if single else f" {r.currency}")
         status = Text(r.status)
         if r.stop_failed:
-            status.append(" NOT STOPPED", style="bold red")
-        table.add_row(r.run_id, r.host, r.model or "-", status, when(r.created_at), acc, cost)
-    Console().print(table)
+            status.append("\nNOT STOPPED", style="bold red")  # its own line: the row stays narrow
+        cells = [Text(r.run_id), Text(r.model or "-"), status, Text(r.host)]
+        if wide(console):
+            cells.append(Text(when(r.created_at)))
+        table.add_row(*cells, acc, cost)
+    console.print(table)
     warn_not_stopped([r for r in records if r.stop_failed])
 
 
@@ -352,7 +363,9 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("host", "kind", "address", "price/hour", "billing", "stop command")
+    table = listing("host", "kind")
+    for column in ("address", "price/hour", "billing", "stop command"):
+        table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(*(Text(v) for v in (r["name"], r["kind"], r["address"], f"{r['price_per_hour']:.2f} {r['currency']}",
                                           r["billing"], r["stop_command"] or "-")))
@@ -404,22 +417,25 @@ def cost(as_json: bool, as_csv: bool) -> None:
         w.writerows(rows)
         return
     console = Console(highlight=False)
-    table = Table(title="runs")
-    table.add_column("run", no_wrap=True)
-    for column in ("host", "started", "billed", "idle after job", "amount"):
-        table.add_column(column, justify="right" if column != "host" else "left")
+    table = listing("run", title="runs")
+    table.add_column("host", overflow="fold")
+    if wide(console):
+        table.add_column("started")
+    for column in ("billed", "idle after", "amount"):
+        table.add_column(column, justify="right", overflow="fold")
     for r in rows:
         amount = Text(f"{r['amount']:.2f} {r['currency']}" + (" so far" if r["so_far"] else ""))
         if r["stop_failed"]:
             amount.append(" NOT STOPPED", style="bold red")
-        table.add_row(r["run_id"], r["host"], r["started"], f"{r['billed_s']} s", f"{r['idle_after_job_s']:.0f} s", amount)
+        cells = [Text(r["run_id"]), Text(r["host"])] + ([Text(r["started"])] if wide(console) else [])
+        table.add_row(*cells, f"{r['billed_s']} s", f"{r['idle_after_job_s']:.0f} s", amount)
     console.print(table)
     for title, data, key in (("per host", by_host, "host"), ("per month", by_month, "month")):
-        t = Table(title=title)
-        for column in (key, "runs", "amount"):
-            t.add_column(column)
+        t = listing(key, title=title)
+        t.add_column("runs", justify="right")
+        t.add_column("amount", justify="right")
         for d in data:
-            t.add_row(d[key], str(d["runs"]), f"{d['amount']:.2f} {d['currency']}")
+            t.add_row(Text(d[key]), str(d["runs"]), f"{d['amount']:.2f} {d['currency']}")
         console.print(t)
     warn_not_stopped([open_ledger().get_run(r["run_id"]) for r in rows if r["stop_failed"]])
     if any(r["cloud"] for r in rows):
@@ -469,7 +485,9 @@ def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     if as_json:
         print_json({"rows": rows, "files": {k: str(v) for k, v in files.items()}})
         return
-    table = Table("run", "model", "parameters", "best val acc", "train img/s", "s/epoch", "cost")
+    table = listing("run", "model")
+    for column in ("params", "val acc", "img/s", "s/epoch", "cost"):
+        table.add_column(column, justify="right", overflow="fold")
     for r in rows:
         table.add_row(r["run"], r["model"], f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "?",
                       f"{r['best_val_acc'] * 100:.2f}%", f"{r['train_images_per_s']:.1f}", f"{r['epoch_time_s']:.1f}",

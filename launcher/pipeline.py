@@ -69,14 +69,17 @@ def check_stop_setting(host: Host, keep_alive: bool, ui: UI) -> None:
                 f"{host.currency} an hour after this run too")
 
 def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
-    host = config.host(spec.host)
-    check_spec(spec)
-    check_stop_setting(host, spec.keep_alive, ui)
-    previous = resume_source(ledger, spec.resume) if spec.resume else None
-    info = check_dataset(spec.data, ui)
-    budget_limit_s = check_budget(spec, host, info, ledger, ui)
-    # The weights file is on the laptop (downloaded into its cache once) before anything starts.
-    weights = resolve_weights(spec.weights, spec.model, ui, resuming=bool(spec.resume))
+    with ui.timed("options and host checked"):
+        host = config.host(spec.host)
+        check_spec(spec)
+        check_stop_setting(host, spec.keep_alive, ui)
+        previous = resume_source(ledger, spec.resume) if spec.resume else None
+    with ui.timed("dataset checked"):
+        info = check_dataset(spec.data, ui)
+    with ui.timed("budget and weights"):
+        budget_limit_s = check_budget(spec, host, info, ledger, ui)
+        # The weights file is on the laptop (downloaded into its cache once) before anything starts.
+        weights = resolve_weights(spec.weights, spec.model, ui, resuming=bool(spec.resume))
 
     run_id = new_run_id()
     run_dir = (spec.runs_dir / run_id).resolve()
@@ -102,22 +105,23 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         # Billing starts with the run's first action on the machine.
         billed_from = None if host.is_free else time.time()
         ledger.update_run(run_id, billed_from=billed_from)
-        with ledger.phase(run_id, "connect"):
+        with ledger.phase(run_id, "connect"), ui.timed("connect"):
             backend = bring_up(host, ui, spec.accept_new_host_key)
             backend.check_stop(spec.keep_alive, ui)  # before the claim: nothing of ours is on the host yet
             backend.claim(run_id, spec.keep_alive)
         ledger.update_run(run_id, backend=backend.name)
         ui.info(f"backend: {backend.describe()}")
         # The image first: the S3 path fetches the dataset on the host with a helper in it.
-        with ledger.phase(run_id, "build"):
+        with ledger.phase(run_id, "build"), ui.timed("build"):
             prepared = backend.prepare(ui)
         ledger.update_run(run_id, image_tag=prepared.image_tag)
         data_root, data_id = info.root.resolve(), info.dataset_id
         if spec.cache_size:
-            with ui.progress(f"resizing images to a short side of {spec.cache_size} px", total=0) as update:
+            resizing = f"resizing images to a short side of {spec.cache_size} px"
+            with ui.timed("cache"), ui.progress(resizing, total=0) as update:
                 data_root = cached_dataset(data_root, spec.cache_size, progress=update)
             data_id = f"{data_id}-s{spec.cache_size}"
-        with ledger.phase(run_id, "sync"):
+        with ledger.phase(run_id, "sync"), ui.timed("sync"):
             data_dir = backend.stage_data(data_root, data_id, ui)
         job = Job(
             run_id=run_id, trainer_args=spec.trainer_args(), data_dir=data_dir,
@@ -130,7 +134,8 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             seed_dir=str(run_dir) if resumed_from else None,
         )
         ledger.start_phase(run_id, "train")
-        handle = backend.start(job, prepared, ui)
+        with ui.timed("trainer started"):
+            handle = backend.start(job, prepared, ui)
         handle.image_built, handle.device = prepared.image_built, prepared.device
         ledger.update_run(run_id, handle_json=handle.to_json(), status="running")
     except BaseException as e:

@@ -42,7 +42,8 @@ def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledg
     ledger.update_run(run.run_id, status="running")
     try:
         backend.ensure_watchdog(handle, ui)
-        with TrainingDisplay(ui, cost_line) as display, open(run_dir / "train.log", "w") as log:
+        with ui.timed("training (the trainer's own time)"), TrainingDisplay(ui, cost_line) as display, \
+                open(run_dir / "train.log", "w") as log:
             # Replaying from the start rewrites train.log whole, so an attach never duplicates lines.
             for line in backend.follow_logs(handle):
                 log.write(line + "\n")
@@ -63,9 +64,9 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
     ended = time.time()
     status = status_for_exit(exit_code)
     ledger.end_phase(run.run_id, "train", "ok" if status != "failed" else "failed", f"exit code {exit_code}", at=ended)
-    with ledger.phase(run.run_id, "pull"):
+    with ledger.phase(run.run_id, "pull"), ui.timed("pull"):
         ended_info = backend.finish(handle_of(run), run_dir, ui)
-    with ledger.phase(run.run_id, "stop"):
+    with ledger.phase(run.run_id, "stop"), ui.timed("stop"):
         stop_result = backend.release(handle_of(run), ui)
         record_stop(ledger, run.run_id, stop_result, run.billed_from)
     missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]

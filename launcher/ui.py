@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -18,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 
 from gpu_run.events import parse_event
 
@@ -37,12 +40,39 @@ class _PlainStatus:
         self._status.update(escape(message))
 
 
+def listing(*key_columns: str, title: str | None = None) -> Table:
+    """A table for listings that fits an 80-column terminal: no vertical rules, and the columns
+    that identify a row (run ids, models, statuses) never wrap or shorten; the others wrap."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True,
+                  title=title)
+    for name in key_columns:
+        table.add_column(name, no_wrap=True)
+    return table
+
+
+def wide(console: Console) -> bool:
+    """Room for the columns that only help (a start time the run id already encodes)."""
+    return console.width >= 110
+
+
 class UI:
     """All terminal output goes through here; quiet (for --json) keeps stdout clean for the result."""
 
-    def __init__(self, quiet: bool = False, console: Console | None = None):
+    def __init__(self, quiet: bool = False, console: Console | None = None, verbose: bool = False):
         self.quiet = quiet
+        self.verbose = verbose  # --verbose: each step's time, so a slow one is visible
         self.console = console or Console(stderr=quiet, highlight=False)
+
+    @contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        """Time a step of the command; with --verbose its seconds are printed (on stderr) as it ends."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.verbose:
+                Console(stderr=True, highlight=False).print(
+                    f"[dim]time {time.perf_counter() - start:7.3f} s  {escape(step)}[/dim]", soft_wrap=True)
 
     def info(self, message: str) -> None:
         if not self.quiet:
