@@ -11,7 +11,8 @@ from PIL import Image
 
 from gpu_run.dataset import validate_dataset
 from gpu_run.trainer.imagefolder import class_folders, image_files, is_image_file, open_image
-from gpu_run.trainer.train import list_samples
+from gpu_run.trainer.train import SafeImageFolder, build_transforms, decode_short_side, list_samples
+from tests.conftest import events, trainer
 
 EXIF_ORIENTATION = 0x0112
 
@@ -103,3 +104,39 @@ def test_open_image_leaves_other_formats_whole(tmp_path):
     Image.new("L", (800, 600)).save(path)
     im = open_image(path, min_short_side=100)
     assert im.size == (800, 600) and im.mode == "RGB"
+
+
+# Reduced-scale decoding in the trainer ------------------------------------------------------------
+
+
+def test_the_trainer_decodes_no_smaller_than_each_transform_needs(tmp_path):
+    standard, evaluation = build_transforms(224)
+    light, _ = build_transforms(224, "light")
+    # The smallest standard crop (8% of the area, aspect 3:4) of a 915 px short side is 224 px a side.
+    assert (decode_short_side(standard), decode_short_side(light), decode_short_side(evaluation)) == (915, 334, 256)
+    # A 12 MP phone photo: 1/2 scale for the standard recipe, 1/8 for light training and eval.
+    photo = big_photo(tmp_path / "phone.jpg", size=(4032, 3024))
+    for transform, scaled in ((standard, (2016, 1512)), (light, (504, 378)), (evaluation, (504, 378))):
+        assert open_image(photo, decode_short_side(transform)).size == scaled
+
+
+def test_the_trainer_trains_on_big_jpegs_decoded_at_reduced_scale(tmp_path):
+    data = tmp_path / "big"
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                big_photo(data / split / cls / f"{i}.jpg", orientation=6 if i == 0 else 1)
+    train_tf, eval_tf = build_transforms(32)
+    train = SafeImageFolder(data / "train", ["a", "b"], lambda im: im.size, seed=0,
+                            min_short_side=decode_short_side(train_tf))
+    val = SafeImageFolder(data / "val", ["a", "b"], lambda im: im.size, min_short_side=decode_short_side(eval_tf))
+    # 131 px needed for training at 32 px, 37 for eval: both get the decoder's smallest, 1/8.
+    assert train[(0, 0)][0] == (150, 200) and train[(1, 0)][0] == (200, 150) and val[1][0] == (200, 150)
+
+    out = tmp_path / "out"
+    proc = trainer("--data", str(data), "--out", str(out), "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+                   "--workers", "0", "--weights", "none", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    evs = events(proc.stdout)
+    assert evs[-1]["event"] == "done" and not [e for e in evs if e["event"] == "skipped_image"]
+    assert (out / "checkpoints" / "last.pth").is_file()
