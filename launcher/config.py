@@ -27,6 +27,7 @@ CONFIG_FILENAME = "gpu-run.toml"
 BILLING_RULES = ("per_second", "per_minute", "per_hour")
 LOCAL_HOST = "local"
 RUNTIMES = ("auto", "docker", "python")
+MAX_VCPUS = 4096
 # Host names end up in tables (where rich reads `[...]` as markup), file names and the ledger.
 _HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # user@host:port or host:port (an IPv6 host in brackets); an ssh_config alias has no port here.
@@ -73,6 +74,9 @@ class Host:
     python: str | None = None  # the interpreter for runtime python (default: probed)
     setup_command: str | None = None  # shell prelude before pip on the host (a mirror, a proxy)
     preset: str | None = None  # a platform whose defaults fill this table (launcher/presets.py)
+    # What the machine has, for `gpu-run plan` (else what `gpu-run doctor` found, or past runs say).
+    gpu: str | None = None  # "RTX 4090", "T4", "A100 80GB PCIe"...; "none" for a CPU-only host
+    vcpus: int | None = None  # CPU cores the trainer's data loader can use
 
     @property
     def is_local(self) -> bool:
@@ -145,6 +149,13 @@ def parse_host(name: str, table: dict) -> Host:
     for key in ("grace_s", "min_billed_s"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0):
             raise ConfigError(f"[hosts.{name}]: {key} must be a whole number of seconds >= 0, got {values[key]!r}")
+    if "vcpus" in values and (not isinstance(values["vcpus"], int) or isinstance(values["vcpus"], bool)
+                              or not 1 <= values["vcpus"] <= MAX_VCPUS):
+        raise ConfigError(f"[hosts.{name}]: vcpus must be a whole number of CPU cores from 1 to {MAX_VCPUS}, "
+                          f"got {values['vcpus']!r}")
+    if "gpu" in values and (not isinstance(values["gpu"], str) or not values["gpu"].strip()):
+        raise ConfigError(f"[hosts.{name}]: gpu must name the GPU model (gpu = \"RTX 4090\"), or be \"none\" for "
+                          f"a host without one; got {values['gpu']!r}")
     if values.get("billing", "per_second") not in BILLING_RULES:
         raise ConfigError(f"[hosts.{name}]: billing must be one of {', '.join(BILLING_RULES)}, got {values['billing']!r}")
     if values.get("sync", "ssh") not in ("ssh", "s3"):
@@ -171,7 +182,7 @@ def parse_host(name: str, table: dict) -> Host:
             values.setdefault("currency", "USD")
         values.setdefault("stop_command", "sudo shutdown -h now")
     for key, value in values.items():
-        if key in ("price_per_hour", "grace_s", "min_billed_s"):
+        if key in ("price_per_hour", "grace_s", "min_billed_s", "vcpus"):
             continue
         if not isinstance(value, str):
             raise ConfigError(f"[hosts.{name}]: {key} must be a string, got {value!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from gpu_run import host_facts
 from gpu_run.backends import remote_for_host
 from gpu_run.config import Host
 from gpu_run.errors import GpuRunError
@@ -70,6 +71,13 @@ def check_host(host: Host, accept_new_host_key: bool = False) -> list[dict]:
     gpus = remote.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], check=False)
     rows.append(_row("gpus", "; ".join(gpus.stdout.strip().splitlines()) if gpus.code == 0 else "none found",
                      gpus.code == 0, required=False))
+    nproc = remote.run(["nproc"], check=False).stdout.strip()
+    vcpus = int(nproc) if nproc.isdigit() else None
+    rows.append(_row("cpus", f"{vcpus} (the data loader's workers decode images on these)" if vcpus else "unknown",
+                     vcpus is not None, required=False))
+    # `gpu-run plan` estimates this host from what was found here.
+    gpu_names = [line.split(",")[0].strip() for line in gpus.stdout.strip().splitlines()] if gpus.code == 0 else []
+    host_facts.record(host.name, gpu_names, vcpus)
     df = remote.run(f"mkdir -p {quote([workdir])} 2>/dev/null; df -Pk {quote([workdir])} | tail -1", check=False)
     try:
         free_gb = int(df.stdout.split()[3]) / 2**20
