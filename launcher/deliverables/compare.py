@@ -10,7 +10,8 @@ from gpu_run.errors import GpuRunError
 from gpu_run.events import parse_event, read_metrics
 from gpu_run.deliverables.figures import new_figure, save
 
-COLUMNS = ["run", "model", "parameters", "best_val_acc", "train_images_per_s", "epoch_time_s", "cost", "currency"]
+COLUMNS = ["run", "model", "parameters", "best_val_acc", "train_images_per_s", "epoch_time_s", "cost", "currency",
+           "estimated_epoch_s", "actual_epoch_s", "estimated_total_s", "actual_total_s"]
 
 
 def run_row(run_id: str, run_dir: Path) -> dict:
@@ -37,7 +38,21 @@ def run_row(run_id: str, run_dir: Path) -> dict:
         "epoch_time_s": sum(m["epoch_time_s"] for m in metrics) / n,
         "cost": summary.get("cost", {}).get("amount", 0.0),
         "currency": summary.get("cost", {}).get("currency", ""),
+        **plan_against_run(run_id),
     }
+
+
+def plan_against_run(run_id: str) -> dict:
+    """What `gpu-run plan` estimated for the run (per epoch with evaluation, and in all) beside what
+    it took; None where there was no plan, or the ledger does not know the run."""
+    from gpu_run.ledger import Ledger
+    from gpu_run.paths import ledger_path
+    from gpu_run.plan.gather import estimate_against_actual
+
+    try:
+        return estimate_against_actual(Ledger(ledger_path()), run_id)
+    except GpuRunError:
+        return dict.fromkeys(COLUMNS[-4:])
 
 
 def write_comparison(rows: list[dict], out: Path) -> dict[str, Path]:
@@ -46,11 +61,18 @@ def write_comparison(rows: list[dict], out: Path) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    lines = ["| run | model | parameters | best val acc | train images/s | s/epoch | cost |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | parameters | best val acc | train images/s | s/epoch | cost | epoch s, planned / actual "
+             "| total s, planned / actual |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def against(planned, actual) -> str:
+        return " / ".join("-" if v is None else f"{v:.1f}" for v in (planned, actual))
+
     for r in rows:
         params = f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "?"
         lines.append(f"| {r['run']} | {r['model']} | {params} | {r['best_val_acc'] * 100:.2f}% | "
-                     f"{r['train_images_per_s']:.1f} | {r['epoch_time_s']:.1f} | {r['cost']:.2f} {r['currency']} |")
+                     f"{r['train_images_per_s']:.1f} | {r['epoch_time_s']:.1f} | {r['cost']:.2f} {r['currency']} | "
+                     f"{against(r.get('estimated_epoch_s'), r.get('actual_epoch_s'))} | "
+                     f"{against(r.get('estimated_total_s'), r.get('actual_total_s'))} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = new_figure(figsize=(5, 3.6))
