@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import stat
@@ -17,7 +18,8 @@ from typing import Callable
 
 from PIL import Image
 
-from gpu_run.errors import DatasetError
+from gpu_run.errors import ConfigError, DatasetError
+from gpu_run.paths import home_dir
 # The ImageFolder rules are the trainer's own, so the laptop counts exactly what the host trains on
 # (is_image_file and image_files are also imported from here by others).
 from gpu_run.trainer.imagefolder import IMAGE_EXTENSIONS, class_folders, image_files, is_hidden, is_image_file
@@ -162,10 +164,48 @@ def check_layout(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]
     return train_classes, files
 
 
+class CheckedImages:
+    """What earlier runs found about each image, by (size, mtime): a file that has not changed is
+    not opened again, so a second run on a big dataset starts in a stat per file. Kept in the state
+    folder per dataset location; a lost or damaged record only means checking everything again."""
+
+    def __init__(self, root: Path):
+        self.known: dict[str, list] = {}
+        self.seen: dict[str, list] = {}
+        try:
+            self.path: Path | None = home_dir() / "dataset-checks" / f"{dataset_id(root)}.json"
+            self.known = json.loads(self.path.read_text())
+        except ConfigError:
+            self.path = None  # no usable state folder: check every image, remember nothing
+        except (OSError, ValueError):
+            pass
+
+    def readable(self, root: Path, path: Path) -> bool:
+        rel = os.fsencode(path.relative_to(root)).decode("utf-8", "surrogateescape")
+        st = path.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        entry = self.known.get(rel)
+        ok = entry[2] if isinstance(entry, list) and len(entry) == 3 and entry[:2] == key else is_readable_image(path)
+        self.seen[rel] = [*key, bool(ok)]
+        return bool(ok)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.seen, ensure_ascii=True))
+            os.replace(tmp, self.path)
+        except (OSError, UnicodeEncodeError):
+            pass  # only a speed-up: the next run checks every image again
+
+
 def validate_dataset(root: Path, progress: Callable[[int, int], None] | None = None) -> DatasetInfo:
     """Check layout and every image; a few unreadable files are tolerated and reported."""
     root = Path(root).expanduser()
     classes, files = check_layout(root)
+    checked = CheckedImages(root)
     total = sum(len(v) for split in files.values() for v in split.values())
     done = 0
     counts: dict[str, dict[str, int]] = {}
@@ -176,7 +216,7 @@ def validate_dataset(root: Path, progress: Callable[[int, int], None] | None = N
         for c in classes:
             good = 0
             for path in files[split][c]:
-                if is_readable_image(path):
+                if checked.readable(root, path):
                     good += 1
                 else:
                     unreadable.append(str(path.relative_to(root)))
@@ -193,4 +233,5 @@ def validate_dataset(root: Path, progress: Callable[[int, int], None] | None = N
                 f"{bad_in_split} of {all_in_split} images in {root / split} are unreadable; "
                 f"the dataset looks corrupt (first: {unreadable[-bad_in_split]})"
             )
+    checked.save()
     return DatasetInfo(root=root, classes=classes, counts=counts, unreadable=unreadable)

@@ -98,3 +98,29 @@ def test_bad_values_are_refused_before_anything_starts(cli, dataset, gpu_run_hom
         assert proc.returncode == 2
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (cli.cwd / "runs").exists()
+
+
+def test_a_second_check_opens_only_the_images_that_changed(tmp_path, gpu_run_home, monkeypatch) -> None:
+    """Runs on a big dataset start fast: an image checked before and unchanged (size, mtime) is
+    not opened again, and one that changed since is, and is caught when it is now broken."""
+    from PIL import Image
+
+    import gpu_run.dataset as ds
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    assert ds.validate_dataset(tmp_path).num_train == 6
+
+    opened = []
+    real = ds.is_readable_image
+    monkeypatch.setattr(ds, "is_readable_image", lambda p: opened.append(p.name) or real(p))
+    assert ds.validate_dataset(tmp_path).num_train == 6
+    assert opened == []
+
+    broken = tmp_path / "train" / "a" / "0.png"
+    broken.write_bytes(b"not a png any more")
+    info = ds.validate_dataset(tmp_path)
+    assert opened == ["0.png"] and info.num_train == 5 and info.unreadable == ["train/a/0.png"]
