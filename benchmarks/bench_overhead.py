@@ -13,6 +13,7 @@ Needs a Docker engine and the CPU base image (tests/bed/up.sh).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 from gpu_run.demo_data import make_dataset
-from gpu_run.image import CPU_BASE_IMAGE, context_files, image_tag
 
 TRAINER_ARGS = ["--model", "resnet18", "--epochs", "1", "--batch-size", "16", "--image-size", "32",
                 "--workers", "0", "--seed", "0", "--amp", "auto"]
@@ -54,9 +54,11 @@ def main() -> None:
         env = {**os.environ, "GPU_RUN_HOME": str(tmp / "home")}
         gpu_run = [sys.executable, "-m", "gpu_run.cli", "train", "--host", "local", "--data", str(data),
                    "--runs-dir", str(tmp / "runs"), *GPU_RUN_ARGS]
-        timed(gpu_run, env)  # warms the image (built once) and the dataset check
-
-        tag = image_tag(context_files(), CPU_BASE_IMAGE)
+        # Warms the image (built once) and the dataset check; the bare run uses the image it ran.
+        warm = subprocess.run([*gpu_run, "--json"], env=env, capture_output=True, text=True)
+        if warm.returncode != 0:
+            sys.exit(f"gpu-run train failed:\n{warm.stderr[-2000:]}")
+        tag = json.loads(warm.stdout)["image_tag"]
         launcher_s, launcher_mib, bare_s = [], 0.0, []
         for i in range(args.repeats):
             out = tmp / f"bare-{i}"
