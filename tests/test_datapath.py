@@ -7,14 +7,21 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms.functional import pil_to_tensor
 
 from gpu_run.dataset import validate_dataset
 from gpu_run.trainer.imagefolder import class_folders, image_files, is_image_file, open_image
-from gpu_run.trainer.train import SafeImageFolder, build_transforms, decode_short_side, list_samples
+import gpu_run.trainer.train as train_module
+from gpu_run.trainer.train import (JpegBytes, SafeImageFolder, build_transforms, collate_skipping, decode_short_side,
+                                   gpu_batch, list_samples, measure_decode, pick_decode, upright)
 from tests.conftest import events, trainer
 
 EXIF_ORIENTATION = 0x0112
+# torchvision 0.29 deprecates decode_jpeg (for TorchCodec); the trainer imports it lazily and falls
+# back to the CPU path without it.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
 
 # The ImageFolder rules, one copy -------------------------------------------------------------------
@@ -140,3 +147,87 @@ def test_the_trainer_trains_on_big_jpegs_decoded_at_reduced_scale(tmp_path):
     evs = events(proc.stdout)
     assert evs[-1]["event"] == "done" and not [e for e in evs if e["event"] == "skipped_image"]
     assert (out / "checkpoints" / "last.pth").is_file()
+
+
+# Decoding on the GPU, with the CPU as fallback ----------------------------------------------------
+# This machine has no GPU: the GPU path's own code runs here on the CPU device (torchvision's
+# decode_jpeg decodes on either), and the trainer asked for --decode gpu falls back to the CPU.
+
+
+def test_decode_gpu_without_a_gpu_trains_on_the_cpu_path_and_says_so(dataset, tmp_path):
+    proc = trainer("--data", str(dataset), "--out", str(tmp_path / "out"), "--epochs", "1", "--image-size", "32",
+                   "--batch-size", "8", "--workers", "0", "--weights", "none", "--device", "cpu", "--decode", "gpu")
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.startswith("decode:")]
+    assert said == ["decode: cpu (reduced-scale JPEG, 0 workers; --decode gpu needs a CUDA device and this run has none)"]
+    evs = events(proc.stdout)
+    start = next(e for e in evs if e["event"] == "start")
+    assert (start["decode"], start["decode_note"]) == ("cpu", said[0].split(" (", 1)[1][:-1])
+    assert evs[-1]["event"] == "done"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_upright_turns_a_tensor_as_exif_transpose_turns_the_image(tmp_path, orientation):
+    path = big_photo(tmp_path / "p.jpg", size=(40, 24), orientation=orientation)
+    with Image.open(path) as im:
+        stored = pil_to_tensor(im.convert("RGB"))
+        expected = pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))
+    assert torch.equal(upright(stored, orientation), expected)
+
+
+def gpu_dataset(root: Path, transform) -> SafeImageFolder:
+    images = SafeImageFolder(root, ["a"], transform, seed=3)
+    images.decode = "gpu"
+    return images
+
+
+def test_the_gpu_path_decodes_orients_and_transforms_as_the_cpu_path(tmp_path, monkeypatch):
+    cls = tmp_path / "train" / "a"
+    big_photo(cls / "0.jpg", orientation=6)  # red on top once upright
+    Image.open(big_photo(cls / "1.jpg")).save(cls / "2.png")  # not a JPEG: decoded by the worker
+    (cls / "3.jpg").write_bytes(b"not a jpeg")  # unreadable: skipped
+    _, evaluation = build_transforms(32)
+    images = gpu_dataset(tmp_path / "train", evaluation)
+    items = [images[i] for i in range(4)]
+    assert isinstance(items[0][0][0], JpegBytes) and items[0][0][0].orientation == 6
+    assert isinstance(items[2][0][0], torch.Tensor) and items[3] == ("skip", str(cls / "3.jpg"))
+    batch = collate_skipping(items)
+
+    def on_cpu(decoded):
+        x, targets, indices, skipped = decoded
+        assert x.shape == (3, 3, 32, 32) and indices.tolist() == [0, 1, 2] and skipped == [str(cls / "3.jpg")]
+        cpu = torch.stack([evaluation(open_image(p)) for p, _ in images.samples[:3]])
+        assert (x - cpu).abs().mean() < 0.02  # the same pictures (resized from another decode)
+        red = x[0, 0]  # normalised red channel of the turned photo
+        assert red[:8].mean() > 1 > -1 > red[-8:].mean()
+
+    on_cpu(gpu_batch(batch, images.gpu_transform, torch.device("cpu")))
+    on_cpu(gpu_batch(batch, images.gpu_transform, torch.device("cpu"), chunk=2))  # decoded two at a time
+
+    def failing(jpegs, device):
+        raise RuntimeError("nvjpeg: unsupported")
+    monkeypatch.setattr(train_module, "nvjpeg", failing)  # GPU decode raises: the CPU decodes instead
+    on_cpu(gpu_batch(batch, images.gpu_transform, torch.device("cpu")))
+
+
+def test_the_gpu_path_augments_each_sample_by_its_seed(tmp_path):
+    for i in range(3):
+        big_photo(tmp_path / "train" / "a" / f"{i}.jpg", orientation=1 + 5 * (i % 2))
+    train_tf, _ = build_transforms(32)
+    images = gpu_dataset(tmp_path / "train", train_tf)
+    batch = collate_skipping([images[(i, 1)] for i in range(3)])
+    first, again = (gpu_batch(batch, images.gpu_transform, torch.device("cpu"))[0] for _ in range(2))
+    assert first.shape == (3, 3, 32, 32) and torch.equal(first, again)
+    other_epoch = collate_skipping([images[(i, 2)] for i in range(3)])
+    assert not torch.equal(first, gpu_batch(other_epoch, images.gpu_transform, torch.device("cpu"))[0])
+
+
+def test_the_start_up_measurement_times_both_paths(tmp_path):
+    for i in range(4):
+        big_photo(tmp_path / "train" / "a" / f"{i}.jpg")
+    train_tf, _ = build_transforms(32)
+    images = SafeImageFolder(tmp_path / "train", ["a"], train_tf, seed=0, min_short_side=decode_short_side(train_tf))
+    cpu_rate, gpu_rate = measure_decode(images, torch.device("cpu"), workers=2)
+    assert cpu_rate > 0 and gpu_rate > 0 and images.decode == "cpu"
+    choice = pick_decode("auto", torch.device("cpu"), images, 2)  # no CUDA: no measurement, the CPU
+    assert choice == ("cpu", "reduced-scale JPEG, 2 workers")

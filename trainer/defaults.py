@@ -13,3 +13,4 @@ AUGMENT = "standard"  # standard | light | none
 WORKERS = -1  # -1: picked from the host's cores
 SEED = 0
 AMP = "auto"  # auto | off
+DECODE = "auto"  # auto | cpu | gpu: where JPEGs are decoded (auto: gpu on CUDA when measured faster)

@@ -8,7 +8,8 @@ references/classification/train.py: `train_one_epoch`, `evaluate`, and a short e
   1. arguments           every knob, with a help string; the recipe's defaults from defaults.py
   2. events              one JSON object per line on stdout: the launcher's only input
   3. data                ImageFolder (rules in imagefolder.py) that skips corrupt images;
-                         the augmentation recipe (standard | light | none, flip or not)
+                         the augmentation recipe (standard | light | none, flip or not);
+                         JPEGs decoded at reduced scale on the CPU, or on the GPU (nvjpeg)
   4. model               any torchvision classifier, new head, weights none|PATH (never downloaded)
   5. checkpoints         written to a temp file then renamed, so a kill never leaves half a file
   6. training            one step (mixed precision; CUDA out-of-memory halves the micro-batch),
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import csv
 import errno
+import io
 import json
 import math
 import os
@@ -34,6 +36,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
+from torchvision.transforms.functional import pil_to_tensor
 
 from . import defaults
 from .imagefolder import class_folders, image_files, open_image
@@ -105,6 +109,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "X-rays with laterality); default: flip, or the resumed checkpoint's choice")
     p.add_argument("--workers", type=number(int, -1), default=defaults.WORKERS,
                    help="data loading processes; -1 picks from the host's cores")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default=defaults.DECODE,
+                   help="where images are decoded: cpu (in the loader workers, big JPEGs at reduced scale), gpu "
+                        "(nvjpeg on the CUDA device, the workers only read files; falls back to cpu without one), "
+                        "or auto: gpu when a start-up measurement says it feeds images faster than the CPU workers")
     p.add_argument("--seed", type=int, default=defaults.SEED, help="seed for weights init, sample order and augmentation")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth if it exists")
     p.add_argument("--amp", default=defaults.AMP, choices=["auto", "off"],
@@ -126,6 +134,13 @@ def is_main_process() -> bool:
 def emit(event: str, **fields) -> None:
     if is_main_process():
         print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}), flush=True)
+
+
+def log(message: str) -> None:
+    """A line for people reading the log, on stderr: stdout carries the events, and what an event
+    says the launcher shows itself."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 class TrainerError(Exception):
@@ -152,7 +167,8 @@ class SafeImageFolder(Dataset):
     Indices are (sample index, epoch) pairs in training so that each sample's augmentation can be
     seeded from (seed, epoch, index): the same crops whether or not the run was resumed, and
     whatever the number of workers. A JPEG is decoded at a reduced scale when the transform
-    needs no more than that (min_short_side, see decode_short_side).
+    needs no more than that (min_short_side, see decode_short_side). With decode "gpu" the
+    workers only read files, and `batches` decodes and transforms them on the GPU.
     """
 
     def __init__(self, root: Path, classes: list, transform, seed: int = 0, min_short_side: int | None = None):
@@ -162,6 +178,8 @@ class SafeImageFolder(Dataset):
         self.transform = transform
         self.seed = seed
         self.min_short_side = min_short_side
+        self.decode = "cpu"  # or "gpu", set by load_data
+        self.gpu_transform = on_tensors(transform) if isinstance(transform, transforms.Compose) else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -169,22 +187,29 @@ class SafeImageFolder(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
+        seed = None if epoch is None else (self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63)
         try:
+            if self.decode == "gpu":
+                return (read_for_gpu(path), seed, path), target, index
             image = open_image(path, self.min_short_side)
         except Exception:  # PIL raises many types for broken files; all mean "skip this one"
             return ("skip", path)
-        if epoch is not None:
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
+        if seed is not None:
+            torch.manual_seed(seed)
         return self.transform(image), target, index
 
 
 def collate_skipping(batch):
-    """Collate the good samples; carry the paths of the unreadable ones alongside."""
+    """Collate the good samples; carry the paths of the unreadable ones alongside. Images still
+    to decode on the GPU (of many sizes) stay a list."""
     good = [b for b in batch if not isinstance(b[0], str)]
     skipped = [b[1] for b in batch if isinstance(b[0], str)]
     if not good:
         return None, None, None, skipped
-    images, targets, indices = default_collate(good)
+    images = [b[0] for b in good]
+    targets, indices = default_collate([b[1:] for b in good])
+    if isinstance(images[0], torch.Tensor):
+        images = default_collate(images)
     return images, targets, indices, skipped
 
 
@@ -294,24 +319,178 @@ def pick_workers(requested: int) -> int:
     return max(0, min(8, cores - 1))
 
 
+# GPU decoding. A 12 MP photo costs a CPU core tens of milliseconds even at reduced scale, so a
+# host with a few cores can starve its GPU. There the workers only read each file's bytes, and the
+# GPU decodes the batch with nvjpeg and runs the same transform on it. What nvjpeg cannot take
+# (PNG and other formats, CMYK JPEGs, a batch it fails on) is decoded on the CPU, as before.
+
+EXIF_ORIENTATION = 0x0112
+# PIL's exif_transpose for a CHW tensor: orientation -> (swap height and width?, then flip these dims).
+ORIENTATIONS = {2: (False, (-1,)), 3: (False, (-2, -1)), 4: (False, (-2,)), 5: (True, ()),
+                6: (True, (-1,)), 7: (True, (-2, -1)), 8: (True, (-2,))}
+
+
+class JpegBytes(NamedTuple):
+    """A JPEG file's bytes (uint8, 1-D) for the GPU to decode, and its EXIF orientation, which
+    nvjpeg does not apply."""
+
+    data: torch.Tensor
+    orientation: int
+
+
+def read_for_gpu(path) -> "JpegBytes | torch.Tensor":
+    """An RGB or grayscale JPEG as JpegBytes; any other image decoded here, upright, uint8 CHW."""
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as im:  # reads the header only
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            return JpegBytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), im.getexif().get(EXIF_ORIENTATION, 1))
+    return pil_to_tensor(open_image(io.BytesIO(data)))
+
+
+def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    swap, flips = ORIENTATIONS.get(orientation, (False, ()))
+    image = image.transpose(-2, -1) if swap else image
+    return image.flip(flips) if flips else image
+
+
+def on_tensors(transform):
+    """The same transform for a uint8 CHW tensor, on the GPU: torchvision's resize, crops, flip,
+    colour jitter and normalisation all take tensors; ToTensor (PIL to float) becomes a dtype change."""
+    return transforms.Compose([transforms.ConvertImageDtype(torch.float32) if isinstance(t, transforms.ToTensor) else t
+                               for t in transform.transforms])
+
+
+def nvjpeg(jpegs: list, device: torch.device) -> list:
+    # Imported here: torchvision deprecates its decoders (for TorchCodec), and a release without
+    # them must still train, on the CPU path.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # One call for the batch: nvjpeg decodes a list much faster than one image at a time.
+    return decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
+
+
+def decode_on(device: torch.device, items: list) -> list:
+    """The images as uint8 CHW tensors on `device`, upright; None for one that cannot be decoded."""
+    jpegs = [i for i, item in enumerate(items) if isinstance(item, JpegBytes)]
+    try:
+        decoded = dict(zip(jpegs, nvjpeg([items[i] for i in jpegs], device))) if jpegs else {}
+    except (RuntimeError, ImportError):  # one file nvjpeg cannot take fails the whole call: the CPU decodes them
+        decoded = {}
+    images = []
+    for i, item in enumerate(items):
+        if i in decoded:
+            images.append(upright(decoded[i], item.orientation))
+        elif isinstance(item, JpegBytes):
+            try:
+                images.append(pil_to_tensor(open_image(io.BytesIO(item.data.numpy()))).to(device))
+            except Exception:  # unreadable by PIL too: skipped, as on the CPU path
+                images.append(None)
+        else:  # decoded by a worker already
+            images.append(item.to(device, non_blocking=True))
+    return images
+
+
+def gpu_batch(batch, transform, device: torch.device, chunk: int = 32):
+    """A batch whose workers only read files, decoded and transformed on `device`."""
+    items, targets, indices, skipped = batch
+    if items is None:
+        return batch
+    out, good, skipped = [], [], list(skipped)
+    # A chunk at a time: 32 decoded 12 MP photos already take 1.1 GB of GPU memory until cropped.
+    for first in range(0, len(items), chunk):
+        decoded = decode_on(device, [image for image, _seed, _path in items[first:first + chunk]])
+        for i, image in enumerate(decoded, start=first):
+            _, seed, path = items[i]
+            if image is None:
+                skipped.append(path)
+                continue
+            if seed is not None:  # the transform draws its randomness on the CPU: seeded as on the CPU path
+                torch.default_generator.manual_seed(seed)
+            out.append(transform(image))
+            good.append(i)
+    if not good:
+        return None, None, None, skipped
+    keep = torch.tensor(good)
+    return torch.stack(out), targets[keep], indices[keep], skipped
+
+
+class DecodeChoice(NamedTuple):
+    path: str  # cpu | gpu
+    note: str  # why, in a few words
+
+
+def measure_decode(dataset: SafeImageFolder, device: torch.device, workers: int, n: int = 16):
+    """(CPU, GPU) images/s that each path feeds, on n training images: the CPU path decodes and
+    transforms in each worker; on the GPU path the workers read files while the GPU decodes and
+    transforms the batch before. Only the data path is timed: GPU decoding also takes some of the
+    GPU's time, but where it wins it wins by far. GPU None: nvjpeg cannot decode these images."""
+    keys = [(i, 0) for i in range(0, len(dataset), max(1, len(dataset) // n))][:n]
+    parallel = max(workers, 1)
+    dataset.decode = "cpu"
+    dataset[keys[0]]  # untimed: a first call pays for lazy imports
+    start = time.perf_counter()
+    for key in keys:
+        dataset[key]
+    cpu_rate = parallel * len(keys) / (time.perf_counter() - start)
+
+    dataset.decode = "gpu"
+    start = time.perf_counter()
+    batch = collate_skipping([dataset[key] for key in keys])
+    read_s = time.perf_counter() - start
+    dataset.decode = "cpu"
+    jpegs = [item for item, _seed, _path in (batch[0] or []) if isinstance(item, JpegBytes)]
+    if not jpegs:
+        return cpu_rate, None
+    try:
+        nvjpeg(jpegs[:1], device)  # untimed: the first call sets nvjpeg up (or fails: no GPU path)
+    except (RuntimeError, ImportError):
+        return cpu_rate, None
+    start = time.perf_counter()
+    gpu_batch(batch, dataset.gpu_transform, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the GPU works asynchronously: wait for it before reading the clock
+    gpu_s = time.perf_counter() - start
+    # The workers read the next batch while the GPU decodes this one: the slower sets the pace.
+    return cpu_rate, len(keys) / max(read_s / parallel, gpu_s)
+
+
+def pick_decode(requested: str, device: torch.device, dataset: SafeImageFolder, workers: int) -> DecodeChoice:
+    cpu = f"reduced-scale JPEG, {workers} workers"
+    if requested == "cpu" or len(dataset) == 0:
+        return DecodeChoice("cpu", cpu)
+    if device.type != "cuda":
+        return DecodeChoice("cpu", cpu + ("; --decode gpu needs a CUDA device and this run has none"
+                                          if requested == "gpu" else ""))
+    cpu_rate, gpu_rate = measure_decode(dataset, device, workers)
+    if gpu_rate is None:
+        return DecodeChoice("cpu", f"{cpu}; nvjpeg decoded none of a sample of these images")
+    rates = f"measured {gpu_rate:.0f} images/s with nvjpeg, {cpu_rate:.0f} on the CPU"
+    if requested == "gpu" or gpu_rate > cpu_rate:
+        return DecodeChoice("gpu", f"nvjpeg; {rates}")
+    return DecodeChoice("cpu", f"{cpu}; {rates}")
+
+
 def load_data(args, data: Path, classes: list, device: torch.device, rank: int, world: int):
-    """(train loader, val loader, the train sampler): training reads batches of its (seed, epoch)
-    order, sharded across ranks; evaluation reads the val split in file order."""
+    """(train loader, val loader, the train sampler, where images are decoded): training reads
+    batches of its (seed, epoch) order, sharded across ranks; evaluation reads the val split in
+    file order."""
     train_tf, eval_tf = build_transforms(args.image_size, args.augment, flip=not args.no_flip)
     train_set = SafeImageFolder(data / "train", classes, train_tf, seed=args.seed,
                                 min_short_side=decode_short_side(train_tf))
     val_set = SafeImageFolder(data / "val", classes, eval_tf, min_short_side=decode_short_side(eval_tf))
     workers = pick_workers(args.workers)
+    decode = pick_decode(args.decode, device, train_set, workers)
+    train_set.decode = val_set.decode = decode.path
     loader_opts = dict(
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda" and decode.path == "cpu",  # nvjpeg copies the bytes over itself
         persistent_workers=workers > 0,
         collate_fn=collate_skipping,
     )
     sampler = EpochSampler(len(train_set), args.batch_size, args.seed, rank, world)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **loader_opts)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **loader_opts)
-    return train_loader, val_loader, sampler
+    return train_loader, val_loader, sampler, decode
 
 
 class SkippedImages:
@@ -327,9 +506,14 @@ class SkippedImages:
                 emit("skipped_image", path=os.path.relpath(path, self.data))
 
 
-def batches(loader, skipped: SkippedImages):
-    """The loader's (images, targets, indices) batches; the unreadable images it met are reported."""
-    for images, targets, indices, unreadable in loader:
+def batches(loader, skipped: SkippedImages, device: torch.device):
+    """The loader's (images, targets, indices) batches, decoded and transformed on the GPU first
+    when the workers only read files; the unreadable images met are reported."""
+    dataset = loader.dataset
+    for batch in loader:
+        if dataset.decode == "gpu":
+            batch = gpu_batch(batch, dataset.gpu_transform, device)
+        images, targets, indices, unreadable = batch
         skipped.report(unreadable)
         yield images, targets, indices
 
@@ -763,7 +947,8 @@ def main(args) -> int:
     if not classes:
         raise TrainerError(f"no class folders under {data / 'train'}")
     resolve_recipe(args, ckpt_dir / "last.pth")
-    train_loader, val_loader, sampler = load_data(args, data, classes, device, rank, world)
+    train_loader, val_loader, sampler, decode = load_data(args, data, classes, device, rank, world)
+    log(f"decode: {decode.path} ({decode.note})")
     steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
     skipped = SkippedImages(data)
 
@@ -806,6 +991,8 @@ def main(args) -> int:
         batch_size=args.batch_size,
         amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         workers=train_loader.num_workers,
+        decode=decode.path,
+        decode_note=decode.note,
         model=args.model,
         parameters=sum(p.numel() for p in raw_model.parameters()),
         torch=torch.__version__,
@@ -818,7 +1005,7 @@ def main(args) -> int:
         sampler.set_epoch(epoch, start_step)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step, stopped = train_one_epoch(model, criterion, optimizer, batches(train_loader, skipped), ctx, totals,
+        step, stopped = train_one_epoch(model, criterion, optimizer, batches(train_loader, skipped, device), ctx, totals,
                                         epoch, start_step, steps_per_epoch, args.log_every, stop)
         if stopped:
             checkpoints.save("last.pth", epoch, step, totals.as_numbers(), best_acc)
@@ -829,7 +1016,7 @@ def main(args) -> int:
         scheduler.step()
 
         if is_main_process():
-            val_stats, rows = evaluate(raw_model, criterion, batches(val_loader, skipped), ctx, val_loader.dataset)
+            val_stats, rows = evaluate(raw_model, criterion, batches(val_loader, skipped, device), ctx, val_loader.dataset)
             improved = val_stats["val_acc"] > best_acc or epoch == 0
             best_acc = max(best_acc, val_stats["val_acc"])
             record = {"epoch": epoch + 1, "lr": lr, **train_stats, **val_stats, "best": improved}
