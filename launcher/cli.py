@@ -148,6 +148,8 @@ def cli(debug: bool) -> None:
 @click.option("--seed", type=int, default=recipe.SEED, show_default=True)
 @click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs; >1 runs DDP; 0 forces the CPU.")
 @click.option("--amp", type=click.Choice(["auto", "off"]), default=recipe.AMP, show_default=True)
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default=recipe.DECODE, show_default=True,
+              help="Where the host decodes JPEGs: on the GPU (nvjpeg) when auto measures it faster, or the CPU workers.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--cache-size", type=int, default=0, help="Train on a copy resized to this short side (made once).")
 @click.option("--detach", is_flag=True, help="Start and return at once; follow later with `gpu-run attach`.")
@@ -167,7 +169,7 @@ def cli(debug: bool) -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
 @json_option("Print the run summary as JSON, nothing else on stdout.")
 def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
-          amp, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
+          amp, decode, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
           runs_dir, verbose, as_json) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost."""
     ledger = open_ledger()
@@ -177,7 +179,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         data = Path(ledger.get_run(resume).data_path)
     spec = TrainSpec(
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
-        step_size=step_size, gamma=gamma, image_size=image_size, augment=augment, no_flip=no_flip, workers=workers, seed=seed, gpus=gpus, amp=amp,
+        step_size=step_size, gamma=gamma, image_size=image_size, augment=augment, no_flip=no_flip, workers=workers, seed=seed, gpus=gpus, amp=amp, decode=decode,
         compile=compile_, cache_size=cache_size, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
         stop_timeout_s=stop_timeout, keep_alive=keep_alive, terminate=terminate, budget=budget,
         epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,

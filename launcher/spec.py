@@ -40,6 +40,7 @@ class TrainSpec:
     seed: int = recipe.SEED
     gpus: int = 1
     amp: str = recipe.AMP
+    decode: str = recipe.DECODE  # auto | cpu | gpu: where the host decodes JPEGs (the trainer falls back to cpu)
     compile: bool = False
     cache_size: int = 0  # >0: train on a copy resized to this short side (made once, on the laptop)
     detach: bool = False
@@ -61,7 +62,7 @@ class TrainSpec:
             "--model", self.model, "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
             "--lr", str(self.lr), "--step-size", str(self.step_size), "--gamma", str(self.gamma),
             "--image-size", str(self.image_size), "--workers", str(self.workers), "--seed", str(self.seed),
-            "--amp", self.amp,
+            "--amp", self.amp, "--decode", self.decode,
         ]
         # Passed only when chosen: the trainer then takes a resumed run's recipe from its last.pth.
         if self.augment:

@@ -14,7 +14,7 @@ from gpu_run.trainer.train import get_args_parser
 
 # Options whose default the CLI, TrainSpec and the trainer share (the trainer's --weights is
 # deliberately "none": the launcher resolves "imagenet" to a file before the trainer sees it).
-SHARED = ("model", "epochs", "batch_size", "lr", "step_size", "gamma", "image_size", "workers", "seed", "amp")
+SHARED = ("model", "epochs", "batch_size", "lr", "step_size", "gamma", "image_size", "workers", "seed", "amp", "decode")
 
 
 def test_cli_spec_and_trainer_agree_on_every_default() -> None:
