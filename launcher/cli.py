@@ -576,20 +576,23 @@ def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int
 @click.option("--image-size", type=int, default=recipe.IMAGE_SIZE, show_default=True)
 @click.option("--batch-size", type=int, default=recipe.BATCH_SIZE, show_default=True)
 @click.option("--cache-size", type=int, default=0, help="Plan for training on a copy resized to this short side.")
+@click.option("--augment", type=click.Choice(["standard", "light", "none"]), default="standard", show_default=True,
+              help="The training augmentation (it sets how much of each image is decoded).")
 @click.option("--deadline", metavar="DURATION", help="When the run must be done: 6h, 90m, 1h30m, 2d.")
 @click.option("--budget", type=float, help="Most to spend, in each host's own currency.")
 @click.option("--uplink", type=float, metavar="MBIT", help="Your upload speed in Mbit/s (default: measured by your last sync).")
 @click.option("--host", "only_hosts", multiple=True, metavar="HOST", help="Plan for this host only (repeatable).")
 @click.option("--no-measure", is_flag=True, help="Do not time decoding or CPU training here (faster, fewer figures).")
 @json_option("Print the rows as JSON (each figure with its source), nothing else on stdout.")
-def plan_command(data, epochs, model, image_size, batch_size, cache_size, deadline, budget, uplink, only_hosts,
-                 no_measure, as_json) -> None:
+def plan_command(data, epochs, model, image_size, batch_size, cache_size, augment, deadline, budget, uplink,
+                 only_hosts, no_measure, as_json) -> None:
     """Which host finishes before the deadline for the least money: time per epoch and in all, cost,
     and what limits each (GPU, the host's CPUs decoding images, or the upload)."""
     from gpu_run.plan import gather, render
 
     request = gather.PlanRequest(data=data, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                                 cache_size=cache_size, deadline=deadline, budget=budget, uplink_mbit=uplink,
+                                 cache_size=cache_size, augment=augment, deadline=deadline, budget=budget,
+                                 uplink_mbit=uplink,
                                  hosts=only_hosts, measure=not no_measure)
 
     def ask_uplink() -> float | None:  # asked once, when nothing measured it, and only of a person

@@ -140,6 +140,20 @@ def test_a_slow_uplink_makes_the_upload_the_limit_and_data_already_there_is_not_
     assert row.limit == "gpu"
 
 
+def test_big_images_behind_a_slow_uplink_get_the_cache_offered_too():
+    slow = host(gpu="RTX 4090", vcpus=32, upload=Upload(uplink_mbit=Figure(10.0, "--uplink", "")))
+    row = estimate_host(JOB, slow, SLOW_DECODE)
+    assert row.limit == "upload" and row.fix["cache_size"] == 256
+    # A tenth of the bytes to send, and images that decode 10x faster.
+    assert row.fix["saves_s"] > 0.9 * (2e9 * 8 / 10e6) * 0.9
+
+
+def test_a_cache_that_saves_next_to_nothing_is_not_suggested():
+    barely = DecodeRates(40.0, 80.0, "(test)", cache_size=256, cache_bytes_ratio=0.99,
+                         cached=DecodeRates(40.5, 81.0, "(test)"))
+    assert estimate_host(JOB, host(gpu="RTX 4090", vcpus=4), barely).fix is None
+
+
 def test_without_a_measured_uplink_the_default_is_said_to_be_assumed():
     row = estimate_host(JOB, host(upload=Upload()), FAST_DECODE)
     assert row.parts["upload"].source == ASSUMED and "--uplink" in row.parts["upload"].detail
@@ -246,7 +260,7 @@ def test_the_table_fits_80_columns_and_never_cuts_a_host_name():
     table_lines = lines[: lines.index(next(l for l in lines if l.startswith("Sources:")))]
     for name in names:
         assert any(line.lstrip().startswith(name + " ") for line in table_lines), (name, text)
-    assert "BEST" in text and "Sources:" in text and "--cache-size 256 would save" in text
+    assert "BEST" in text and "Sources:" in text and "--cache-size 256 (a copy" in text.replace("\n", " ")
 
 
 def test_json_rows_carry_every_figure_with_its_source():
@@ -282,10 +296,13 @@ def test_doctor_facts_are_kept_per_host(gpu_run_home):
 
 def test_decoding_is_measured_here_through_the_trainers_own_dataset_code(dataset):
     from gpu_run.plan.gather import measure_decode
+    from gpu_run.trainer.train import build_transforms, decode_short_side
 
     rates = measure_decode(dataset, 32)
     assert rates.train_per_core > 0 and rates.val_per_core > 0 and "of your images" in rates.detail
-    assert rates.cache_size == round(32 * 256 / 224)
+    # The copy it would suggest keeps every pixel training uses: the trainer's own rule.
+    assert rates.cache_size == decode_short_side(build_transforms(32, "standard")[0])
+    assert rates.cached is None  # 48 px images: no copy makes them smaller
 
 
 # The test bed --------------------------------------------------------------------------------------

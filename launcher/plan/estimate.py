@@ -40,6 +40,7 @@ FIRST_SETUP_S = {"local": 10.0, "ssh": 300.0, "aws": 360.0}  # connect (start), 
 FINISH_S = {"local": 5.0, "ssh": 60.0, "aws": 90.0}  # pull the outputs, stop, see the machine go down
 RECHECK_S = 5.0  # a dataset already on the host: both sides list their files, nothing moves
 DEFAULT_VCPUS = 4
+MIN_FIX_SAVING_S, MIN_FIX_SAVING = 60.0, 0.05  # --cache-size is suggested when it saves more than both
 UPLINK_DEFAULT_MBIT = 20.0  # a typical home or campus uplink; --uplink says the real one
 
 
@@ -302,7 +303,7 @@ def estimate_host(job: Job, host: HostInput, decode: DecodeRates | None, gflops:
     if speeds is None:
         return row
     _fill_times(job, host, row, *speeds)
-    if row.limit == "cpu_decode" and decode is not None and decode.cached is not None and not job.cache_size:
+    if row.limit in ("cpu_decode", "upload") and decode is not None and decode.cached is not None and not job.cache_size:
         _suggest_cache(job, host, decode, gflops, row)
     return row
 
@@ -395,7 +396,8 @@ def _suggest_cache(job: Job, host: HostInput, decode: DecodeRates, gflops: float
         cached_host = replace(host, upload=Upload(uplink_mbit=host.upload.uplink_mbit))
         cached_job = replace(cached_job, dataset_bytes=int(job.dataset_bytes * decode.cache_bytes_ratio))
     alt = estimate_host(cached_job, cached_host, decode.cached, gflops)
-    if alt.total_s is None or alt.total_s.value >= row.total_s.value:
+    saves_s = row.total_s.value - alt.total_s.value if alt.total_s is not None else 0.0
+    if saves_s < max(MIN_FIX_SAVING_S, MIN_FIX_SAVING * row.total_s.value):
         return
     row.fix = {
         "cache_size": decode.cache_size,

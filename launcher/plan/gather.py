@@ -30,6 +30,7 @@ from gpu_run.plan.estimate import (
 from gpu_run.ui import UI
 
 SAMPLE_IMAGES = 48  # images decoded per measurement: enough for a steady rate, a few seconds at most
+COPY_SAMPLE = 16  # images resized as --cache-size would, for the copy's bytes and decode speed
 MEASURE_BUDGET_S = 2.0  # and never longer than this per pass (half of it for the val images)
 MIN_UPLINK_BYTES = 20e6  # a sync smaller than this measures latency, not the uplink
 PAST_RUNS_READ = 50
@@ -45,6 +46,7 @@ class PlanRequest:
     image_size: int
     batch_size: int
     cache_size: int = 0
+    augment: str = "standard"
     deadline: str | None = None
     budget: float | None = None
     uplink_mbit: float | None = None
@@ -152,28 +154,36 @@ def _per_core_rate(dataset, budget_s: float) -> float:
         torch.set_num_threads(threads)
 
 
-def measure_decode(root: Path, image_size: int, cache_size: int = 0, suggest_cache: bool = True) -> DecodeRates:
+def measure_decode(root: Path, image_size: int, cache_size: int = 0, augment: str = "standard",
+                   suggest_cache: bool = True) -> DecodeRates:
     """Decode-and-augment speed of one core here, on a sample of the user's images, through the
-    trainer's own ImageFolder and transforms; and the same for the --cache-size copy it would make
-    (resized by the cache's own code), with how much smaller that copy is."""
+    trainer's own ImageFolder and transforms (JPEGs decoded at the reduced scale the trainer asks
+    for); and the same for the --cache-size copy of the sample (made by the cache's own resize),
+    with how much smaller that copy is. The copy suggested keeps every pixel training uses: the
+    trainer's own decode_short_side (915 px at 224 for --augment standard, 334 for light)."""
     from gpu_run.cache import resize_one
-    from gpu_run.trainer.train import SafeImageFolder, build_transforms, list_samples
+    from gpu_run.trainer.train import SafeImageFolder, build_transforms, decode_short_side, list_samples
 
     classes, _ = check_layout(root)
-    train_tf, eval_tf = build_transforms(image_size)
+    train_tf, eval_tf = build_transforms(image_size, augment)
 
     def rates(split_root: Path, n: int) -> tuple[float, float]:
-        train = SafeImageFolder(split_root / "train", classes, train_tf)
-        val = SafeImageFolder(split_root / "val", classes, eval_tf)
+        # As the trainer's main builds them.
+        train = SafeImageFolder(split_root / "train", classes, train_tf, min_short_side=decode_short_side(train_tf))
+        val = SafeImageFolder(split_root / "val", classes, eval_tf, min_short_side=decode_short_side(eval_tf))
         train.samples, val.samples = _sample(train.samples, n), _sample(val.samples, max(8, n // 2))
         return _per_core_rate(train, MEASURE_BUDGET_S), _per_core_rate(val, MEASURE_BUDGET_S / 2)
 
-    picked = [path for s in ("train", "val") for path, _ in _sample(list_samples(root / s, classes), SAMPLE_IMAGES)]
-    size = cache_size or round(image_size * 256 / 224)
+    # A few images copied as --cache-size would (a 12 MP photo takes a tenth of a second), for the
+    # copy's size and speed; spread over train and val, and over the classes.
+    picked = [path for s, n in (("train", COPY_SAMPLE * 3 // 4), ("val", COPY_SAMPLE // 4))
+              for path, _ in _sample(list_samples(root / s, classes), n)]
+    size = cache_size or max(filter(None, (decode_short_side(train_tf), decode_short_side(eval_tf))))
     with tempfile.TemporaryDirectory(prefix="gpu-run-plan-") as tmp:
-        # The copy --cache-size would make of the sample, by the cache's own resize.
-        copy_root, original_bytes, copy_bytes = Path(tmp), 0, 0
-        for path in picked:
+        copy_root, original_bytes, copy_bytes, start = Path(tmp), 0, 0, time.perf_counter()
+        for i, path in enumerate(picked):
+            if i >= 4 and time.perf_counter() - start > MEASURE_BUDGET_S:
+                break
             dst = copy_root / Path(path).relative_to(root)
             if resize_one((path, str(dst), size)):
                 original_bytes += os.path.getsize(path)
@@ -181,14 +191,14 @@ def measure_decode(root: Path, image_size: int, cache_size: int = 0, suggest_cac
         ratio = copy_bytes / original_bytes if original_bytes else 1.0
         if cache_size:  # the user asked for the copy: its speed is the one that counts
             train, val = rates(copy_root, SAMPLE_IMAGES)
-            return DecodeRates(train, val, f"(measured here on {len(picked)} of your images resized to {size} px)",
+            return DecodeRates(train, val, f"(measured here on a sample of your images resized to {size} px)",
                                cache_size=size, cache_bytes_ratio=ratio)
         train, val = rates(root, SAMPLE_IMAGES)
         cached = None
-        if suggest_cache and ratio < 0.8:  # the images are bigger than the copy would be: it can help
+        if suggest_cache and ratio < 0.5:  # the images are well over what training uses: a copy can pay
             c_train, c_val = rates(copy_root, SAMPLE_IMAGES)
             cached = DecodeRates(c_train, c_val, f"(measured here on the sample resized to {size} px)")
-    detail = f"(measured here on {len(picked)} of your images)"
+    detail = "(measured here on a sample of your images)"
     return DecodeRates(train, val, detail, cached=cached, cache_size=size, cache_bytes_ratio=ratio)
 
 
@@ -358,7 +368,7 @@ def vcpus_figure(host: Host, runs: list[RunFacts], facts: dict) -> Figure | None
 def upload_for(host: Host, runs: list[RunFacts], all_runs: dict[str, list[RunFacts]], data_id: str,
                cache_size: int, uplink_mbit: float | None, asked: Callable[[], Figure | None]) -> Upload:
     if host.is_local:
-        return Upload(already="local: no upload", recheck_s=Figure(0.0, MEASURED_HERE, ""))
+        return Upload(already="local: no upload", recheck_s=Figure(0.0, CONFIG, ""))
     same = [r for r in runs if r.record.dataset_id == data_id and r.cache_size == cache_size and "sync" in r.phase_s]
     if same:
         first = same[-1]
@@ -456,7 +466,7 @@ def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
     decode = None
     if req.measure:
         with ui.spinner(f"measuring image decoding on a sample of {req.data}"):
-            decode = measure_decode(Path(req.data).expanduser().resolve(), req.image_size, req.cache_size)
+            decode = measure_decode(Path(req.data).expanduser().resolve(), req.image_size, req.cache_size, req.augment)
     local_gpu = None
     if any(h.is_local for h in hosts):
         import torch

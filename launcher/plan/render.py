@@ -10,6 +10,7 @@ from rich.text import Text
 
 from gpu_run.money.cost import format_money
 from gpu_run.plan.tables import AWS_SOURCE
+from gpu_run.plan.estimate import megabytes
 from gpu_run.plan.estimate import ASSUMED, CONFIG, DOCTOR, MEASURED_HERE, PAST_RUN, PUBLISHED, Figure, Job, Row
 
 # One letter per source, after each figure in the table; the legend under it spells them out.
@@ -93,14 +94,13 @@ def host_notes(row: Row) -> str:
     if row.train_rate.source == PAST_RUN or row.gpu_rate is None:
         notes.append(f"Trains at {row.train_rate.value:,.1f} img/s ({_source(row.train_rate)}).")
     if row.limit == "cpu_decode":
-        if row.fix:
-            notes.append(f"The host's CPUs cannot decode the images as fast as the GPU trains: --cache-size "
-                         f"{row.fix['cache_size']} would save {duration(row.fix['saves_s'])} and "
-                         f"{format_money(row.fix['saves'], row.currency)} (total {duration(row.fix['total_s'])}).")
-        else:
-            notes.append("The host's CPUs cannot decode the images as fast as the GPU trains.")
+        notes.append("The host's CPUs cannot decode the images as fast as the GPU trains.")
     elif row.limit == "upload":
         notes.append("The upload takes longer than the training.")
+    if row.fix:
+        notes.append(f"--cache-size {row.fix['cache_size']} (a copy resized once on this machine, smaller to send "
+                     f"and to decode) would save {duration(row.fix['saves_s'])} and "
+                     f"{format_money(row.fix['saves'], row.currency)} (total {duration(row.fix['total_s'])}).")
     notes.append("Total: " + ", ".join(f"{name} {duration(p.value)} {tag(p)}" for name, p in row.parts.items()) + ".")
     upload = row.parts["upload"]
     if upload.detail:
@@ -122,7 +122,7 @@ def print_plan(rows: list[Row], job: Job, deadline_s: float | None, budget: floa
                console: Console | None = None) -> None:
     console = console or Console(highlight=False)
     wants = [f"{job.epochs} epochs of {job.model} at {job.image_size} px on {job.train_images:,} train + "
-             f"{job.val_images:,} val images ({job.dataset_bytes / 1e6:,.0f} MB)"]
+             f"{job.val_images:,} val images ({megabytes(job.dataset_bytes)})"]
     if deadline_s is not None:
         wants.append(f"deadline {duration(deadline_s)}")
     if budget is not None:
