@@ -1,7 +1,8 @@
 """Sync benchmark: gpu-run's tar-over-one-SSH-channel sync against rsync, over the same sshd.
 
-Claim: on 10,000 JPEGs of about 20 KB, our first sync takes at most 1.2x rsync's time, and
-re-syncs (no change; 1% of files changed) are no slower than rsync's.
+Claim: on 10,000 JPEGs of about 20 KB, our first sync takes at most 1.2x rsync's time, a re-sync
+with no change at most half of rsync's (one SSH exec: the host answers `same` to the laptop's
+manifest digest), and a re-sync with 1% of files changed is no slower than rsync's.
 How: the test bed's sshd on 127.0.0.1 (`make testbed`); both tools run side by side in one
 process, alternating which goes first, each case repeated; the median is printed with the ratio. The destination is a tmpfs (/dev/shm) by default: on this
 machine's disk, writeback of 200 MB of small files swings either tool's time by 2-4x from run to
@@ -101,7 +102,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 tools[name](dest / name)
                 times[case][name].append(time.perf_counter() - t0)
-    targets = {"first": 1.2, "no change": 1.0, "1% changed": 1.0}
+    targets = {"first": 1.2, "no change": 0.5, "1% changed": 1.0}
     print(f"{'case':<12} {'gpu-run s':>10} {'rsync s':>10} {'ratio':>7}  target")
     for case, per_tool in times.items():
         a, b = statistics.median(per_tool["gpu-run"]), statistics.median(per_tool["rsync"])
