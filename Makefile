@@ -27,6 +27,10 @@ testbed: install
 test: testbed
 	$(BIN)/python -m pytest -q
 
+# The tests that need no test bed (no Docker engine, sshd or moto): `integration` marks the rest.
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
 # The wheel as a user installs it, in a fresh venv outside the checkout (and the launcher on Python 3.10).
 wheel-check: testbed
 	bash tests/bed/wheel.sh

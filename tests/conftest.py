@@ -19,9 +19,34 @@ from gpu_run.demo_data import make_dataset
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_INTEGRATION = os.environ.get("GPU_RUN_REQUIRE_INTEGRATION") == "1"
 
+# pytest loads this file as `conftest`; the test files import its helpers as `tests.conftest`. One
+# module under both names, so that they share its state (which test is running).
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
+
+
+# Unit tests and the test bed ----------------------------------------------------------------------
+# A test that needs the bed (Docker engine, sshd, moto, the files under .testbed) is marked
+# `integration`; `make test-unit` runs the others, which must pass with no bed at all. To keep them
+# honest, a unit test finds no engine (DOCKER_HOST points nowhere) and fails if it reads the bed.
+
+NO_ENGINE = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+_integration_test = False  # whether the test being set up or run is marked integration
+
+
+def pytest_runtest_setup(item) -> None:
+    global _integration_test
+    _integration_test = item.get_closest_marker("integration") is not None
+
+
+def needs_test_bed(what: str) -> None:
+    """A unit test that reaches for the bed fails at once, whether or not the bed is up."""
+    if not _integration_test:
+        pytest.fail(f"a unit test uses the test bed ({what}): mark it @pytest.mark.integration", pytrace=False)
+
 
 def missing_test_bed(what: str) -> None:
     """Fail in CI, skip on a laptop without the bed (run `make testbed` to get it)."""
+    needs_test_bed(what)
     message = f"test bed: {what} (run `make testbed`)"
     if REQUIRE_INTEGRATION:
         pytest.fail(message)
@@ -29,10 +54,21 @@ def missing_test_bed(what: str) -> None:
 
 
 def testbed_env() -> dict[str, str]:
+    needs_test_bed(".testbed/env")
     path = ROOT / ".testbed" / "env"
     if not path.is_file():
         return {}
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+testbed_env.__test__ = False  # a helper, not a test, wherever it is imported under its own name
+
+
+@pytest.fixture(autouse=True)
+def unit_tests_find_no_engine(request, monkeypatch):
+    if request.node.get_closest_marker("integration") is None:
+        for key, value in NO_ENGINE.items():
+            monkeypatch.setenv(key, value)
 
 
 @pytest.fixture
@@ -58,14 +94,15 @@ def big_dataset(tmp_path_factory) -> Path:
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
-    """The predicate's first truthy value; fails the test (never falls through) on timeout."""
+    """The predicate's first truthy value. The one way a test waits: on timeout it raises
+    AssertionError naming what it waited for, so no wait can fall through and let the test go on."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what} (last value: {value!r})")
         time.sleep(poll_s)
 
 
@@ -88,6 +125,7 @@ def fault_row():
 
 @pytest.fixture
 def docker_client():
+    needs_test_bed("the Docker engine")
     from gpu_run.image import connect
 
     client = connect()
@@ -273,10 +311,7 @@ class SshHost:
     def start_machine(self) -> None:
         """The user starts the stopped machine again (the console's start button)."""
         self.stop_marker.unlink(missing_ok=True)
-        deadline = time.monotonic() + 10
-        while not self.power.up:
-            assert time.monotonic() < deadline, "the test host did not come back up"
-            time.sleep(0.05)
+        wait_for(lambda: self.power.up, 10, "the test host to come back up", 0.05)
 
     def remote_run_dir(self, run_id: str) -> Path:
         return self.workdir / "runs" / run_id
@@ -303,8 +338,8 @@ def ssh_host(tmp_path, gpu_run_home, docker_client) -> SshHost:
 LEAK_WAIT_S = 45  # a watchdog still in its grace period or its stop finishes within this
 
 
-def _leftover_processes() -> dict[int, str]:
-    """Watchdogs and trainers running on this machine (the test host's and the laptop's alike)."""
+def _processes_naming(*texts: str) -> dict[int, str]:
+    """Processes on this machine whose command line holds one of texts."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -313,40 +348,91 @@ def _leftover_processes() -> dict[int, str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if "watchdog.sh" in cmdline or "trainer.train" in cmdline:
+        if any(text in cmdline for text in texts):
             found[int(entry.name)] = cmdline
     return found
 
 
-def _leftover_containers() -> set[str]:
+def _leftover_processes() -> dict[int, str]:
+    """Watchdogs and trainers running on this machine (the test host's and the laptop's alike)."""
+    return _processes_naming("watchdog.sh", "trainer.train")
+
+
+def _leftover_containers() -> set[str] | None:
+    """gpu-run containers on the engine, or None when the engine does not answer."""
     try:
         out = subprocess.run(["docker", "ps", "-a", "--filter", "name=^gpu-run-", "--format", "{{.Names}}"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return set()
-    return set(out.stdout.split()) if out.returncode == 0 else set()
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
+def _kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+class Cleanup:
+    """What a test starts and must end itself (a container instance, a container left on a machine
+    that was "stopped" through a cloud API, a watchdog retrying a stop forever): ended in teardown
+    whether the test passed or failed. That teardown runs before the leak check, so register only
+    what the test owns, never what the product should have cleaned up: that is a leak."""
+
+    def __init__(self):
+        self._containers: list = []
+        self._process_texts: list[str] = []
+
+    def container(self, names) -> None:
+        """A container name, or a function that lists names when the test ends."""
+        self._containers.append(names)
+
+    def processes_naming(self, text: str) -> None:
+        """Every process whose command line holds text (a run's folder on the host)."""
+        self._process_texts.append(text)
+
+    def run(self) -> None:
+        if self._process_texts:
+            _kill(_processes_naming(*self._process_texts))
+        names = []
+        for entry in self._containers:
+            names += [entry] if isinstance(entry, str) else list(entry())
+        if names:
+            subprocess.run(["docker", "rm", "-f", *names], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def cleanup():
+    done = Cleanup()
+    yield done
+    done.run()
 
 
 @pytest.fixture(autouse=True)
-def nothing_outlives_the_test():
+def nothing_outlives_the_test(request):
     """A watchdog, trainer or gpu-run container left behind by a test is a leak, and a leak is a
     symptom (a machine that would go on billing): the test fails, and the leftovers are removed so
-    that the next test starts clean."""
-    before_procs, before_containers = set(_leftover_processes()), _leftover_containers()
+    that the next test starts clean. Containers are checked for integration tests on an engine that
+    answers (a unit test finds no engine)."""
+    before_procs = set(_leftover_processes())
+    before_containers = _leftover_containers() if request.node.get_closest_marker("integration") else None
     yield
-    deadline = time.monotonic() + LEAK_WAIT_S
-    while True:
+
+    def leftovers() -> tuple[dict[int, str], set[str]]:
         procs = {p: c for p, c in _leftover_processes().items() if p not in before_procs}
-        containers = _leftover_containers() - before_containers
-        if (not procs and not containers) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    if procs or containers:
-        for pid in procs:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+        if before_containers is None:
+            return procs, set()
+        now = _leftover_containers()
+        return procs, ({"(the Docker engine does not answer)"} if now is None else now - before_containers)
+
+    try:
+        wait_for(lambda: not any(leftovers()), LEAK_WAIT_S, "the test's processes and containers to end", 0.5)
+    except AssertionError:
+        procs, containers = leftovers()
+        _kill(procs)
         if containers:
             subprocess.run(["docker", "rm", "-f", *containers], capture_output=True, timeout=60)
         shown = "; ".join([*procs.values(), *sorted(containers)])

@@ -228,8 +228,7 @@ def test_trainer_killed_during_a_checkpoint_write(ssh_host, dataset, gpu_run_hom
     ckpt = ssh_host.remote_run_dir(run_id) / "out" / "checkpoints"
     wait_for(lambda: (ckpt / "last.pth").exists(), 180, "the first checkpoint")
     # The next save is in its temp file: SIGKILL the container right then.
-    wait_for(lambda: next(ckpt.glob(".*.tmp-*"), None) or epochs_on_host(ssh_host, run_id) >= 3, 180,
-             "a checkpoint write", 0.005)
+    wait_for(lambda: next(ckpt.glob(".*.tmp-*"), None), 180, "a checkpoint write (a temp file in checkpoints/)", 0.005)
     completed = epochs_on_host(ssh_host, run_id)
     subprocess.run(["docker", "kill", f"gpu-run-{run_id}"], capture_output=True, check=True)
     code, out, err = finish(proc)
@@ -306,10 +305,11 @@ def test_docker_daemon_restarted_mid_run(ssh_host, dataset, gpu_run_home, fault_
     code, out, err = finish(proc)
     summary = json.loads(out)
     # The engine's shutdown sent the trainer SIGTERM: it saved a resumable last.pth and stopped.
-    # The watchdog counted the engine's absence as an error, not as the job's end.
+    # The watchdog counted the engine's absence as an error, not as the job's end: the end it
+    # recorded is the trainer's own (finished, exit 75), not engine_down or never_started.
     assert summary["status"] == "stopped" and summary["exit_code"] == 75, out
-    log = (ssh_host.remote_run_dir(run_id) / "watchdog.log").read_text()
-    assert "does not answer" in log or "outcome=finished" in log
+    status = host_file(ssh_host, run_id, "status")
+    assert (status["outcome"], status["exit_code"]) == ("finished", "75"), status
     lost = checkpoints_lost(Path(summary["run_dir"]), completed)
     left_up = machine_left_up(ssh_host, run_id)
     ok = ledger_consistent(gpu_run_home, run_id, stopped=True)
@@ -343,12 +343,16 @@ def test_stop_command_fails_then_works_on_retry(ssh_host, dataset, gpu_run_home,
     fault_row("stop command fails, then works on retry", 0, left_up, idle, ok)
 
 
-def test_stop_command_that_never_works_is_loud_and_keeps_billing_open(ssh_host, dataset, gpu_run_home, fault_row):
+def test_stop_command_that_never_works_is_loud_and_keeps_billing_open(ssh_host, dataset, gpu_run_home, fault_row,
+                                                                      cleanup):
     text = (ssh_host.work / "gpu-run.toml").read_text()
     broken = "\n".join(
         """stop_command = "sh -c 'echo shutdown: Permission denied >&2; exit 1'\"""" if line.startswith("stop_command") else line
         for line in text.splitlines()) + "\n"
     (ssh_host.work / "gpu-run.toml").write_text(broken)
+    # The watchdog goes on retrying the old command on a machine that the test only plays as
+    # stopped: the test ends it, however it ends.
+    cleanup.processes_naming(str(ssh_host.workdir / "runs"))
     code, out, err = finish(start(ssh_host, "--epochs", "1", "--data", str(dataset)))
     run_id = only_run(ssh_host)
     # Training succeeded, the machine did not stop: exit 3, said in red, never recorded as stopped.
@@ -369,8 +373,6 @@ def test_stop_command_that_never_works_is_loud_and_keeps_billing_open(ssh_host, 
     fixed = json.loads(cli(ssh_host, "stop", run_id, "--json").stdout)
     assert fixed["stop"]["ok"] and not ssh_host.power.up
     assert ledger_consistent(gpu_run_home, run_id, stopped=True)
-    # The watchdog was still retrying the old command: with the machine down it is gone too.
-    subprocess.run(["pkill", "-f", str(ssh_host.remote_run_dir(run_id))])
     fault_row("stop command never works (said in red, exit 3)", 0, 1, None, ledger_ok)
 
 

@@ -277,14 +277,19 @@ LAPTOP_KEY, LAPTOP_SECRET = "AKIATESTGPURUN", "gpuRunHostileSecret-5d2a"
 
 
 @pytest.fixture
-def moto_url(monkeypatch):
-    url = bed_env().get("GPU_RUN_TEST_MOTO_URL")
-    if not url:
-        missing_test_bed("no moto server in .testbed/env")
+def laptop_keys(monkeypatch):
+    """The laptop's own AWS keys, in its environment."""
     for key, value in {"AWS_ACCESS_KEY_ID": LAPTOP_KEY, "AWS_SECRET_ACCESS_KEY": LAPTOP_SECRET,
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+
+
+@pytest.fixture
+def moto_url(laptop_keys):
+    url = bed_env().get("GPU_RUN_TEST_MOTO_URL")
+    if not url:
+        missing_test_bed("no moto server in .testbed/env")
     try:
         urllib.request.urlopen(f"{url}/moto-api/", timeout=5)
     except OSError as e:
@@ -302,8 +307,9 @@ def s3_with(url: str, objects: dict[str, bytes], metadata: dict[str, dict] | Non
     return client, bucket
 
 
+@pytest.mark.integration
 def test_s3sync_download_keeps_every_key_inside_and_skips_folders(moto_url, tmp_path, capsys):
-    from trainer import s3sync
+    from gpu_run.trainer import s3sync
 
     prefix = "p/datasets/D"
     client, bucket = s3_with(moto_url, {
@@ -324,6 +330,7 @@ def test_s3sync_download_keeps_every_key_inside_and_skips_folders(moto_url, tmp_
     assert "escape.txt" in out.err and "abs.txt" in out.err and "link/x.txt" in out.err
 
 
+@pytest.mark.integration
 def test_download_run_skips_folder_objects_and_keys_outside(moto_url, tmp_path):
     from gpu_run.config import Host
     from gpu_run.sync.s3 import S3Store
@@ -351,6 +358,7 @@ def test_download_run_skips_folder_objects_and_keys_outside(moto_url, tmp_path):
     assert not (local / "metrics.jsonl").exists() and not list(local.glob(".*part*"))
 
 
+@pytest.mark.integration
 def test_host_gets_short_lived_keys_scoped_to_the_prefix(moto_url):
     from gpu_run.config import Host
     from gpu_run.sync.s3 import S3Store
@@ -370,7 +378,7 @@ def test_host_gets_short_lived_keys_scoped_to_the_prefix(moto_url):
     assert (laptop["AWS_ACCESS_KEY_ID"], laptop["AWS_SECRET_ACCESS_KEY"]) == (LAPTOP_KEY, LAPTOP_SECRET)
 
 
-def test_a_store_without_sts_is_refused_with_the_fix(moto_url, monkeypatch):
+def test_a_store_without_sts_is_refused_with_the_fix(laptop_keys, monkeypatch):
     from gpu_run.config import Host
     from gpu_run.errors import ConfigError
     from gpu_run.sync.s3 import S3Store

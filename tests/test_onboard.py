@@ -142,14 +142,14 @@ class Instance:
 
 
 @pytest.fixture
-def instance(request) -> Instance:
+def instance(cleanup) -> Instance:
     if shutil.which("docker") is None:
         missing_test_bed("no docker CLI")
     if subprocess.run(["docker", "image", "inspect", INSTANCE_IMAGE], capture_output=True, timeout=60).returncode != 0:
         missing_test_bed(f"image {INSTANCE_IMAGE} is missing")
     name = f"gpu-run-testbed-onboard-{secrets.token_hex(4)}"
     password = f"pw-{secrets.token_urlsafe(12)}"
-    request.addfinalizer(lambda: subprocess.run(["bash", str(INSTANCE_SH), "stop", name], capture_output=True, timeout=120))
+    cleanup.container(name)  # before it starts: a start that fails half way leaves nothing either
     for _ in range(3):  # another test may take the free port between our check and sshd's bind
         port = free_port()
         proc = subprocess.run(["bash", str(INSTANCE_SH), "start", name, str(port), "--password", password],

@@ -21,6 +21,8 @@ from tests.conftest import cut_ssh_connections, wait_for
 
 FAST = ["--host", "t4-box", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
 
+pytestmark = pytest.mark.integration
+
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
