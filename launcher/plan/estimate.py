@@ -340,6 +340,10 @@ def _gpu_speeds(job: Job, host: HostInput, decode: DecodeRates | None, gflops: f
     val_data = decode.val_per_core * max(1, workers)
     train_value = pipe_rate(table.value, row.data_rate.value, workers)
     limit = "cpu_decode" if row.data_rate.value < table.value else "gpu"
+    if limit == "cpu_decode":
+        row.notes.append("The trainer's --decode auto may move JPEG decoding to the GPU (nvjpeg) when it measures "
+                         "that faster at start-up; this estimate counts the CPUs only, and a past run here shows "
+                         "what it chose")
     source = MEASURED_HERE if limit == "cpu_decode" else PUBLISHED
     train = Figure(train_value, source, row.data_rate.detail if limit == "cpu_decode" else table.detail)
     eval_rate = Figure(pipe_rate(gpu_eval, val_data, workers), source, "evaluation: the slower of the GPU's forward "

@@ -97,6 +97,7 @@ def host_notes(row: Row) -> str:
         notes.append("The host's CPUs cannot decode the images as fast as the GPU trains.")
     elif row.limit == "upload":
         notes.append("The upload takes longer than the training.")
+    notes += [f"{note}." for note in row.notes]
     if row.fix:
         notes.append(f"--cache-size {row.fix['cache_size']} (a copy resized once on this machine, smaller to send "
                      f"and to decode) would save {duration(row.fix['saves_s'])} and "
