@@ -28,8 +28,9 @@ test: testbed
 	$(BIN)/python -m pytest -q
 
 # The tests that need no test bed (no Docker engine, sshd or moto): `integration` marks the rest.
+# The unit tests, in seconds and without the test bed (no model training: that is `slow`).
 test-unit: install
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 # The wheel as a user installs it, in a fresh venv outside the checkout (and the launcher on Python 3.10).
 wheel-check: testbed

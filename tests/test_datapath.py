@@ -127,6 +127,7 @@ def test_the_trainer_decodes_no_smaller_than_each_transform_needs(tmp_path):
         assert open_image(photo, decode_short_side(transform)).size == scaled
 
 
+@pytest.mark.slow
 def test_the_trainer_trains_on_big_jpegs_decoded_at_reduced_scale(tmp_path):
     data = tmp_path / "big"
     for split, n in (("train", 3), ("val", 2)):
@@ -154,6 +155,7 @@ def test_the_trainer_trains_on_big_jpegs_decoded_at_reduced_scale(tmp_path):
 # decode_jpeg decodes on either), and the trainer asked for --decode gpu falls back to the CPU.
 
 
+@pytest.mark.slow
 def test_decode_gpu_without_a_gpu_trains_on_the_cpu_path_and_says_so(dataset, tmp_path):
     proc = trainer("--data", str(dataset), "--out", str(tmp_path / "out"), "--epochs", "1", "--image-size", "32",
                    "--batch-size", "8", "--workers", "0", "--weights", "none", "--device", "cpu", "--decode", "gpu")

@@ -71,6 +71,7 @@ def test_dataset_error_is_one_line(case, cli, tmp_path, gpu_run_home):
         assert "unreadable; the dataset looks corrupt" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_few_corrupt_images_are_skipped_with_a_warning(cli, tmp_path, gpu_run_home):
     data = make_dataset(tmp_path / "data", classes=2, train_per_class=12, val_per_class=4, size=32)
     (data / "train" / "horizontal" / "00003.jpg").write_bytes(b"truncated")

@@ -17,6 +17,8 @@ from PIL import Image
 
 from tests.conftest import CLI, wait_for
 
+pytestmark = pytest.mark.slow  # trains models: `make test`, not `make test-unit`
+
 NO_ENGINE = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
 FAST = ["--host", "local", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none"]
 

@@ -79,6 +79,7 @@ def test_train_on_local_docker_end_to_end(cli, dataset, docker_client, gpu_run_h
     assert docker_client.images.get(tag).id == image_id
 
 
+@pytest.mark.slow
 def test_process_fallback_when_no_engine(cli, dataset, gpu_run_home):
     proc = cli(*TRAIN, "--data", str(dataset), env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"}, check=True)
     assert "No Docker engine reachable" in proc.stdout
@@ -89,6 +90,7 @@ def test_process_fallback_when_no_engine(cli, dataset, gpu_run_home):
     assert ledger_row(gpu_run_home, summary["run_id"])["status"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_runs_status_logs_commands(cli, dataset):
     env = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     summary = cli.json(*TRAIN, "--epochs", "1", "--data", str(dataset), env=env)

@@ -21,6 +21,8 @@ from tests.conftest import trainer
 from gpu_run.trainer.train import (IMAGENET_MEAN, IMAGENET_STD, SafeImageFolder, build_transforms, list_samples,
                            load_image)
 
+pytestmark = pytest.mark.slow  # trains models: `make test`, not `make test-unit`
+
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 EXIF_ORIENTATION = 0x0112
 

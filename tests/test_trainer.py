@@ -11,9 +11,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import events, trainer
+
+pytestmark = pytest.mark.slow  # trains models: `make test`, not `make test-unit`
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--weights", "none", "--log-every", "1"]
 

@@ -167,6 +167,7 @@ def test_stage_weights_once_by_content_and_never_half(tmp_path):
 # The trainer ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trainer_never_downloads_imagenet(dataset, tmp_path):
     proc = trainer("--data", str(dataset), "--out", str(tmp_path / "out"), "--weights", "imagenet", *FAST)
     assert proc.returncode != 0
@@ -175,6 +176,7 @@ def test_trainer_never_downloads_imagenet(dataset, tmp_path):
     assert not list((tmp_path / "out").rglob("*.pth"))  # nothing trained, nothing fetched
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_file_for_another_model(dataset, tmp_path):
     wrong = tmp_path / "wrong.pth"
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), wrong)
@@ -186,7 +188,8 @@ def test_trainer_refuses_a_file_for_another_model(dataset, tmp_path):
 # End to end -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", [pytest.param("docker", marks=pytest.mark.integration), "process"])
+@pytest.mark.parametrize("engine", [pytest.param("docker", marks=pytest.mark.integration),
+                                    pytest.param("process", marks=pytest.mark.slow)])
 def test_imagenet_is_the_default_and_loads_on_the_local_host(engine, cli, dataset, fake_imagenet, empty_torch_home):
     env = {"TORCH_HOME": str(empty_torch_home), **(NO_ENGINE if engine == "process" else {})}
     proc = cli("train", "--host", "local", *FAST, "--data", str(dataset), env=env, check=True)  # no --weights
