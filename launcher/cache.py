@@ -61,7 +61,7 @@ def resize_one(args: tuple[str, str, int]) -> str | None:
     """Resize src so its short side is `size` (never upscale); None if the image is unreadable.
 
     A JPEG at least twice that size is decoded at a reduced scale (open_image's draft mode, never
-    below `size`), 2 to 5 times faster on a 12 MP photo. The copy's width and height come from the
+    below `size`): a 12 MP photo's copy is made 1.9x faster at 915 px, 4x at 256 px. The copy's width and height come from the
     full image's, so they are the same as a full decode gives."""
     src, dst, size = args
     try:
@@ -84,13 +84,18 @@ def resize_one(args: tuple[str, str, int]) -> str | None:
         return None
 
 
+def cache_root(source: Path, size: int) -> Path:
+    """Where the copy of `source` at short side `size` lives on the laptop."""
+    from gpu_run.dataset import dataset_id
+
+    return home_dir() / "cache" / f"{dataset_id(Path(source).resolve())}-s{size}"
+
+
 def cached_dataset(source: Path, size: int, progress: Callable[..., None] | None = None,
                    workers: int | None = None) -> Path:
     """Bring the resized copy of `source` up to date and return its root."""
-    from gpu_run.dataset import dataset_id
-
     source = Path(source).resolve()
-    root = home_dir() / "cache" / f"{dataset_id(source)}-s{size}"
+    root = cache_root(source, size)
     root.mkdir(parents=True, exist_ok=True)
     index_path = root / INDEX
     index: dict[str, dict] = json.loads(index_path.read_text()) if index_path.is_file() else {}
@@ -365,10 +370,15 @@ def advise_cache(root: Path, image_size: int = defaults.IMAGE_SIZE, augment: str
 
 
 def resolve_cache_size(value: int | str, root: Path, image_size: int = defaults.IMAGE_SIZE,
-                       augment: str = defaults.AUGMENT, measure: bool = True) -> tuple[int, CacheAdvice | None]:
+                       augment: str = defaults.AUGMENT, measure: bool | None = None) -> tuple[int, CacheAdvice | None]:
     """--cache-size as given (a number, or "auto") -> (the size to use, 0 for no copy; the advice
-    when auto decided it, for its message)."""
+    when auto decided it, for its message). The decision reads headers only; the savings are
+    measured (seconds) when `measure`, or by default only while the copy does not exist yet, so a
+    re-run on the same dataset pays milliseconds."""
     if value != AUTO:
         return int(value), None
-    advice = advise_cache(root, image_size, augment, measure=measure)
+    advice = advise_cache(root, image_size, augment, measure=False)
+    if advice.helps and measure is not False:
+        if measure or not (cache_root(root, advice.cache_size) / INDEX).is_file():
+            advice = advise_cache(root, image_size, augment, measure=True)
     return advice.cache_size, advice

@@ -102,7 +102,6 @@ def test_large_images_get_a_copy_at_the_needed_size(large):
     assert advice.decode_speedup > 1 and advice.decode_s_saved_per_epoch > 0 and advice.make_s > 0
     assert "median short side is 1500 px" in advice.message and "--cache-size 334 would upload" in advice.message
     assert advice.message.endswith("--cache-size auto does it")
-    assert cache.resolve_cache_size("auto", large, 224, "light")[0] == 334
 
 
 def test_large_for_one_recipe_is_not_for_another(large):
@@ -117,12 +116,21 @@ def test_large_for_one_recipe_is_not_for_another(large):
 def test_small_images_get_no_copy(small):
     advice = cache.advise_cache(small, 224, "none")
     assert (advice.median_short_side, advice.cache_size) == (240, 0)
-    assert cache.resolve_cache_size("auto", small, 224, "none") == (0, advice)
+    assert cache.resolve_cache_size("auto", small, 224, "none", measure=True) == (0, advice)
 
 
 def test_a_number_is_used_as_given(small):
     assert cache.resolve_cache_size(300, small) == (300, None)
     assert cache.resolve_cache_size(0, small) == (0, None)
+
+
+def test_auto_measures_only_until_the_copy_exists(large, gpu_run_home):
+    size, advice = cache.resolve_cache_size("auto", large, 224, "light")
+    assert size == 334 and advice.decode_s is not None
+    cache.cached_dataset(large, size, workers=1)
+    size, again = cache.resolve_cache_size("auto", large, 224, "light")
+    assert size == 334 and again.decode_s is None  # a re-run decides from headers: milliseconds
+    assert cache.resolve_cache_size("auto", large, 224, "light", measure=True)[1].decode_s is not None
 
 
 def test_headers_only_without_measure(large):
