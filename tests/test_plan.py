@@ -296,13 +296,73 @@ def test_doctor_facts_are_kept_per_host(gpu_run_home):
 
 def test_decoding_is_measured_here_through_the_trainers_own_dataset_code(dataset):
     from gpu_run.plan.gather import measure_decode
-    from gpu_run.trainer.train import build_transforms, decode_short_side
 
     rates = measure_decode(dataset, 32)
     assert rates.train_per_core > 0 and rates.val_per_core > 0 and "of your images" in rates.detail
-    # The copy it would suggest keeps every pixel training uses: the trainer's own rule.
-    assert rates.cache_size == decode_short_side(build_transforms(32, "standard")[0])
-    assert rates.cached is None  # 48 px images: no copy makes them smaller
+    assert rates.cached is None  # 48 px images: no copy would make them smaller
+
+
+@pytest.fixture(scope="module")
+def big_images(tmp_path_factory):
+    """A few photo-sized JPEGs (noise compresses like detail), far over what 32 px training reads."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("big")
+    for split, n in (("train", 6), ("val", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.effect_noise((1200, 900), 60 + i).convert("RGB").save(root / split / cls / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_the_copy_to_suggest_is_the_cache_modules_advice_timed_through_the_trainer(big_images):
+    from gpu_run.cache import advise_cache
+    from gpu_run.plan.gather import measure_decode
+    from gpu_run.trainer.train import build_transforms, decode_short_side
+
+    advice = advise_cache(big_images, 32)
+    rates = measure_decode(big_images, 32, advice=advice)
+    # The copy keeps every pixel training reads: the trainer's own rule.
+    assert rates.cache_size == advice.cache_size == decode_short_side(build_transforms(32, "standard")[0])
+    assert rates.cache_bytes_ratio < 0.5 and rates.cached.train_per_core > rates.train_per_core
+    # Planning for a given --cache-size times copies of a sample at that size.
+    given = measure_decode(big_images, 32, cache_size=160)
+    assert given.cache_size == 160 and given.cache_bytes_ratio < 0.2 and given.train_per_core > rates.train_per_core
+
+
+def test_past_runs_are_read_from_the_ledger_and_the_run_folder(gpu_run_home, tmp_path):
+    """A finished run's speed, its trainer's start, and what each epoch spends beyond training and
+    evaluation (checkpoints), from metrics.jsonl, the events in train.log and the ledger's phases."""
+    from gpu_run.ledger import Ledger
+    from gpu_run.paths import ledger_path
+    from gpu_run.plan.gather import estimate_against_actual, past_runs
+
+    ledger = Ledger(ledger_path())
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    spec = {"spec": {"image_size": 64, "epochs": 2, "cache_size": 0}}
+    ledger.create_run("r1", "box", model="resnet18", dataset_id="d-1", run_dir=str(run_dir), status="succeeded",
+                      args_json=json.dumps(spec), created_at=1000.0)
+    for phase, start, end in (("connect", 1000, 1002), ("build", 1002, 1003), ("sync", 1003, 1013),
+                              ("train", 1013, 1043), ("pull", 1043, 1046), ("stop", 1046, 1050)):
+        ledger.start_phase("r1", phase, at=start)
+        ledger.end_phase("r1", phase, at=end)
+    metrics = [{"epoch": e, "train_images_per_s": 10.0, "epoch_time_s": 8.0, "val_images": 20,
+                "eval_images_per_s": 20.0, "val_acc": 0.5} for e in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    events = [{"event": "start", "time": 5000.0, "device": "cpu", "workers": 3},
+              {"event": "epoch", "time": 5009.5, "epoch": 1}, {"event": "epoch", "time": 5019.0, "epoch": 2}]
+    (run_dir / "train.log").write_text("a log line\n" + "".join(json.dumps(e) + "\n" for e in events))
+
+    (facts,) = past_runs(ledger)["box"]
+    assert facts.device == "cpu" and facts.workers == 3 and facts.image_size == 64
+    assert facts.epoch_overhead_s == pytest.approx(0.5)  # 9.5 s between events - 8 s training - 1 s evaluation
+    assert facts.startup_s == pytest.approx(30 - 2 * 9.5)
+    assert facts.phase_s["sync"] == 10 and facts.train_images_per_s == 10.0
+    vs = estimate_against_actual(ledger, "r1")
+    assert vs["actual_total_s"] == 50 and vs["actual_epoch_s"] == pytest.approx(9.5)
+    assert vs["estimated_total_s"] is None  # no plan was made for it
 
 
 # The test bed --------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ class PastRun:
     device: str  # "gpu" or "cpu"
     train_images_per_s: float
     eval_images_per_s: float | None = None
+    epoch_overhead_s: float = 0.0  # checkpoints and predictions written after each epoch
 
 
 @dataclass(frozen=True)
@@ -371,9 +372,13 @@ def _cpu_speeds(job: Job, host: HostInput, gflops: float | None, row: Row):
 
 def _fill_times(job: Job, host: HostInput, row: Row, train: Figure, eval_rate: Figure, limit: str) -> None:
     epoch = job.train_images / train.value + job.val_images / eval_rate.value
+    detail = (f"{job.train_images} train images at {train.value:,.1f} img/s, "
+              f"{job.val_images} val images at {eval_rate.value:,.1f} img/s")
+    if host.past is not None and host.past.model == job.model and host.past.epoch_overhead_s:
+        epoch += host.past.epoch_overhead_s
+        detail += f", {host.past.epoch_overhead_s:.1f} s of checkpoints (run {host.past.run_id})"
     row.train_rate = train
-    row.epoch_s = Figure(epoch, train.source, f"{job.train_images} train images at {train.value:,.1f} img/s, "
-                         f"{job.val_images} val images at {eval_rate.value:,.1f} img/s")
+    row.epoch_s = Figure(epoch, train.source, detail)
     kind = host.kind if host.kind in FIRST_SETUP_S else "ssh"
     row.parts = {
         "setup": host.setup_s or Figure(FIRST_SETUP_S[kind], ASSUMED, "connect, and build or pull the trainer image once"),

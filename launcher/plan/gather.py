@@ -10,11 +10,12 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from gpu_run import host_facts
+from gpu_run.cache import AUTO, CacheAdvice, advise_cache
 from gpu_run.config import Config, Host
 from gpu_run.dataset import check_layout, dataset_id
 from gpu_run.errors import ConfigError
@@ -45,7 +46,7 @@ class PlanRequest:
     epochs: int
     image_size: int
     batch_size: int
-    cache_size: int = 0
+    cache_size: int | str = 0  # a short side, 0 for none, or "auto" (the cache module decides)
     augment: str = "standard"
     deadline: str | None = None
     budget: float | None = None
@@ -68,7 +69,8 @@ class RunFacts:
     train_images_per_s: float | None
     eval_images_per_s: float | None
     phase_s: dict[str, float]  # phase -> seconds (ok phases only)
-    startup_s: float | None  # the train phase less the epochs: the trainer's start (and checkpoints)
+    startup_s: float | None  # the train phase less the epochs: the trainer's start and end
+    epoch_overhead_s: float = 0.0  # per epoch, beyond training and evaluation: checkpoints, predictions
 
 
 # The request ------------------------------------------------------------------------------------
@@ -81,8 +83,8 @@ def check_request(req: PlanRequest) -> float | None:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if req.image_size < 32:
         raise ConfigError(f"--image-size must be at least 32 pixels, got {req.image_size}")
-    if req.cache_size < 0 or (req.cache_size and req.cache_size < req.image_size):
-        raise ConfigError(f"--cache-size must be 0 (none) or at least --image-size {req.image_size}, got {req.cache_size}")
+    if req.cache_size != AUTO and (req.cache_size < 0 or (req.cache_size and req.cache_size < req.image_size)):
+        raise ConfigError(f"--cache-size must be 0 (none), auto, or at least --image-size {req.image_size}, got {req.cache_size}")
     if req.budget is not None and not (req.budget >= 0 and req.budget != float("inf")):
         raise ConfigError(f"--budget must be an amount >= 0 in the hosts' currency, got {req.budget}")
     if req.uplink_mbit is not None and not (0 < req.uplink_mbit < float("inf")):
@@ -154,52 +156,65 @@ def _per_core_rate(dataset, budget_s: float) -> float:
         torch.set_num_threads(threads)
 
 
-def measure_decode(root: Path, image_size: int, cache_size: int = 0, augment: str = "standard",
-                   suggest_cache: bool = True) -> DecodeRates:
+def measure_decode(root: Path, image_size: int, augment: str = "standard", cache_size: int = 0,
+                   advice: CacheAdvice | None = None) -> DecodeRates:
     """Decode-and-augment speed of one core here, on a sample of the user's images, through the
-    trainer's own ImageFolder and transforms (JPEGs decoded at the reduced scale the trainer asks
-    for); and the same for the --cache-size copy of the sample (made by the cache's own resize),
-    with how much smaller that copy is. The copy suggested keeps every pixel training uses: the
-    trainer's own decode_short_side (915 px at 224 for --augment standard, 334 for light)."""
-    from gpu_run.cache import resize_one
-    from gpu_run.trainer.train import SafeImageFolder, build_transforms, decode_short_side, list_samples
+    trainer's own ImageFolder and transforms (JPEGs decoded at the reduced scale it asks for).
+
+    With `cache_size`, the rates are those of the copy the run will train on (the cached copy if it
+    is made, else copies of a few sampled images made by the cache's own resize). Otherwise the copy
+    to suggest is the cache module's advice (`advise_cache`: what training reads, 915 px at 224
+    with --augment standard, when the images are over twice that): its measured speed-up and size
+    are applied to the rates measured here."""
+    from gpu_run.trainer.train import SafeImageFolder, build_transforms, decode_short_side
 
     classes, _ = check_layout(root)
     train_tf, eval_tf = build_transforms(image_size, augment)
 
-    def rates(split_root: Path, n: int) -> tuple[float, float]:
+    def rates(split_root: Path) -> tuple[float, float]:
         # As the trainer's main builds them.
         train = SafeImageFolder(split_root / "train", classes, train_tf, min_short_side=decode_short_side(train_tf))
         val = SafeImageFolder(split_root / "val", classes, eval_tf, min_short_side=decode_short_side(eval_tf))
-        train.samples, val.samples = _sample(train.samples, n), _sample(val.samples, max(8, n // 2))
+        train.samples, val.samples = _sample(train.samples, SAMPLE_IMAGES), _sample(val.samples, SAMPLE_IMAGES // 2)
         return _per_core_rate(train, MEASURE_BUDGET_S), _per_core_rate(val, MEASURE_BUDGET_S / 2)
 
-    # A few images copied as --cache-size would (a 12 MP photo takes a tenth of a second), for the
-    # copy's size and speed; spread over train and val, and over the classes.
-    picked = [path for s, n in (("train", COPY_SAMPLE * 3 // 4), ("val", COPY_SAMPLE // 4))
-              for path, _ in _sample(list_samples(root / s, classes), n)]
-    size = cache_size or max(filter(None, (decode_short_side(train_tf), decode_short_side(eval_tf))))
-    with tempfile.TemporaryDirectory(prefix="gpu-run-plan-") as tmp:
-        copy_root, original_bytes, copy_bytes, start = Path(tmp), 0, 0, time.perf_counter()
-        for i, path in enumerate(picked):
-            if i >= 4 and time.perf_counter() - start > MEASURE_BUDGET_S:
-                break
-            dst = copy_root / Path(path).relative_to(root)
-            if resize_one((path, str(dst), size)):
-                original_bytes += os.path.getsize(path)
-                copy_bytes += os.path.getsize(dst)
-        ratio = copy_bytes / original_bytes if original_bytes else 1.0
-        if cache_size:  # the user asked for the copy: its speed is the one that counts
-            train, val = rates(copy_root, SAMPLE_IMAGES)
-            return DecodeRates(train, val, f"(measured here on a sample of your images resized to {size} px)",
-                               cache_size=size, cache_bytes_ratio=ratio)
-        train, val = rates(root, SAMPLE_IMAGES)
-        cached = None
-        if suggest_cache and ratio < 0.5:  # the images are well over what training uses: a copy can pay
-            c_train, c_val = rates(copy_root, SAMPLE_IMAGES)
-            cached = DecodeRates(c_train, c_val, f"(measured here on the sample resized to {size} px)")
+    if cache_size:
+        made = home_dir() / "cache" / f"{dataset_id(root)}-s{cache_size}"
+        if (made / ".gpu-run-cache.json").is_file():
+            train, val = rates(made)
+            return DecodeRates(train, val, f"(measured here on your --cache-size {cache_size} copy)", cache_size=cache_size)
+        with tempfile.TemporaryDirectory(prefix="gpu-run-plan-") as tmp:
+            ratio = copy_sample(root, classes, Path(tmp), cache_size)
+            train, val = rates(Path(tmp))
+        return DecodeRates(train, val, f"(measured here on a sample of your images resized to {cache_size} px)",
+                           cache_size=cache_size, cache_bytes_ratio=ratio)
+    train, val = rates(root)
     detail = "(measured here on a sample of your images)"
-    return DecodeRates(train, val, detail, cached=cached, cache_size=size, cache_bytes_ratio=ratio)
+    if advice is None or not advice.helps or not advice.decode_speedup or advice.bytes_ratio is None:
+        return DecodeRates(train, val, detail)
+    speedup = advice.decode_speedup
+    cached = DecodeRates(train * speedup, val * speedup, f"(x{speedup:.1f}: the sample resized to "
+                         f"{advice.cache_size} px decodes that much faster here)")
+    return DecodeRates(train, val, detail, cached=cached, cache_size=advice.cache_size,
+                       cache_bytes_ratio=advice.bytes_ratio)
+
+
+def copy_sample(root: Path, classes: list[str], dest: Path, size: int) -> float:
+    """Copies of a few images spread over train and val (and the classes) as --cache-size makes
+    them, under dest; returns their bytes over the originals'."""
+    from gpu_run.cache import resize_one
+    from gpu_run.trainer.train import list_samples
+
+    picked = [path for split, n in (("train", COPY_SAMPLE * 3 // 4), ("val", COPY_SAMPLE // 4))
+              for path, _ in _sample(list_samples(root / split, classes), n)]
+    original, copied, start = 0, 0, time.perf_counter()
+    for i, path in enumerate(picked):
+        if i >= 4 and time.perf_counter() - start > MEASURE_BUDGET_S:  # a 12 MP photo takes a tenth of a second
+            break
+        if resize_one((path, str(dest / Path(path).relative_to(root)), size)):
+            original += os.path.getsize(path)
+            copied += os.path.getsize(dest / Path(path).relative_to(root))
+    return copied / original if original else 1.0
 
 
 def measure_cpu_training(model: str, image_size: int, batch_size: int, classes: int) -> float:
@@ -250,16 +265,24 @@ def model_gflops(model: str) -> float | None:
 # Past runs --------------------------------------------------------------------------------------
 
 
-def start_event(run_dir: Path) -> dict:
-    log = run_dir / "train.log"
-    if not log.is_file():
-        return {}
-    with open(log, errors="replace") as f:
-        for line in f:
-            event = parse_event(line)
-            if event and event["event"] == "start":
-                return event
-    return {}
+def trainer_events(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The trainer's start event and its epoch events, from the run's train.log."""
+    start, epochs = {}, []
+    try:
+        with open(run_dir / "train.log", errors="replace") as f:
+            for line in f:
+                event = parse_event(line)
+                if event and event["event"] == "start" and not start:
+                    start = event
+                elif event and event["event"] == "epoch":
+                    epochs.append(event)
+    except OSError:
+        pass
+    return start, epochs
+
+
+def _eval_s(m: dict) -> float:
+    return m.get("val_images", 0) / m["eval_images_per_s"] if m.get("eval_images_per_s") else 0.0
 
 
 def run_facts(ledger: Ledger, run: RunRecord) -> RunFacts | None:
@@ -274,17 +297,24 @@ def run_facts(ledger: Ledger, run: RunRecord) -> RunFacts | None:
     if not metrics:
         return None
     spec = run.args.get("spec", {})
-    start = start_event(run_dir)
+    start, epoch_events = trainer_events(run_dir)
     phases: dict[str, float] = {}
     for p in ledger.phases(run.run_id):
         if p.status == "ok" and p.duration_s is not None:
             phases[p.phase] = phases.get(p.phase, 0.0) + p.duration_s
     train_rates = [m["train_images_per_s"] for m in metrics if m.get("train_images_per_s")]
     eval_rates = [m["eval_images_per_s"] for m in metrics if m.get("eval_images_per_s")]
+    # An epoch's wall time, between the trainer's events (the host's own clock), is its training
+    # and evaluation plus what the trainer does after them: checkpoints, predictions, metrics.
+    walls = [b["time"] - a["time"] for a, b in zip([start, *epoch_events], epoch_events)
+             if a.get("time") and b.get("time")] if start else []
+    by_epoch = {m["epoch"]: m for m in metrics}
+    overheads = [max(0.0, w - by_epoch[e["epoch"]].get("epoch_time_s", 0.0) - _eval_s(by_epoch[e["epoch"]]))
+                 for w, e in zip(walls, epoch_events) if e.get("epoch") in by_epoch]
+    overhead = statistics.median(overheads) if overheads else 0.0
     startup = None
     if "train" in phases:
-        epochs_s = sum(m.get("epoch_time_s", 0.0) + (m.get("val_images", 0) / m["eval_images_per_s"]
-                                                      if m.get("eval_images_per_s") else 0.0) for m in metrics)
+        epochs_s = sum(m.get("epoch_time_s", 0.0) + _eval_s(m) + overhead for m in metrics)
         startup = max(0.0, phases["train"] - epochs_s)
     device = (run.summary.get("device") or "").lower() or None
     if start.get("device"):
@@ -295,7 +325,7 @@ def run_facts(ledger: Ledger, run: RunRecord) -> RunFacts | None:
         device_name=start.get("device_name") if device == "gpu" else None, workers=start.get("workers"),
         train_images_per_s=statistics.median(train_rates) if train_rates else None,
         eval_images_per_s=statistics.median(eval_rates) if eval_rates else None,
-        phase_s=phases, startup_s=startup,
+        phase_s=phases, startup_s=startup, epoch_overhead_s=overhead,
     )
 
 
@@ -416,7 +446,8 @@ def host_input(host: Host, job: Job, runs: list[RunFacts], all_runs: dict[str, l
     past = None
     if chosen:
         r = chosen[0]
-        past = PastRun(r.record.run_id, r.model, r.image_size, r.device, r.train_images_per_s, r.eval_images_per_s)
+        past = PastRun(r.record.run_id, r.model, r.image_size, r.device, r.train_images_per_s, r.eval_images_per_s,
+                       r.epoch_overhead_s)
     setups = [(r.phase_s.get("connect", 0) + r.phase_s["build"], r.record.run_id) for r in runs[:5] if "build" in r.phase_s]
     finishes = [(r.phase_s["pull"] + r.phase_s.get("stop", 0), r.record.run_id) for r in runs[:5] if "pull" in r.phase_s]
     starts = [(r.startup_s, r.record.run_id) for r in runs[:5] if r.startup_s is not None]
@@ -427,7 +458,7 @@ def host_input(host: Host, job: Job, runs: list[RunFacts], all_runs: dict[str, l
         billing=host.billing, min_billed_s=host.min_billed_s, gpu=gpu, vcpus=vcpus_figure(host, runs, facts),
         upload=upload_for(host, runs, all_runs, data_id, job.cache_size, req.uplink_mbit, asked),
         setup_s=setup, finish_s=_median_figure(finishes, "pull and stop"),
-        startup_s=_median_figure(starts, "trainer start and checkpoints"), past=past,
+        startup_s=_median_figure(starts, "the trainer's start and end"), past=past,
         cpu_rate=cpu_rate() if host.is_local and not gpu.value and past is None else None,
     )
 
@@ -456,7 +487,16 @@ def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
     deadline_s = check_request(req)
     names = list(req.hosts) or list(config.hosts)
     hosts = [config.host(n) for n in names]
-    job, data_id, data_root = count_dataset(req.data, req)
+    root = Path(req.data).expanduser().resolve()
+    check_layout(root)  # a folder that is not ImageFolder is refused before anything is timed
+    advice = None
+    if req.cache_size == AUTO or (req.measure and not req.cache_size):
+        with ui.spinner("sampling the images for a resized copy"):
+            advice = advise_cache(root, req.image_size, req.augment, measure=req.measure)
+    if req.cache_size == AUTO:
+        req = replace(req, cache_size=advice.cache_size)
+        ui.info(f"--cache-size auto: {advice.message}")
+    job, data_id, data_root = count_dataset(root, req)
     if req.model not in CLASSIFICATION_MODELS:
         raise ConfigError(f"unknown --model {req.model!r}; choose a torchvision classification model such as "
                           f"resnet18, resnet50, mobilenet_v3_large, efficientnet_b0 or vit_b_16")
@@ -466,7 +506,9 @@ def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
     decode = None
     if req.measure:
         with ui.spinner(f"measuring image decoding on a sample of {req.data}"):
-            decode = measure_decode(Path(req.data).expanduser().resolve(), req.image_size, req.cache_size, req.augment)
+            decode = measure_decode(root, req.image_size, req.augment, int(req.cache_size), advice)
+        if data_root == root and req.cache_size:  # the copy is not made yet: its bytes, from the sample's
+            job = replace(job, dataset_bytes=int(job.dataset_bytes * decode.cache_bytes_ratio))
     local_gpu = None
     if any(h.is_local for h in hosts):
         import torch
@@ -489,7 +531,7 @@ def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
     def cpu_rate() -> Figure | None:
         if not req.measure:
             return None
-        classes = len(check_layout(Path(req.data).expanduser().resolve())[0])
+        classes = len(check_layout(root)[0])
         with ui.spinner(f"measuring {req.model} training steps on this machine's CPU"):
             compute = measure_cpu_training(req.model, req.image_size, req.batch_size, classes)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -570,7 +612,9 @@ def estimate_against_actual(ledger: Ledger, run_id: str) -> dict:
     except (OSError, ValueError, KeyError):
         metrics = []
     if metrics:
-        per_epoch = [m.get("epoch_time_s", 0.0) + (m.get("val_images", 0) / m["eval_images_per_s"]
-                                                     if m.get("eval_images_per_s") else 0.0) for m in metrics]
+        # As plan counts an epoch: training, evaluation, and the checkpoints written after them.
+        facts = run_facts(ledger, run)
+        overhead = facts.epoch_overhead_s if facts else 0.0
+        per_epoch = [m.get("epoch_time_s", 0.0) + _eval_s(m) + overhead for m in metrics]
         out["actual_epoch_s"] = round(sum(per_epoch) / len(per_epoch), 3)
     return out
