@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from gpu_run import pipeline, run_commands
+from gpu_run.cache import parse_cache_size
 from gpu_run.config import load_config
 from gpu_run.errors import GpuRunError
 from gpu_run.ledger import Ledger
@@ -151,7 +152,9 @@ def cli(debug: bool) -> None:
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default=recipe.DECODE, show_default=True,
               help="Where the host decodes JPEGs: on the GPU (nvjpeg) when auto measures it faster, or the CPU workers.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--cache-size", type=int, default=0, help="Train on a copy resized to this short side (made once).")
+@click.option("--cache-size", default="auto", show_default=True, metavar="N|auto",
+              help="Train on a copy resized to short side N (made once, on this machine; 0: the originals). "
+                   "auto makes one, at the size training reads, when the images are much larger than that.")
 @click.option("--detach", is_flag=True, help="Start and return at once; follow later with `gpu-run attach`.")
 @click.option("--max-hours", type=float, default=0, help="Stop the job (and host) after this long; 0: no limit.")
 @click.option("--silence-minutes", type=float, default=0, help="Stop a job that logs nothing this long; 0: never.")
@@ -180,7 +183,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
     spec = TrainSpec(
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
         step_size=step_size, gamma=gamma, image_size=image_size, augment=augment, no_flip=no_flip, workers=workers, seed=seed, gpus=gpus, amp=amp, decode=decode,
-        compile=compile_, cache_size=cache_size, detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
+        compile=compile_, cache_size=parse_cache_size(cache_size), detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
         stop_timeout_s=stop_timeout, keep_alive=keep_alive, terminate=terminate, budget=budget,
         epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,
         runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
@@ -575,8 +578,7 @@ def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int
 @click.option("--model", default=recipe.MODEL, show_default=True, help="torchvision classification model.")
 @click.option("--image-size", type=int, default=recipe.IMAGE_SIZE, show_default=True)
 @click.option("--batch-size", type=int, default=recipe.BATCH_SIZE, show_default=True)
-@click.option("--cache-size", default="0", metavar="N|auto",
-              help="Plan for training on a copy resized to this short side (auto: when the images are large).")
+@click.option("--cache-size", type=int, default=0, help="Plan for training on a copy resized to this short side.")
 @click.option("--augment", type=click.Choice(["standard", "light", "none"]), default="standard", show_default=True,
               help="The training augmentation (it sets how much of each image is decoded).")
 @click.option("--deadline", metavar="DURATION", help="When the run must be done: 6h, 90m, 1h30m, 2d.")
@@ -589,11 +591,10 @@ def plan_command(data, epochs, model, image_size, batch_size, cache_size, augmen
                  only_hosts, no_measure, as_json) -> None:
     """Which host finishes before the deadline for the least money: time per epoch and in all, cost,
     and what limits each (GPU, the host's CPUs decoding images, or the upload)."""
-    from gpu_run.cache import parse_cache_size
     from gpu_run.plan import gather, render
 
     request = gather.PlanRequest(data=data, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                                 cache_size=parse_cache_size(cache_size), augment=augment, deadline=deadline, budget=budget,
+                                 cache_size=cache_size, augment=augment, deadline=deadline, budget=budget,
                                  uplink_mbit=uplink,
                                  hosts=only_hosts, measure=not no_measure)
 

@@ -11,11 +11,11 @@ import json
 import secrets
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from gpu_run.backends import Backend, Job, bring_up
-from gpu_run.cache import cached_dataset
+from gpu_run.cache import cached_dataset, resolve_cache_size
 from gpu_run.config import Config, Host
 from gpu_run.dataset import DatasetInfo, validate_dataset
 from gpu_run.errors import ConfigError, GpuRunError
@@ -23,6 +23,7 @@ from gpu_run.ledger import Ledger, RunRecord
 from gpu_run.money.budget import check_budget, watchdog_max_runtime_s
 from gpu_run.run_end import follow_and_finish, record_stop
 from gpu_run.spec import TrainSpec, check_spec
+from gpu_run.trainer import defaults as recipe
 from gpu_run.ui import UI
 from gpu_run.weights import resolve_weights
 
@@ -68,6 +69,15 @@ def check_stop_setting(host: Host, keep_alive: bool, ui: UI) -> None:
         ui.warn(f"host {host.name} is never stopped (stop_command = none): it bills {host.price_per_hour} "
                 f"{host.currency} an hour after this run too")
 
+def decide_cache(spec: TrainSpec, info: DatasetInfo, ui: UI) -> TrainSpec:
+    """--cache-size auto: train on a copy at the size training reads when the photos are much
+    larger (the upload and the host's decoding shrink with it); the spec then holds the number."""
+    size, advice = resolve_cache_size(spec.cache_size, info.root, spec.image_size, spec.augment or recipe.AUGMENT)
+    if advice is not None and advice.helps:
+        ui.info(advice.message)
+    return replace(spec, cache_size=size)
+
+
 def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
     with ui.timed("options and host checked"):
         host = config.host(spec.host)
@@ -76,6 +86,8 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         previous = resume_source(ledger, spec.resume) if spec.resume else None
     with ui.timed("dataset checked"):
         info = check_dataset(spec.data, ui)
+    with ui.timed("cache decided"):
+        spec = decide_cache(spec, info, ui)
     with ui.timed("budget and weights"):
         budget_limit_s = check_budget(spec, host, info, ledger, ui)
         # The weights file is on the laptop (downloaded into its cache once) before anything starts.

@@ -42,7 +42,9 @@ class TrainSpec:
     amp: str = recipe.AMP
     decode: str = recipe.DECODE  # auto | cpu | gpu: where the host decodes JPEGs (the trainer falls back to cpu)
     compile: bool = False
-    cache_size: int = 0  # >0: train on a copy resized to this short side (made once, on the laptop)
+    # "auto": a copy resized to what training reads when the images are much larger (decided from
+    # their headers); N > 0: a copy at short side N (made once, on the laptop); 0: the originals.
+    cache_size: int | str = "auto"
     detach: bool = False
     max_hours: float = 0.0  # 0: no limit; enforced by the watchdog on the host
     silence_minutes: float = 0.0  # 0: no limit; a job that logs nothing this long is stopped
@@ -96,9 +98,9 @@ def check_spec(spec: TrainSpec) -> None:
         raise ConfigError(f"--workers must be -1 (from the host's cores), 0 (in the main process) or more, got {spec.workers}")
     if not 0 <= spec.seed < 2**32:
         raise ConfigError(f"--seed must be between 0 and {2**32 - 1}, got {spec.seed}")
-    if spec.cache_size < 0:
+    if spec.cache_size != "auto" and spec.cache_size < 0:
         raise ConfigError(f"--cache-size must be 0 (no cache) or a size in pixels, got {spec.cache_size}")
-    if spec.cache_size and spec.cache_size < spec.image_size:
+    if spec.cache_size != "auto" and spec.cache_size and spec.cache_size < spec.image_size:
         raise ConfigError(f"--cache-size {spec.cache_size} is smaller than --image-size {spec.image_size}; use at least the image size")
     if spec.image_size < 32:
         raise ConfigError(f"--image-size must be at least 32 pixels, got {spec.image_size}")

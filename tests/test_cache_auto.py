@@ -234,3 +234,36 @@ def test_copies_made_the_full_decode_way_are_kept():
     """The reduced-scale decode changes resampling only: copies made before it stay valid, so
     the copy format (which would re-make every user's copy and upload it again) is unchanged."""
     assert cache.COPY_FORMAT == 2
+
+
+# Through `gpu-run train` ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_makes_the_copy_by_default_when_the_photos_are_much_larger(cli, tmp_path, gpu_run_home):
+    """The default --cache-size auto: photos far larger than training reads are trained from a
+    copy at the size it needs (said in one line); the run records the size it used."""
+    import json
+
+    from gpu_run.ledger import Ledger
+    from gpu_run.paths import ledger_path
+
+    rng = random.Random(0)
+    data = tmp_path / "photos"
+    for split, n in (("train", 4), ("val", 2)):
+        for c, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            (data / split / c).mkdir(parents=True)
+            for i in range(n):
+                im = Image.new("RGB", (400, 300), colour)
+                ImageDraw.Draw(im).ellipse([rng.randint(0, 200), rng.randint(0, 150), 300, 250], fill=(240, 240, 240))
+                im.save(data / split / c / f"{i}.jpg", quality=90)
+    need = cache.needed_short_side(32, "standard")  # 131 px: the photos' 300 px is over twice that
+    proc = cli("train", "--host", "local", "--data", str(data), "--epochs", "1", "--image-size", "32",
+               "--batch-size", "4", "--workers", "0", "--weights", "none",
+               env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"}, check=True)
+    assert f"--cache-size {need} would" in proc.stdout and "--cache-size auto does it" in proc.stdout
+    run = Ledger(ledger_path()).list_runs()[0]
+    assert run.status == "succeeded"
+    assert json.loads(run.args_json)["spec"]["cache_size"] == need
+    copy = cache.cache_root(data, need)
+    assert min(Image.open(next((copy / "train" / "red").glob("*.jpg"))).size) == need
