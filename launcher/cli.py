@@ -578,7 +578,9 @@ def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int
 @click.option("--model", default=recipe.MODEL, show_default=True, help="torchvision classification model.")
 @click.option("--image-size", type=int, default=recipe.IMAGE_SIZE, show_default=True)
 @click.option("--batch-size", type=int, default=recipe.BATCH_SIZE, show_default=True)
-@click.option("--cache-size", type=int, default=0, help="Plan for training on a copy resized to this short side.")
+@click.option("--cache-size", default="auto", show_default=True, metavar="N|auto",
+              help="Plan for training on a copy resized to short side N (0: the originals), as train does; "
+                   "auto: a copy at the size training reads, when the images are much larger than that.")
 @click.option("--augment", type=click.Choice(["standard", "light", "none"]), default="standard", show_default=True,
               help="The training augmentation (it sets how much of each image is decoded).")
 @click.option("--deadline", metavar="DURATION", help="When the run must be done: 6h, 90m, 1h30m, 2d.")
@@ -591,10 +593,11 @@ def plan_command(data, epochs, model, image_size, batch_size, cache_size, augmen
                  only_hosts, no_measure, as_json) -> None:
     """Which host finishes before the deadline for the least money: time per epoch and in all, cost,
     and what limits each (GPU, the host's CPUs decoding images, or the upload)."""
+    from gpu_run.cache import parse_cache_size
     from gpu_run.plan import gather, render
 
     request = gather.PlanRequest(data=data, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                                 cache_size=cache_size, augment=augment, deadline=deadline, budget=budget,
+                                 cache_size=parse_cache_size(cache_size), augment=augment, deadline=deadline, budget=budget,
                                  uplink_mbit=uplink,
                                  hosts=only_hosts, measure=not no_measure)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpu_run import host_facts
-from gpu_run.cache import AUTO, CacheAdvice, advise_cache
+from gpu_run.cache import AUTO, CacheAdvice, advise_cache, cache_root
 from gpu_run.config import Config, Host
 from gpu_run.dataset import check_layout, dataset_id
 from gpu_run.errors import ConfigError
@@ -105,7 +105,7 @@ def count_dataset(data: Path, req: PlanRequest) -> tuple[Job, str, Path]:
     val = sum(len(v) for v in files["val"].values())
     source = root
     if req.cache_size:
-        copy = home_dir() / "cache" / f"{dataset_id(root)}-s{req.cache_size}"
+        copy = cache_root(root, req.cache_size)
         source = copy if (copy / ".gpu-run-cache.json").is_file() else root
     job = Job(model=req.model, epochs=req.epochs, image_size=req.image_size, batch_size=req.batch_size,
               train_images=train, val_images=val, dataset_bytes=folder_bytes(source), cache_size=req.cache_size)
@@ -179,7 +179,7 @@ def measure_decode(root: Path, image_size: int, augment: str = "standard", cache
         return _per_core_rate(train, MEASURE_BUDGET_S), _per_core_rate(val, MEASURE_BUDGET_S / 2)
 
     if cache_size:
-        made = home_dir() / "cache" / f"{dataset_id(root)}-s{cache_size}"
+        made = cache_root(root, cache_size)
         if (made / ".gpu-run-cache.json").is_file():
             train, val = rates(made)
             return DecodeRates(train, val, f"(measured here on your --cache-size {cache_size} copy)", cache_size=cache_size)
@@ -281,6 +281,11 @@ def trainer_events(run_dir: Path) -> tuple[dict, list[dict]]:
     return start, epochs
 
 
+def _whole(value) -> int:
+    """A recorded --cache-size: its pixels, 0 for none (or for anything not a number)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def _eval_s(m: dict) -> float:
     return m.get("val_images", 0) / m["eval_images_per_s"] if m.get("eval_images_per_s") else 0.0
 
@@ -321,7 +326,7 @@ def run_facts(ledger: Ledger, run: RunRecord) -> RunFacts | None:
         device = "gpu" if str(start["device"]).startswith("cuda") else "cpu"
     return RunFacts(
         record=run, model=run.model or spec.get("model", ""), image_size=int(spec.get("image_size", 224)),
-        cache_size=int(spec.get("cache_size", 0) or 0), device=device,
+        cache_size=_whole(spec.get("cache_size")), device=device,
         device_name=start.get("device_name") if device == "gpu" else None, workers=start.get("workers"),
         train_images_per_s=statistics.median(train_rates) if train_rates else None,
         eval_images_per_s=statistics.median(eval_rates) if eval_rates else None,
@@ -426,7 +431,7 @@ def measured_uplink(runs: list[RunFacts]) -> Figure | None:
             continue
         root = Path(r.record.data_path)
         if r.cache_size:
-            root = home_dir() / "cache" / f"{r.record.dataset_id}-s{r.cache_size}"
+            root = cache_root(root, r.cache_size)
         size = folder_bytes(root) if root.is_dir() else 0
         if size >= MIN_UPLINK_BYTES and r.phase_s["sync"] > 0:
             mbit = size * 8 / r.phase_s["sync"] / 1e6
@@ -493,9 +498,10 @@ def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
     if req.cache_size == AUTO or (req.measure and not req.cache_size):
         with ui.spinner("sampling the images for a resized copy"):
             advice = advise_cache(root, req.image_size, req.augment, measure=req.measure)
-    if req.cache_size == AUTO:
+    if req.cache_size == AUTO:  # as train decides it
         req = replace(req, cache_size=advice.cache_size)
-        ui.info(f"--cache-size auto: {advice.message}")
+        if advice.cache_size:
+            ui.info(f"planned for the copy --cache-size auto makes: {advice.message}")
     job, data_id, data_root = count_dataset(root, req)
     if req.model not in CLASSIFICATION_MODELS:
         raise ConfigError(f"unknown --model {req.model!r}; choose a torchvision classification model such as "
@@ -586,7 +592,7 @@ def estimate_for_run(run: RunRecord) -> dict | None:
             continue
         if (p.get("at", 0) <= run.created_at and p.get("host") == run.host and p.get("model") == run.model
                 and p.get("dataset_id") == run.dataset_id and p.get("image_size") == spec.get("image_size")
-                and p.get("cache_size", 0) == (spec.get("cache_size") or 0)):
+                and p.get("cache_size", 0) == _whole(spec.get("cache_size"))):
             found = p
     if found is None:
         return None
