@@ -498,6 +498,12 @@ def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
                       f"{r['best_val_acc'] * 100:.2f}%", f"{r['train_images_per_s']:.1f}", f"{r['epoch_time_s']:.1f}",
                       f"{r['cost']:.2f} {r['currency']}")
     Console().print(table)
+    for r in rows:  # what `gpu-run plan` said before the run, against what it took
+        if r.get("estimated_total_s") and r.get("actual_total_s"):
+            off = (r["estimated_total_s"] - r["actual_total_s"]) / r["actual_total_s"] * 100
+            UI().info(f"{r['run']}: planned {r['estimated_total_s']:.0f} s in all, took {r['actual_total_s']:.0f} s "
+                      f"({off:+.0f}%); an epoch {r.get('estimated_epoch_s') or 0:.1f} s planned, "
+                      f"{r.get('actual_epoch_s') or 0:.1f} s actual")
     UI().info(f"written: {files['markdown']}, {files['csv']}, {files['figure']}")
 
 
