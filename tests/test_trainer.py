@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import events, trainer
+from tests.conftest import events, trainer, wait_for
 
 pytestmark = pytest.mark.slow  # trains models: `make test`, not `make test-unit`
 
@@ -60,11 +59,14 @@ def kill_mid_write(path: Path) -> list[str]:
     """Start the saver, SIGKILL it while a temp file is part-written; the temp files left behind."""
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True)
     proc.stdout.readline()  # one complete save exists
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        tmp = [p for p in path.parent.glob(".last.pth.tmp-*")]
-        if tmp and 0 < tmp[0].stat().st_size < 50_000_000:  # the next save is half way through
-            break
+
+    def half_written() -> bool:  # the next save is half way through
+        try:
+            return any(0 < p.stat().st_size < 50_000_000 for p in path.parent.glob(".last.pth.tmp-*"))
+        except FileNotFoundError:  # renamed into place between the glob and the stat
+            return False
+
+    wait_for(half_written, 30, "the saver half way through writing a checkpoint", poll_s=0)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return [p.name for p in path.parent.iterdir() if p.name != "last.pth"]
