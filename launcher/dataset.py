@@ -165,7 +165,7 @@ def check_layout(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]
 
 
 class CheckedImages:
-    """What earlier runs found about each image, by (size, mtime): a file that has not changed is
+    """What earlier runs found about each image, by (size, mtime, ctime): a file that has not changed is
     not opened again, so a second run on a big dataset starts in a stat per file. Kept in the state
     folder per dataset location; a lost or damaged record only means checking everything again."""
 
@@ -183,9 +183,10 @@ class CheckedImages:
     def readable(self, root: Path, path: Path) -> bool:
         rel = os.fsencode(path.relative_to(root)).decode("utf-8", "surrogateescape")
         st = path.stat()
-        key = [st.st_size, st.st_mtime_ns]
+        # ctime too: a file rewritten with its old size and mtime put back still changes it.
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         entry = self.known.get(rel)
-        ok = entry[2] if isinstance(entry, list) and len(entry) == 3 and entry[:2] == key else is_readable_image(path)
+        ok = entry[3] if isinstance(entry, list) and len(entry) == 4 and entry[:3] == key else is_readable_image(path)
         self.seen[rel] = [*key, bool(ok)]
         return bool(ok)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
@@ -353,12 +355,21 @@ FIXES = {
 
 @pytest.mark.parametrize("case", sorted(DATASETS))
 def test_dataset_checker_refuses_what_the_sync_cannot_send(case, tmp_path):
-    if case == "unreadable" and AS_ROOT:
-        pytest.skip("root reads a chmod 000 file")
     root = _bad_dataset(tmp_path, case)
-    with pytest.raises(DatasetError) as e:
-        validate_dataset(root)
-    assert DATASETS[case] in str(e.value) and FIXES[case] in str(e.value), str(e.value)
+    if case == "unreadable" and AS_ROOT:
+        # Root reads a chmod 000 file: check in a process without the capabilities that let it,
+        # as any other user would run it.
+        check = ("import sys; from gpu_run.dataset import validate_dataset; from gpu_run.errors import DatasetError\n"
+                 "try:\n    validate_dataset(sys.argv[1])\nexcept DatasetError as e:\n    print(e)\n")
+        proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", check,
+                               str(root)], capture_output=True, text=True, timeout=120)
+        message = proc.stdout.strip()
+        assert proc.returncode == 0 and message, proc.stderr
+    else:
+        with pytest.raises(DatasetError) as e:
+            validate_dataset(root)
+        message = str(e.value)
+    assert DATASETS[case] in message and FIXES[case] in message, message
 
 
 def test_dataset_checker_accepts_relative_links_inside_and_hidden_litter(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpu_run import host_facts
-from gpu_run.cache import AUTO, CacheAdvice, advise_cache, cache_root
+from gpu_run.cache import AUTO, CacheAdvice, advise_cache, cache_root, spread
 from gpu_run.config import Config, Host
 from gpu_run.dataset import check_layout, dataset_id
 from gpu_run.errors import ConfigError
@@ -129,14 +129,6 @@ def folder_bytes(root: Path) -> int:
 # Measurements here ------------------------------------------------------------------------------
 
 
-def _sample(paths: list, n: int) -> list:
-    """n items spread evenly over the list (every class and folder gets its share)."""
-    if len(paths) <= n:
-        return list(paths)
-    step = len(paths) / n
-    return [paths[int(i * step)] for i in range(n)]
-
-
 def _per_core_rate(dataset, budget_s: float) -> float:
     """Images/s one core gets through the trainer's own dataset code (read, decode, transform)."""
     import torch
@@ -175,7 +167,7 @@ def measure_decode(root: Path, image_size: int, augment: str = "standard", cache
         # As the trainer's main builds them.
         train = SafeImageFolder(split_root / "train", classes, train_tf, min_short_side=decode_short_side(train_tf))
         val = SafeImageFolder(split_root / "val", classes, eval_tf, min_short_side=decode_short_side(eval_tf))
-        train.samples, val.samples = _sample(train.samples, SAMPLE_IMAGES), _sample(val.samples, SAMPLE_IMAGES // 2)
+        train.samples, val.samples = spread(train.samples, SAMPLE_IMAGES), spread(val.samples, SAMPLE_IMAGES // 2)
         return _per_core_rate(train, MEASURE_BUDGET_S), _per_core_rate(val, MEASURE_BUDGET_S / 2)
 
     if cache_size:
@@ -184,7 +176,7 @@ def measure_decode(root: Path, image_size: int, augment: str = "standard", cache
             train, val = rates(made)
             return DecodeRates(train, val, f"(measured here on your --cache-size {cache_size} copy)", cache_size=cache_size)
         with tempfile.TemporaryDirectory(prefix="gpu-run-plan-") as tmp:
-            ratio = copy_sample(root, classes, Path(tmp), cache_size)
+            ratio = copyspread(root, classes, Path(tmp), cache_size)
             train, val = rates(Path(tmp))
         return DecodeRates(train, val, f"(measured here on a sample of your images resized to {cache_size} px)",
                            cache_size=cache_size, cache_bytes_ratio=ratio)
@@ -199,14 +191,14 @@ def measure_decode(root: Path, image_size: int, augment: str = "standard", cache
                        cache_bytes_ratio=advice.bytes_ratio)
 
 
-def copy_sample(root: Path, classes: list[str], dest: Path, size: int) -> float:
+def copyspread(root: Path, classes: list[str], dest: Path, size: int) -> float:
     """Copies of a few images spread over train and val (and the classes) as --cache-size makes
     them, under dest; returns their bytes over the originals'."""
     from gpu_run.cache import resize_one
     from gpu_run.trainer.train import list_samples
 
     picked = [path for split, n in (("train", COPY_SAMPLE * 3 // 4), ("val", COPY_SAMPLE // 4))
-              for path, _ in _sample(list_samples(root / split, classes), n)]
+              for path, _ in spread(list_samples(root / split, classes), n)]
     original, copied, start = 0, 0, time.perf_counter()
     for i, path in enumerate(picked):
         if i >= 4 and time.perf_counter() - start > MEASURE_BUDGET_S:  # a 12 MP photo takes a tenth of a second
