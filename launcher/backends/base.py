@@ -33,6 +33,13 @@ class Job:
     keep_alive: bool = False
     terminate: bool = False  # cloud instances: terminate instead of stop at the end
     seed_dir: str | None = None  # a local folder (a resumed run's checkpoints) to put in out_dir first
+    # Multi-node (one job over several machines): torchrun's c10d rendezvous on the first node.
+    nnodes: int = 1
+    node_rank: int = 0  # 0 hosts the rendezvous store (and writes the checkpoints)
+    rdzv_endpoint: str = ""  # host:port every node reaches
+    rdzv_id: str = ""  # the same on every node of one job (the run id)
+    # Sweeps: the GPUs this trainer may use on its host ("" = all), when points share a host.
+    devices: str = ""
 
 
 NOTHING_BILLS = StopResult(True, "not_needed", None, "nothing bills on this host")
@@ -172,8 +179,15 @@ def trainer_argv(job: Job, data_dir: str, out_dir: str, weights: str) -> list[st
     return ["--data", data_dir, "--out", out_dir, "--weights", weights, *job.trainer_args]
 
 
-def launcher_argv(python: str, nproc: int) -> list[str]:
-    """How to start the trainer: plainly, or under torchrun for several GPUs (or CPU processes)."""
+def launcher_argv(python: str, nproc: int, job: Job | None = None) -> list[str]:
+    """How to start the trainer: plainly, under torchrun for several GPUs (or CPU processes) on
+    one machine, or under torchrun's c10d rendezvous for a job over several machines."""
+    if job is not None and job.nnodes > 1:
+        # The first node hosts the rendezvous store (is_host), so no node has to guess it from
+        # host names; no restarts: a node that fails ends the job, and the watchdogs stop the machines.
+        return [python, "-m", "torch.distributed.run", f"--nnodes={job.nnodes}", f"--nproc-per-node={nproc}",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint={job.rdzv_endpoint}", f"--rdzv-id={job.rdzv_id}",
+                f"--rdzv-conf=is_host={1 if job.node_rank == 0 else 0}", "--max-restarts=0", "-m", "trainer.train"]
     if nproc > 1:
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.train"]
     return [python, "-m", "trainer.train"]

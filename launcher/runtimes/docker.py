@@ -106,9 +106,13 @@ class DockerRuntime(Runtime):
             # line (`ps`). `docker inspect` still shows them to whoever may use the engine: that is
             # where Docker keeps a container's environment.
             args += ["--env-file", env_file]
+        if job.nnodes > 1:  # the rendezvous and gloo/NCCL talk to the other machines directly
+            args += ["--network", "host"]
         if gpu:
-            args += ["--gpus", str(max(1, job.gpus))]
-        argv = launcher_argv("python3", max(1, job.gpus)) + trainer_argv(job, "/data", "/out", weights)
+            # A sweep running points side by side gives each its own GPUs ("device=0,1", quoted
+            # for the engine's CSV parser).
+            args += ["--gpus", f'"device={job.devices}"' if job.devices else str(max(1, job.gpus))]
+        argv = launcher_argv("python3", max(1, job.gpus), job) + trainer_argv(job, "/data", "/out", weights)
         return args + ["--entrypoint", argv[0], prepared.image_tag, *argv[1:]]
 
     def start(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None, ui: UI) -> dict:

@@ -123,10 +123,12 @@ class PythonRuntime(Runtime):
 
     def start(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None, ui: UI) -> dict:
         nproc = max(1, job.gpus)  # --gpus is the number of trainer processes (gloo on a CPU)
-        argv = launcher_argv(self.python, nproc) + trainer_argv(job, job.data_dir, job.out_dir, job.weights)
+        argv = launcher_argv(self.python, nproc, job) + trainer_argv(job, job.data_dir, job.out_dir, job.weights)
         env = {"PYTHONPATH": self.code_dir, "TORCH_HOME": f"{self.workdir}/cache/torch", "PYTHONUNBUFFERED": "1"}
         if job.gpus == 0 or prepared.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
+        elif job.devices:  # a sweep's point running beside others: its own GPUs
+            env["CUDA_VISIBLE_DEVICES"] = job.devices
         exports = " ".join(f"{k}={quote([v])}" for k, v in env.items())
         # The --env values come from a file only the run's user can read, removed once read.
         load_env = f"set -a; . {quote([env_file])}; set +a; rm -f {quote([env_file])}; " if env_file else ""
