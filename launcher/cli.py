@@ -34,7 +34,7 @@ class GpuRunGroup(click.Group):
             return super().invoke(ctx)
         except Detached as d:
             Console(stderr=True).print(
-                f"\nDetached from {d.run_id}; training goes on. Come back with: gpu-run attach {d.run_id}"
+                f"\nDetached from {d.run_id}; training goes on. Come back with: {d.hint}"
             )
             sys.exit(0)
         except GpuRunError as e:
@@ -200,6 +200,157 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         sys.exit(EXIT_NOT_STOPPED)
 
 
+def grid_option(key: str, help: str):
+    return click.option("--" + key.replace("_", "-"), key, metavar="V[,V...]", default=None, help=help)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--host", default="local", show_default=True, help="Host name from gpu-run.toml (one machine for every point).")
+@click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
+@click.option("--grid", "grid_file", type=click.Path(path_type=Path), help="A TOML file: [grid] lists, or [[points]] tables.")
+@grid_option("model", f"torchvision model(s) [default: {recipe.MODEL}].")
+@grid_option("weights", "imagenet | none | FILE.pth [default: imagenet].")
+@grid_option("lr", f"[default: {recipe.LR}]")
+@grid_option("batch_size", f"[default: {recipe.BATCH_SIZE}]")
+@grid_option("epochs", f"[default: {recipe.EPOCHS}]")
+@grid_option("image_size", f"[default: {recipe.IMAGE_SIZE}]")
+@grid_option("augment", "standard | light | none.")
+@grid_option("step_size", f"[default: {recipe.STEP_SIZE}]")
+@grid_option("gamma", f"[default: {recipe.GAMMA}]")
+@grid_option("seed", f"[default: {recipe.SEED}]")
+@grid_option("gpus", "GPUs per point [default: 1]; 0 forces the CPU.")
+@grid_option("amp", f"[default: {recipe.AMP}]")
+@grid_option("decode", f"[default: {recipe.DECODE}]")
+@grid_option("workers", "Data loader processes [default: from the host's cores].")
+@click.option("--no-flip", is_flag=True, help="No horizontal flip in any point.")
+@click.option("--cache-size", default="auto", show_default=True, metavar="N|auto", help="As for train: one copy serves every point.")
+@click.option("--parallel", type=int, default=None, help="Points side by side, each on its own GPU(s) [default: 1].")
+@click.option("--budget", type=float, default=None, help="Most the whole sweep may spend, in the host's currency.")
+@click.option("--epoch-time", type=float, default=0, help="Seconds per epoch, for the budget estimate (default: measured).")
+@click.option("--force", is_flag=True, help="Start even when the budget holds none of the points by the estimates.")
+@click.option("--max-hours", type=float, default=0, help="Stop a point after this long; 0: no limit.")
+@click.option("--silence-minutes", type=float, default=0, help="Stop a point that logs nothing this long; 0: never.")
+@click.option("--stop-timeout", type=int, default=TrainSpec.stop_timeout_s, show_default=True,
+              help="Seconds a point gets to save last.pth when stopped.")
+@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable).")
+@click.option("--keep-alive", is_flag=True, help="Do not stop the host after the last point.")
+@click.option("--terminate", is_flag=True, help="Cloud hosts: terminate the instance at the end instead of stopping it.")
+@click.option("--detach", is_flag=True, help="Start the queue and return; `gpu-run sweep --resume SWEEP` follows it.")
+@click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
+@click.option("--resume", "resume_id", metavar="SWEEP", help="Finish a sweep: pull what ran, then run only what is unfinished.")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
+@json_option("Print the sweep's result as JSON, nothing else on stdout.")
+@click.pass_context
+def sweep(ctx: click.Context, host, data, grid_file, no_flip, cache_size, parallel, budget, epoch_time, force, max_hours,
+          silence_minutes, stop_timeout, env_vars, keep_alive, terminate, detach, accept_new_host_key, resume_id,
+          runs_dir, verbose, as_json, **grid_values) -> None:
+    """Train several points (a grid of train options) on one machine: one connect, sync and image
+    build; the points queued on the host (the laptop may close); one stop after the last; each
+    point's cost its share of the machine's; the comparison in runs/sweeps/<id>/.
+
+    \b
+    gpu-run sweep --host t4-box --data ./photos --epochs 20 \\
+        --model resnet18,resnet50,mobilenet_v3_large --lr 1e-3,1e-2
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from gpu_run.sweep import grid, run as sweeps
+
+    ui = UI(quiet=as_json, verbose=verbose)
+    ledger, config = open_ledger(), load_config()
+    if resume_id:
+        given = [k for k, v in grid_values.items() if v is not None] + (["grid"] if grid_file else [])
+        if given:
+            raise GpuRunError(f"--resume runs the sweep's own points; leave out --{given[0].replace('_', '-')}")
+        result = sweeps.resume(resume_id, config, ledger, ui, parse_env(env_vars), parallel=parallel, budget=budget,
+                               detach=detach, force=force)
+    else:
+        if data is None:
+            raise GpuRunError("missing --data DIR (a folder with train/<class>/ and val/<class>/)")
+        shared, points = grid.build_points(grid_values, grid_file)
+        base = TrainSpec(host=host, data=data, **shared, no_flip=no_flip,
+                         cache_size=parse_cache_size(cache_size), detach=detach, max_hours=max_hours,
+                         silence_minutes=silence_minutes, stop_timeout_s=stop_timeout, keep_alive=keep_alive,
+                         terminate=terminate, budget=budget or 0.0, epoch_time_s=epoch_time, force=force,
+                         accept_new_host_key=accept_new_host_key, runs_dir=runs_dir, extra_env=parse_env(env_vars))
+        result = sweeps.sweep(base, points, parallel or 1, config, ledger, ui)
+    render_sweep(ui, result, as_json)
+
+
+def render_sweep(ui: UI, result: dict, as_json: bool) -> None:
+    """The points' table and where the comparison is; exits non-zero when the machine may still bill."""
+    if as_json:
+        print_json(result)
+    elif result.get("status") == "detached":
+        ui.info(f"sweep {result['sweep_id']} runs on; follow it with: gpu-run sweep --resume {result['sweep_id']}")
+    else:
+        print_sweep(ui, result)
+    if result.get("stop") and not result["stop"]["ok"]:
+        sys.exit(EXIT_NOT_STOPPED)
+    if result.get("status") == "failed":
+        sys.exit(EXIT_FAILED)
+
+
+def print_sweep(ui: UI, result: dict) -> None:
+    table = listing("#", "point", "status", title=f"sweep {result['sweep_id']} on {result['host']}: {result['status']}")
+    for column in ("best acc", "img/s", "s/epoch", f"cost {result['cost']['currency']}"):
+        table.add_column(column, justify="right")
+    table.add_column("run", no_wrap=True)
+    for p in result["points"]:
+        table.add_row(str(p["point"]), p["label"], p["status"],
+                      "-" if p.get("best_val_acc") is None else f"{p['best_val_acc'] * 100:.1f}%",
+                      "-" if p.get("images_per_s") is None else f"{p['images_per_s']:.1f}",
+                      "-" if p.get("epoch_time_s") is None else f"{p['epoch_time_s']:.1f}",
+                      "-" if p.get("cost") is None else f"{p['cost']:.2f}", p.get("run_id") or "-")
+    ui.console.print(table)
+    ui.info(f"total: {result['cost']['amount']:.2f} {result['cost']['currency']}, the machine's billed time split between the points")
+    if result.get("report"):
+        ui.info(f"comparison: {result['report']['markdown']} and {result['report']['figure']}")
+    unfinished = [p for p in result["points"] if p["status"] != "succeeded"]
+    if unfinished and result["status"] != "running":
+        ui.info(f"{len(unfinished)} point(s) unfinished: gpu-run sweep --resume {result['sweep_id']} runs them")
+    if result.get("stop") and not result["stop"]["ok"]:
+        ui.error(f"the machine of sweep {result['sweep_id']} is NOT confirmed stopped and may still be billing: "
+                 f"{result['stop']['detail']}")
+
+
+@sweep.command("status")
+@click.argument("sweep_id", metavar="SWEEP")
+@json_option()
+def sweep_status(sweep_id: str, as_json: bool) -> None:
+    """Each point's state and cost (from the machine too, while a round runs there)."""
+    from gpu_run.sweep import run as sweeps
+
+    ui = UI(quiet=as_json)
+    result = sweeps.live_status(sweep_id, load_config(), open_ledger(), ui)
+    if as_json:
+        print_json(result)
+    else:
+        print_sweep(ui, result)
+
+
+@sweep.command("list")
+@json_option()
+def sweep_list(as_json: bool) -> None:
+    """The sweeps in the ledger, newest first."""
+    from gpu_run.sweep import run as sweeps
+
+    ledger = open_ledger()
+    rows = [sweeps.sweep_status(sw, ledger) for sw in ledger.list_sweeps(limit=50)]
+    if as_json:
+        print_json(rows)
+        return
+    table = listing("sweep", "host", "status")
+    table.add_column("points", justify="right")
+    table.add_column("cost", justify="right")
+    for r in rows:
+        done = sum(p["status"] == "succeeded" for p in r["points"])
+        table.add_row(r["sweep_id"], r["host"], r["status"], f"{done}/{len(r['points'])}",
+                      f"{r['cost']['amount']:.2f} {r['cost']['currency']}")
+    UI().console.print(table)
+
+
 @cli.command()
 @click.argument("run_id")
 @json_option()
@@ -210,12 +361,12 @@ def attach(run_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("target", metavar="RUN|HOST")
+@click.argument("target", metavar="RUN|SWEEP|HOST")
 @click.option("--terminate", is_flag=True, help="With a cloud HOST: terminate instead of stop.")
 @json_option()
 def stop(target: str, terminate: bool, as_json: bool) -> None:
     """Stop a run (the trainer saves a resumable last.pth, outputs are pulled, the host stops),
-    or a cloud HOST's instance by name."""
+    a sweep (its running point likewise, no more start), or a cloud HOST's instance by name."""
     ui = UI(quiet=as_json)
     config = load_config()
     host = config.hosts.get(target)
@@ -231,6 +382,11 @@ def stop(target: str, terminate: bool, as_json: bool) -> None:
             print_json({"host": target, "instance_id": host.instance_id, "state": state})
         else:
             ui.info(f"instance {host.instance_id} of {target}: {state} (a stopped instance still bills for its disk)")
+        return
+    if target.startswith("sweep-"):
+        from gpu_run.sweep import run as sweeps
+
+        render_sweep(ui, sweeps.stop_sweep(target, config, open_ledger(), ui), as_json)
         return
     render_result(ui, run_commands.stop(target, config, open_ledger(), ui), as_json)
 

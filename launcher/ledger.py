@@ -39,6 +39,16 @@ CREATE TABLE IF NOT EXISTS runs (
     stop_status   TEXT,
     stop_detail   TEXT
 );
+CREATE TABLE IF NOT EXISTS sweeps (
+    sweep_id      TEXT PRIMARY KEY,
+    host          TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    spec_json     TEXT,
+    points_json   TEXT,
+    rounds_json   TEXT,
+    currency      TEXT
+);
 CREATE TABLE IF NOT EXISTS phases (
     run_id      TEXT NOT NULL REFERENCES runs(run_id),
     phase       TEXT NOT NULL,
@@ -53,11 +63,12 @@ CREATE TABLE IF NOT EXISTS phases (
 RUN_FIELDS = (
     "host backend model data_path dataset_id image_tag status exit_code created_at ended_at run_dir "
     "args_json handle_json summary_json best_val_acc billed_from billed_to cost_amount currency resumed_from "
-    "stop_status stop_detail"
+    "stop_status stop_detail sweep_id sweep_point"
 ).split()
+SWEEP_FIELDS = "host status created_at spec_json points_json rounds_json currency".split()
 
 # Columns added after the first release, with their types: an older runs.db gains them on open.
-ADDED_COLUMNS = {"stop_status": "TEXT", "stop_detail": "TEXT"}
+ADDED_COLUMNS = {"stop_status": "TEXT", "stop_detail": "TEXT", "sweep_id": "TEXT", "sweep_point": "INTEGER"}
 
 # How a run's machine ended (stop_status). STOP_CLOSED ends the run's billing; a stop that failed or
 # was never confirmed (STOP_OPEN) leaves it billing until a later `gpu-run stop RUN` confirms one.
@@ -107,6 +118,8 @@ class RunRecord:
     resumed_from: str | None
     stop_status: str | None = None
     stop_detail: str | None = None
+    sweep_id: str | None = None  # the sweep this run is a point of
+    sweep_point: int | None = None  # which point (0-based, the grid's order)
 
     @property
     def stop_failed(self) -> bool:
@@ -119,6 +132,33 @@ class RunRecord:
     @property
     def summary(self) -> dict:
         return json.loads(self.summary_json or "{}")
+
+
+@dataclass
+class SweepRecord:
+    """A sweep: its spec and points, and its rounds on the machine (a first run, then one per
+    --resume), each with the billed span it had and its point runs."""
+
+    sweep_id: str
+    host: str
+    status: str
+    created_at: float
+    spec_json: str | None
+    points_json: str | None
+    rounds_json: str | None
+    currency: str | None
+
+    @property
+    def spec(self) -> dict:
+        return json.loads(self.spec_json or "{}")
+
+    @property
+    def points(self) -> list[dict]:
+        return json.loads(self.points_json or "[]")
+
+    @property
+    def rounds(self) -> list[dict]:
+        return json.loads(self.rounds_json or "[]")
 
 
 class LedgerError(GpuRunError):
@@ -220,6 +260,45 @@ class Ledger:
         if limit:
             sql += f" LIMIT {int(limit)}"
         return [RunRecord(*r) for r in self._db.execute(sql, params).fetchall()]
+
+    def sweep_runs(self, sweep_id: str) -> list[RunRecord]:
+        rows = self._db.execute(f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE sweep_id = ? "
+                                "ORDER BY created_at", [sweep_id]).fetchall()
+        return [RunRecord(*r) for r in rows]
+
+    # sweeps -----------------------------------------------------------------------------------
+
+    def create_sweep(self, sweep_id: str, host: str, **fields) -> None:
+        fields.setdefault("status", "created")
+        fields.setdefault("created_at", time.time())
+        cols = ["sweep_id", "host", *fields]
+        with self._tx() as db:
+            db.execute(f"INSERT INTO sweeps ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                       [sweep_id, host, *fields.values()])
+
+    def update_sweep(self, sweep_id: str, **fields) -> None:
+        bad = set(fields) - set(SWEEP_FIELDS)
+        if bad:
+            raise ValueError(f"unknown sweep fields {sorted(bad)}")
+        with self._tx() as db:
+            db.execute(f"UPDATE sweeps SET {', '.join(f'{k} = ?' for k in fields)} WHERE sweep_id = ?",
+                       [*fields.values(), sweep_id])
+
+    def get_sweep(self, sweep_id: str) -> SweepRecord:
+        sql = f"SELECT sweep_id, {', '.join(SWEEP_FIELDS)} FROM sweeps WHERE sweep_id LIKE ? ESCAPE '\\' ORDER BY created_at"
+        rows = self._db.execute(sql, [like_prefix(sweep_id)]).fetchall() if sweep_id else []
+        exact = [r for r in rows if r[0] == sweep_id]
+        if exact or len(rows) == 1:
+            return SweepRecord(*(exact or rows)[0])
+        if not rows:
+            raise RunNotFound(f"sweep {sweep_id!r}: no such sweep; `gpu-run sweep list` lists them")
+        raise RunNotFound(f"sweep {sweep_id!r} is ambiguous: {len(rows)} sweeps match; give more of the id")
+
+    def list_sweeps(self, limit: int | None = None) -> list[SweepRecord]:
+        sql = f"SELECT sweep_id, {', '.join(SWEEP_FIELDS)} FROM sweeps ORDER BY created_at DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [SweepRecord(*r) for r in self._db.execute(sql).fetchall()]
 
     # phases -----------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 from gpu_run.backends import Backend, RunHandle
 from gpu_run.config import Host
@@ -21,19 +22,30 @@ from gpu_run.ui import UI, TrainingDisplay
 class Detached(Exception):
     """The user pressed Ctrl-C while following: the run goes on without us."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, hint: str | None = None):
         super().__init__(run_id)
         self.run_id = run_id
+        self.hint = hint or f"gpu-run attach {run_id}"  # how to come back
 
 def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, ui: UI) -> dict:
     """Show the live display until the trainer ends, then pull, record and summarise.
 
     Ctrl-C raises Detached: the run goes on and `gpu-run attach` picks it up again.
     """
+    exit_code = follow_to_end(run, host, backend, ledger, ui)
+    return finish_run(run, host, backend, exit_code, ledger, ui)
+
+def follow_to_end(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, ui: UI, hint: str | None = None,
+                  watched: RunHandle | None = None, cost: Callable[[], str] | None = None) -> int:
+    """The live display (train.log kept in the run folder) until the trainer ends; its exit code.
+    A sweep's point passes its queue's handle as `watched` (the watchdog there holds the machine)
+    and the sweep's cost so far as `cost`."""
     run_dir = Path(run.run_dir)
     handle = handle_of(run)
 
     def cost_line() -> str:
+        if cost is not None:
+            return cost()
         if host.is_free:
             return ""
         amount, _ = run_cost(host, ledger.get_run(run.run_id))
@@ -41,7 +53,7 @@ def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledg
 
     ledger.update_run(run.run_id, status="running")
     try:
-        backend.ensure_watchdog(handle, ui)
+        backend.ensure_watchdog(watched or handle, ui)
         with ui.timed("training (the trainer's own time)"), TrainingDisplay(ui, cost_line) as display, \
                 open(run_dir / "train.log", "w") as log:
             # Replaying from the start rewrites train.log whole, so an attach never duplicates lines.
@@ -49,15 +61,14 @@ def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledg
                 log.write(line + "\n")
                 log.flush()
                 display.feed(line)
-        exit_code = backend.wait(handle)
+        return backend.wait(handle)
     except KeyboardInterrupt:
         ledger.update_run(run.run_id, status="detached")
-        raise Detached(run.run_id) from None
+        raise Detached(run.run_id, hint) from None
     except GpuRunError:
         # The client lost the host, not the run: the watchdog still stops the machine.
         ledger.update_run(run.run_id, status="detached")
         raise
-    return finish_run(run, host, backend, exit_code, ledger, ui)
 
 def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI) -> dict:
     run_dir = Path(run.run_dir)

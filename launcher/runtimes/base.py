@@ -50,6 +50,27 @@ class Runtime(ABC):
         """Start the trainer detached; the RunHandle fields that find it again."""
 
     @abstractmethod
+    def start_command(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None) -> str:
+        """The shell command start() runs, for a sweep's queue to run on the host later: it starts
+        the trainer detached, removes env_file once read, and exits non-zero when it could not."""
+
+    @abstractmethod
+    def state_command(self, handle: RunHandle) -> str:
+        """A shell command printing `running`, the trainer's exit code once it ended, or `gone`."""
+
+    @abstractmethod
+    def stop_command(self, handle: RunHandle, timeout_s: int) -> str:
+        """A shell command: SIGTERM (the trainer saves last.pth at its next step), killed after timeout_s."""
+
+    def logs_command(self, handle: RunHandle) -> str | None:
+        """For a trainer whose output is not a file on the host already: a command following it."""
+        return None
+
+    def remove_command(self, handle: RunHandle) -> str | None:
+        """What removes an ended trainer's leftovers (a container), if anything."""
+        return None
+
+    @abstractmethod
     def watch_settings(self, job: Job) -> dict[str, str]:
         """What the watchdog needs to watch this job (watchdog.env)."""
 

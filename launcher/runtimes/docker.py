@@ -130,6 +130,39 @@ class DockerRuntime(Runtime):
             raise BackendError(f"could not start the trainer on {self.host.name}: {result.stderr.strip().splitlines()[-1:]}")
         return {"container": container}
 
+    def start_command(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None) -> str:
+        """start() in one shell command (a sweep's queue runs it later): the same CPU fallback
+        when the engine has no working GPU driver, and the env file removed once read."""
+        container = quote([f"gpu-run-{job.run_id}"])
+        use_gpu = prepared.device == "gpu" and job.gpus != 0
+        cpu_run = quote(["docker", *self._run_args(job, prepared, False, env_file)])
+        command = f"docker rm -f {container} >/dev/null 2>&1; "
+        if use_gpu:
+            gpu_run = quote(["docker", *self._run_args(job, prepared, True, env_file)])
+            command += (f"out=$({gpu_run} 2>&1); rc=$?; if [ $rc -ne 0 ]; then case \"$out\" in "
+                        f"*{quote([NO_GPU_DRIVER])}*) docker rm -f {container} >/dev/null 2>&1; {cpu_run} >/dev/null; rc=$? ;; "
+                        f"*) printf '%s\\n' \"$out\" >&2 ;; esac; fi; ")
+        else:
+            command += f"{cpu_run} >/dev/null; rc=$?; "
+        if env_file:
+            command += f"rm -f {quote([env_file])}; "
+        return command + "exit $rc"
+
+    def state_command(self, handle: RunHandle) -> str:
+        # An engine that does not answer (restarting) is not the job's end: that reads as running.
+        return (f"s=$(docker inspect -f '{{{{.State.Status}}}} {{{{.State.ExitCode}}}}' {quote([handle.container])} 2>&1) "
+                f"|| {{ case \"$s\" in *'o such'*) echo gone ;; *) echo running ;; esac; exit 0; }}; "
+                "set -- $s; case \"$1\" in created|running|restarting|paused) echo running ;; *) echo \"$2\" ;; esac")
+
+    def stop_command(self, handle: RunHandle, timeout_s: int) -> str:
+        return quote(["docker", "stop", "-t", str(timeout_s), handle.container]) + " >/dev/null 2>&1; true"
+
+    def logs_command(self, handle: RunHandle) -> str | None:
+        return quote(["docker", "logs", "-f", handle.container])
+
+    def remove_command(self, handle: RunHandle) -> str | None:
+        return quote(["docker", "rm", "-f", handle.container]) + " >/dev/null 2>&1; true"
+
     def watch_settings(self, job: Job) -> dict[str, str]:
         return {"WATCH": "container", "CONTAINER": f"gpu-run-{job.run_id}"}
 

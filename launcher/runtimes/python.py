@@ -122,6 +122,10 @@ class PythonRuntime(Runtime):
     # The run ------------------------------------------------------------------------------------------
 
     def start(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None, ui: UI) -> dict:
+        self.remote.run(self.start_command(job, run_dir, prepared, env_file))
+        return {}
+
+    def start_command(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None) -> str:
         nproc = max(1, job.gpus)  # --gpus is the number of trainer processes (gloo on a CPU)
         argv = launcher_argv(self.python, nproc, job) + trainer_argv(job, job.data_dir, job.out_dir, job.weights)
         env = {"PYTHONPATH": self.code_dir, "TORCH_HOME": f"{self.workdir}/cache/torch", "PYTHONUNBUFFERED": "1"}
@@ -140,10 +144,9 @@ class PythonRuntime(Runtime):
         # system has a setsid command (macOS has none).
         detach = [self.python, "-c", "import os, sys; os.setsid(); os.execvp('sh', ['sh', '-c', sys.argv[1]])", wrapper]
         # The log exists before this returns: whoever follows it next must find it.
-        self.remote.run(f"rm -f {quote([run_dir + '/exit_code'])}; : > {quote([run_dir + '/train.log'])}; "
-                        f"nohup {quote(detach)} >> {quote([run_dir + '/train.log'])} 2>&1 < /dev/null & "
-                        f"echo $! > {quote([run_dir + '/job.pgid'])}")
-        return {}
+        return (f"rm -f {quote([run_dir + '/exit_code'])}; : > {quote([run_dir + '/train.log'])}; "
+                f"nohup {quote(detach)} >> {quote([run_dir + '/train.log'])} 2>&1 < /dev/null & "
+                f"echo $! > {quote([run_dir + '/job.pgid'])}")
 
     def watch_settings(self, job: Job) -> dict[str, str]:
         return {"WATCH": "process"}
@@ -166,24 +169,29 @@ class PythonRuntime(Runtime):
         return (f"tail -n +1 -f {log} & t=$!; while {self._alive(d + '/job.pgid', d)}; do sleep 1; done; "
                 "sleep 2; kill $t 2>/dev/null; wait $t 2>/dev/null; true")
 
-    def exit_code(self, handle: RunHandle) -> int | None:
+    def state_command(self, handle: RunHandle) -> str:
         d = handle.run_dir
         code_file = quote([d + "/exit_code"])
-        r = self.remote.run(["sh", "-c", f"if [ -f {code_file} ]; then cat {code_file}; "
-                                         f"elif {self._alive(d + '/job.pgid', d)}; then echo running; "
-                                         f"elif [ -f {code_file} ]; then cat {code_file}; else echo gone; fi"], check=False)
-        out = r.stdout.strip()
+        # The code file is read again after the liveness test: the trainer may end in between.
+        return (f"if [ -f {code_file} ]; then cat {code_file}; "
+                f"elif {self._alive(d + '/job.pgid', d)}; then echo running; "
+                f"elif [ -f {code_file} ]; then cat {code_file}; else echo gone; fi")
+
+    def exit_code(self, handle: RunHandle) -> int | None:
+        out = self.remote.run(["sh", "-c", self.state_command(handle)], check=False).stdout.strip()
         if out == "running":
             return None
         return int(out) if out.lstrip("-").isdigit() else -1
 
-    def stop(self, handle: RunHandle, timeout_s: int) -> None:
+    def stop_command(self, handle: RunHandle, timeout_s: int) -> str:
         d = handle.run_dir
-        self.remote.run(["sh", "-c", f"{self._alive(d + '/job.pid', d)} && kill -TERM \"$p\"; "
-                                     f"i=0; while [ $i -lt {int(timeout_s)} ] && {self._alive(d + '/job.pgid', d)}; "
-                                     "do sleep 1; i=$((i+1)); done; "
-                                     f"{self._alive(d + '/job.pgid', d)} && kill -KILL -- \"-$p\"; true"],
-                        check=False, timeout_s=timeout_s + 60)
+        return (f"{self._alive(d + '/job.pid', d)} && kill -TERM \"$p\"; "
+                f"i=0; while [ $i -lt {int(timeout_s)} ] && {self._alive(d + '/job.pgid', d)}; "
+                "do sleep 1; i=$((i+1)); done; "
+                f"{self._alive(d + '/job.pgid', d)} && kill -KILL -- \"-$p\"; true")
+
+    def stop(self, handle: RunHandle, timeout_s: int) -> None:
+        self.remote.run(["sh", "-c", self.stop_command(handle, timeout_s)], check=False, timeout_s=timeout_s + 60)
 
     def s3sync_command(self, action: str, uri: str, host_dir: str, endpoint_url: str | None,
                        credential_names: list[str]) -> str:

@@ -40,6 +40,7 @@ STOP_RETRY_S=${STOP_RETRY_S:-5}       # first wait before retrying a failed stop
 SETUP_IDLE_S=${SETUP_IDLE_S:-900}      # the laptop renews the setup lease every 30 s
 HOLD_S=${HOLD_S:-120}                 # how long a laptop's pull holds the stop past the grace
 UPLOAD_COMMAND=${UPLOAD_COMMAND:-}
+CLEANUP_COMMAND=${CLEANUP_COMMAND:-}
 CONTAINER=${CONTAINER:-}
 WATCH=${WATCH:-container}
 
@@ -141,6 +142,8 @@ job_exit_code() {
 }
 
 job_remove() {
+  # A sweep's queue leaves its points' trainers to clean up (and stops any still running).
+  [ -n "${CLEANUP_COMMAND:-}" ] && bounded $((STOP_TIMEOUT_S + 60)) sh -c "$CLEANUP_COMMAND" </dev/null >/dev/null 2>&1
   [ "$WATCH" = process ] && return 0  # the process is its own record; nothing to remove
   dk rm -f "$CONTAINER" >/dev/null 2>&1
 }
