@@ -117,3 +117,46 @@ def test_killed_client_the_host_finishes_the_sweep_and_stops_once(ssh_host, data
     assert stops(counter) == 2  # the restarted machine was stopped again
     # Billing closed when the watchdog stopped the machine, not at the second stop.
     assert sum(Decimal(str(p["cost"])) for p in result["points"]) == billed_span_cost(gpu_run_home, sweep_id)
+
+
+def test_on_a_container_instance_stopped_by_hand_then_resumed(tmp_path, gpu_run_home, cleanup, dataset):
+    from tests.test_instance import REMOTE_RUNS, Instance
+
+    instance = Instance(tmp_path, gpu_run_home)
+    toml = instance.work / "gpu-run.toml"
+    toml.write_text(toml.read_text().replace("price_per_hour = 1.2", f"price_per_hour = {PRICE}"))
+    cleanup.container(instance.name)
+    instance.start()
+    # Points: (lr 0.001, 1 epoch), (0.001, 4 epochs), (0.01, 1), (0.01, 4).
+    started = instance.cli.json("sweep", "--host", "autodl", *FAST, "--lr", "0.001,0.01", "--epochs", "1,4",
+                                "--detach", "--data", str(dataset), timeout=600)
+    sweep_id, runs = started["sweep_id"], started["points"]
+    assert started["status"] == "detached" and len(runs) == 4
+    # The laptop is gone; the queue runs the first point, then the second, which is stopped by hand
+    # once it has trained an epoch.
+    wait_for(lambda: instance.exists(f"{REMOTE_RUNS}/{runs[1]}/out/metrics.jsonl"), 240, "the second point's first epoch")
+    stopped = instance.cli.json("stop", sweep_id, timeout=600)
+    assert [p["status"] for p in stopped["points"]] == ["succeeded", "stopped", "cancelled", "cancelled"], stopped
+    assert stopped["stop"]["ok"] and not instance.running()  # the machine stopped, once, after the cut
+    cut = torch.load(Path(stopped["points"][1]["run_dir"]) / "checkpoints" / "last.pth", weights_only=True)
+    assert 1 <= cut["epoch"] < 4
+    status = instance.cli.json("sweep", "status", sweep_id)
+    assert status["status"] == "stopped" and status["points"][0]["cost"] > 0
+
+    # --resume runs only the three unfinished points; the cut one continues from its last.pth.
+    instance.start_again()
+    result = instance.cli.json("sweep", "--resume", sweep_id, timeout=900)
+    assert result["status"] == "succeeded", result
+    assert result["points"][0]["run_id"] == runs[0]  # the finished point did not run again
+    resumed = result["points"][1]
+    assert resumed["run_id"] != runs[1] and resumed["epochs_completed"] == 4
+    summary = json.loads((Path(resumed["run_dir"]) / "summary.json").read_text())
+    assert summary["resumed_from"] == runs[1]
+    assert '"event": "resumed", ' in (Path(resumed["run_dir"]) / "train.log").read_text()
+    assert not instance.running()
+    # Every point's cost, over both rounds, adds up to the machine's two billed spans.
+    rounds = json.loads(__import__("sqlite3").connect(gpu_run_home / "runs.db").execute(
+        "SELECT rounds_json FROM sweeps WHERE sweep_id = ?", [sweep_id]).fetchone()[0])
+    assert len(rounds) == 2
+    billed = sum((cost_of(r["billed_to"] - r["billed_from"], PRICE, "per_second") for r in rounds), Decimal("0"))
+    assert Decimal(str(result["cost"]["amount"])) == billed
