@@ -23,7 +23,7 @@ PARALLEL=${PARALLEL:-1}
 BUDGET_S=${BUDGET_S:-0}
 POINT_MAX_S=${POINT_MAX_S:-0}
 SILENCE_S=${SILENCE_S:-0}
-POLL_S=${POLL_S:-2}
+POLL_S=${POLL_S:-1}
 
 log() { echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) [queue $$] $*"; }
 wall() { date +%s; }

@@ -40,7 +40,7 @@ from gpu_run.ui import UI
 from gpu_run.weights import resolve_weights, stage_weights
 
 POINT_START_S = 30  # a point's own start (the trainer's imports, the data loader), for the estimate
-POLL_S = 3
+POLL_S = 1.5  # how often the laptop asks the machine where the queue is
 NOT_RUN = ("not_started", "over_budget")  # queue outcomes of a point that never ran
 
 
