@@ -41,56 +41,20 @@ def stops(counter: Path) -> int:
     return len(counter.read_text().split()) if counter.exists() else 0
 
 
-def billed_span_cost(home: Path, sweep_id: str) -> Decimal:
-    """What the machine's billed spans (every round of the sweep) cost, from the ledger."""
+def rounds_of(home: Path, sweep_id: str) -> list[dict]:
     import sqlite3
 
-    rounds = json.loads(sqlite3.connect(home / "runs.db").execute(
+    return json.loads(sqlite3.connect(home / "runs.db").execute(
         "SELECT rounds_json FROM sweeps WHERE sweep_id = ?", [sweep_id]).fetchone()[0])
-    return sum((cost_of(r["billed_to"] - r["billed_from"], PRICE, "per_second") for r in rounds), Decimal("0"))
 
 
-def test_four_points_one_sync_one_stop_costs_add_up(ssh_host, dataset, gpu_run_home):
-    counter = count_stops(ssh_host)
-    result = ssh_host.cli.json("sweep", "--host", "t4-box", *FAST, *GRID, "--data", str(dataset), timeout=900)
-    assert result["status"] == "succeeded", result
-    points = result["points"]
-    assert [p["label"] for p in points] == ["lr=0.001 seed=1", "lr=0.001 seed=2", "lr=0.01 seed=1", "lr=0.01 seed=2"]
-    # Every point is an ordinary run: its own folder, checkpoints that load, a summary linked to the sweep.
-    for p in points:
-        run_dir = Path(p["run_dir"])
-        ckpt = torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)
-        assert ckpt["epoch"] == 1 and ckpt["args"]["lr"] == p["values"]["lr"] and ckpt["seed"] == p["values"]["seed"]
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["sweep"]["id"] == result["sweep_id"] and summary["status"] == "succeeded"
-        assert summary["stop"]["state"] == "stopped"
-    # One sync: the dataset went up once (one data folder on the host), one image, one stop.
-    assert len(list((ssh_host.workdir / "data").iterdir())) == 1
-    assert stops(counter) == 1
-    # The stop came after the last point ended.
-    stopped_at = int(ssh_host.stop_marker.read_text())
-    last_end = max(int(dict(i.split("=", 1) for i in (ssh_host.remote_run_dir(p["run_id"]) / "status").read_text().split())["ended_at"])
-                   for p in points)
-    assert stopped_at >= last_end
-    # Each point's cost is its share; together they are what the machine's billed span cost, to the cent.
-    amounts = [Decimal(str(p["cost"])) for p in points]
-    assert all(a >= Decimal("0.05") for a in amounts), amounts
-    assert sum(amounts) == billed_span_cost(gpu_run_home, result["sweep_id"]) == Decimal(str(result["cost"]["amount"]))
-    # The comparison is in runs/sweeps/<id>/.
-    sweep_dir = Path(result["sweep_dir"])
-    assert (sweep_dir / "accuracy_vs_speed.png").stat().st_size > 1000
-    table = (sweep_dir / "compare.md").read_text()
-    assert all(p["run_id"] in table for p in points)
-    # `sweep status` tells the same story.
-    status = ssh_host.cli.json("sweep", "status", result["sweep_id"])
-    assert [p["status"] for p in status["points"]] == ["succeeded"] * 4
-    assert status["cost"]["amount"] == result["cost"]["amount"]
-
-
-def test_killed_client_the_host_finishes_the_sweep_and_stops_once(ssh_host, dataset, gpu_run_home):
+def test_four_points_on_the_ssh_host_without_the_laptop(ssh_host, dataset, gpu_run_home):
+    """Two points at a time. The laptop is killed as the first point starts: the host's queue runs
+    all four, the machine stops once after the last; --resume later pulls them, runs nothing again,
+    and the costs (shared where points overlapped) add up."""
     counter = count_stops(ssh_host)
     proc = subprocess.Popen([sys.executable, "-m", "gpu_run.cli", "sweep", "--host", "t4-box", *FAST, *GRID,
-                             "--data", str(dataset)], cwd=ssh_host.work,
+                             "--parallel", "2", "--data", str(dataset)], cwd=ssh_host.work,
                             # The laptop's hold on the stop (while it pulls) lapses 10 s after it dies.
                             env={**ssh_host.cli.env, "GPU_RUN_HOLD_S": "10"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -100,23 +64,54 @@ def test_killed_client_the_host_finishes_the_sweep_and_stops_once(ssh_host, data
     proc.wait()
     # With no laptop, the queue runs the other points and the watchdog stops the machine once.
     wait_for(lambda: ssh_host.stop_marker.exists(), 300, "the machine to be stopped after the last point")
-    statuses = sorted(runs.glob("*/status"))
     queue_dirs = [d for d in runs.iterdir() if (d / "queue.sh").exists()]
-    points = [d for d in runs.iterdir() if (d / "start.sh").exists()]
-    assert len(queue_dirs) == 1 and len(points) == 4
-    assert all("outcome=finished exit_code=0" in (d / "status").read_text() for d in points), statuses
+    point_dirs = [d for d in runs.iterdir() if (d / "start.sh").exists()]
+    assert len(queue_dirs) == 1 and len(point_dirs) == 4
+    ends = [dict(i.split("=", 1) for i in (d / "status").read_text().split()) for d in point_dirs]
+    assert all(e["outcome"] == "finished" and e["exit_code"] == "0" for e in ends), ends
+    starts = sorted(int((d / "started_at").read_text()) for d in point_dirs)
+    assert starts[1] < min(int(e["ended_at"]) for e in ends)  # two ran side by side
     assert stops(counter) == 1
+    first_stop = int(ssh_host.stop_marker.read_text())
+    assert first_stop >= max(int(e["ended_at"]) for e in ends)  # after the last point
+    # One sync for the four points: the dataset's files went up once, whole.
+    sweep_id = queue_dirs[0].name.rsplit("-r", 1)[0]
+    (first,) = rounds_of(gpu_run_home, sweep_id)
+    files = [p for p in dataset.rglob("*") if p.is_file()]
+    assert first["sync"]["files"] == len(files) and first["sync"]["bytes"] >= sum(p.stat().st_size for p in files)
+    assert len(list((ssh_host.workdir / "data").iterdir())) == 1
+
     # The user starts the machine again; --resume pulls what ran, runs nothing, and stops it again.
     ssh_host.start_machine()
-    sweep_id = queue_dirs[0].name.rsplit("-r", 1)[0]
     result = ssh_host.cli.json("sweep", "--resume", sweep_id, timeout=600)
-    assert result["status"] == "succeeded"
-    for p in result["points"]:
-        assert torch.load(Path(p["run_dir"]) / "checkpoints" / "best.pth", weights_only=True)["epoch"] == 1
+    assert result["status"] == "succeeded", result
     assert len([d for d in runs.iterdir() if (d / "start.sh").exists()]) == 4  # nothing ran twice
     assert stops(counter) == 2  # the restarted machine was stopped again
-    # Billing closed when the watchdog stopped the machine, not at the second stop.
-    assert sum(Decimal(str(p["cost"])) for p in result["points"]) == billed_span_cost(gpu_run_home, sweep_id)
+    points = result["points"]
+    assert [p["label"] for p in points] == ["lr=0.001 seed=1", "lr=0.001 seed=2", "lr=0.01 seed=1", "lr=0.01 seed=2"]
+    # Every point is an ordinary run: its own folder, checkpoints that load, a summary linked to the sweep.
+    for p in points:
+        run_dir = Path(p["run_dir"])
+        ckpt = torch.load(run_dir / "checkpoints" / "last.pth", weights_only=True)
+        assert ckpt["epoch"] == 1 and ckpt["args"]["lr"] == p["values"]["lr"] and ckpt["seed"] == p["values"]["seed"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["sweep"]["id"] == sweep_id and summary["status"] == "succeeded"
+        assert summary["stop"]["ok"]
+    # Each point's cost is its share of the machine's billed span, which closed when the watchdog
+    # stopped the machine (not at the second stop); together they are that span's cost, to the cent.
+    amounts = [Decimal(str(p["cost"])) for p in points]
+    assert all(a >= Decimal("0.05") for a in amounts), amounts
+    (closed,) = rounds_of(gpu_run_home, sweep_id)
+    assert abs(closed["billed_to"] - first_stop) <= 1
+    billed = cost_of(closed["billed_to"] - closed["billed_from"], PRICE, "per_second")
+    assert sum(amounts) == billed == Decimal(str(result["cost"]["amount"]))
+    # The comparison is in runs/sweeps/<id>/, and `sweep status` tells the same story.
+    sweep_dir = Path(result["sweep_dir"])
+    assert (sweep_dir / "accuracy_vs_speed.png").stat().st_size > 1000
+    assert all(p["run_id"] in (sweep_dir / "compare.md").read_text() for p in points)
+    status = ssh_host.cli.json("sweep", "status", sweep_id)
+    assert [p["status"] for p in status["points"]] == ["succeeded"] * 4
+    assert status["cost"]["amount"] == result["cost"]["amount"]
 
 
 def test_on_a_container_instance_stopped_by_hand_then_resumed(tmp_path, gpu_run_home, cleanup, dataset):

@@ -78,6 +78,7 @@ class SshHostBackend(Backend):
             return self._stage_via_s3(local_root, dataset_id, remote_root, ui)
         with ui.progress("syncing dataset", total=0, unit="bytes") as update:
             stats = ssh_tar.push(self.remote, local_root, remote_root, progress=update)
+        self.synced = {"files": stats.files_sent, "bytes": stats.bytes_sent}  # a sweep records what its one sync sent
         ui.info(f"dataset synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
                 f"{stats.deleted} deleted on the host")
         return remote_root

@@ -259,6 +259,7 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
             data_id = f"{data_id}-s{cache_size}"
         with ui.timed("sync"):
             data_dir = backend.stage_data(data_root, data_id, ui)  # once for every point
+        save_round(ledger, sw.sweep_id, number, sync=getattr(backend, "synced", None))
         queue = HostQueue(backend, queue_id)
         staged: dict[str, str] = {}
         for slot, (run, (index, spec, previous), w, est) in enumerate(zip(runs, items, weights, ests)):

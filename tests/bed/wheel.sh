@@ -20,7 +20,7 @@ wheel="$(ls "$work"/dist/gpu_run-*.whl)"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 for needed in ("gpu_run/docker/Dockerfile", "gpu_run/docker/build-base-cpu.sh", "gpu_run/watchdog/watchdog.sh",
-               "gpu_run/trainer/train.py", "gpu_run/trainer/s3sync.py"):
+               "gpu_run/trainer/train.py", "gpu_run/trainer/s3sync.py", "gpu_run/sweep/queue.sh"):
     assert needed in names, f"{needed} is missing from the wheel"
 tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
 assert tops == {"gpu_run"}, f"the wheel installs top-level names other than gpu_run: {sorted(tops)}"
