@@ -43,6 +43,12 @@ def settle_abandoned_setup(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -
 
 def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     run = ledger.get_run(run_id)
+    if run.sweep_id:
+        from gpu_run.sweep.run import point_command
+
+        result = point_command("attach", run, config, ledger, ui)
+        if result is not None:
+            return result
     if run.status == "created":
         return settle_abandoned_setup(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
@@ -54,6 +60,12 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     """Ask the trainer to stop (it writes last.pth), then pull and record, as at a normal end.
     A run that ended but whose machine was not confirmed stopped gets its stop tried again."""
     run = ledger.get_run(run_id)
+    if run.sweep_id:
+        from gpu_run.sweep.run import point_command
+
+        result = point_command("stop", run, config, ledger, ui)
+        if result is not None:
+            return result
     if run.status not in ACTIVE_STATUSES and run.stop_failed:
         return retry_stop(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
@@ -94,6 +106,12 @@ def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     """Fetch what the run has produced; a run whose trainer ended is finished as at a normal end.
     When the host is gone and it synced through S3, the outputs come from S3 instead."""
     run = ledger.get_run(run_id)
+    if run.sweep_id:
+        from gpu_run.sweep.run import point_command
+
+        result = point_command("pull", run, config, ledger, ui)
+        if result is not None:
+            return result
     host = config.host(run.host)
     try:
         backend = backend_for_run(host, handle_of(run), ui)

@@ -610,3 +610,29 @@ def sweep_result(sw: SweepRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
     (out / "sweep.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     result["sweep_dir"] = str(out)
     return result
+
+
+# A point named by its run id --------------------------------------------------------------------------
+
+def point_command(action: str, run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict | None:
+    """attach/stop/pull on a sweep's point: its queue and its machine belong to the sweep, so a
+    point never releases the machine by itself. None: the ordinary command applies (an ended point)."""
+    if run.status in FINAL_STATUSES:
+        return None if action == "pull" else (run.summary or {"run_id": run.run_id, "status": run.status})
+    where = f"run {run.run_id} is point {(run.sweep_point or 0) + 1} of sweep {run.sweep_id}"
+    if action == "attach":
+        raise GpuRunError(f"{where}, which the sweep follows: `gpu-run sweep --resume {run.sweep_id}`")
+    if run.status == "queued" and not run.handle_json:
+        raise GpuRunError(f"{where} and has not been set up on its machine; `gpu-run stop {run.sweep_id}` stops the sweep")
+    host = config.host(run.host)
+    handle = handle_of(run)
+    backend = backend_for_run(host, handle, ui)
+    if action == "stop":
+        timeout = int(run.args.get("spec", {}).get("stop_timeout_s") or 120)
+        with ui.spinner(f"stopping point {run.run_id} (it saves last.pth)"):
+            backend.runtime.stop(handle, timeout)
+        ui.info(f"{where}: stopped; the queue goes on with the next point (`gpu-run stop {run.sweep_id}` stops "
+                f"them all), and the sweep's laptop pulls it: `gpu-run sweep --resume {run.sweep_id}`")
+        return {"run_id": run.run_id, "status": "stopped on the host", "run_dir": run.run_dir}
+    backend.pull(handle, Path(run.run_dir), ui)  # what it wrote so far; its end is the sweep's to record
+    return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir}
