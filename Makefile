@@ -25,7 +25,7 @@ testbed: install
 	bash tests/bed/up.sh
 
 test: testbed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # The tests that need no test bed (no Docker engine, sshd or moto): `integration` marks the rest.
 # The unit tests, in seconds and without the test bed (no model training: that is `slow`).
