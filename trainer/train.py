@@ -12,8 +12,8 @@ references/classification/train.py: `train_one_epoch`, `evaluate`, and a short e
                          JPEGs decoded at reduced scale on the CPU, or on the GPU (nvjpeg)
   4. model               any torchvision classifier, new head, weights none|PATH (never downloaded)
   5. checkpoints         written to a temp file then renamed, so a kill never leaves half a file
-  6. training            one step (mixed precision; CUDA out-of-memory halves the micro-batch),
-                         then one epoch of them
+  6. training            one step (mixed precision; CUDA out-of-memory halves the micro-batch,
+                         agreed by all processes under DDP), then one epoch of them
   7. evaluation          accuracy, loss and per-sample predictions
   8. main                the epoch loop, SIGTERM handling, resume
 
@@ -26,6 +26,7 @@ image) and on current releases.
 import argparse
 import contextlib
 import csv
+import datetime
 import errno
 import io
 import json
@@ -53,6 +54,7 @@ from .imagefolder import class_folders, image_files, open_image
 
 EXIT_STOPPED = 75  # stopped on request with a resumable last.pth (EX_TEMPFAIL)
 EXIT_ERROR = 1
+DIST_TIMEOUT_S = 600  # how long a collective waits for the other ranks (GPU_RUN_DIST_TIMEOUT_S)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENT_RECIPES = ("standard", "light", "none")
@@ -688,19 +690,23 @@ class Checkpoints:
 
 
 class Faults:
-    """Test seams, read from the environment once at start; both unset (None) outside tests.
+    """Test seams, read from the environment once at start; all unset (None) outside tests.
 
     GPU_RUN_FAULT_OOM_ABOVE=N makes micro-batches larger than N fail like CUDA out of memory.
+    GPU_RUN_FAULT_OOM_RANK=R makes GPU_RUN_FAULT_OOM_ABOVE apply on rank R only, as when one GPU of
+    a multi-GPU job has less memory free than the others.
     GPU_RUN_FAULT_HANG_AT_STEP=N makes the trainer hang at step N, like a stuck NCCL call.
     """
 
-    def __init__(self, environ=os.environ):
+    def __init__(self, environ=os.environ, rank: int = 0):
         self.oom_above = int(environ["GPU_RUN_FAULT_OOM_ABOVE"]) if environ.get("GPU_RUN_FAULT_OOM_ABOVE") else None
+        self.oom_rank = int(environ["GPU_RUN_FAULT_OOM_RANK"]) if environ.get("GPU_RUN_FAULT_OOM_RANK") else None
         self.hang_at_step = int(environ["GPU_RUN_FAULT_HANG_AT_STEP"]) if environ.get("GPU_RUN_FAULT_HANG_AT_STEP") else None
+        self.rank = rank
 
     def before_micro_batch(self, size: int) -> None:
-        if self.oom_above is not None and size > self.oom_above:
-            raise torch.cuda.OutOfMemoryError(f"injected: micro-batch {size} > {self.oom_above}")
+        if self.oom_above is not None and size > self.oom_above and self.oom_rank in (None, self.rank):
+            raise torch.cuda.OutOfMemoryError(f"injected: micro-batch {size} > {self.oom_above} on rank {self.rank}")
 
     def before_step(self, step: int) -> None:
         if step == self.hang_at_step:
@@ -715,53 +721,135 @@ class StepContext:
     def __init__(self, device, amp_dtype, scaler, micro_batch: int, channels_last: bool, faults: Faults):
         self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
         self.micro_batch, self.channels_last, self.faults = micro_batch, channels_last, faults
+        # The out-of-memory vote's number, allocated once: right after an out-of-memory there may
+        # be no memory left to allocate it.
+        self.vote = torch.zeros(1, device=device)
+
+
+class OutOfMemory(Exception):
+    """Under DDP: some rank ran out of CUDA memory before this step's gradients were synced, and
+    every rank raises this at the same point of the step. `here`: whether this rank was one."""
+
+    def __init__(self, here: bool):
+        super().__init__("CUDA out of memory on " + ("this rank" if here else "another rank"))
+        self.here = here
+
+
+def forward(model, criterion, x, y, ctx: StepContext):
+    """(logits, loss, targets on the device) of one micro-batch."""
+    ctx.faults.before_micro_batch(len(x))
+    x = x.to(ctx.device, non_blocking=True)
+    y = y.to(ctx.device, non_blocking=True)
+    if ctx.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+        logits = model(x)
+        return logits, criterion(logits, y), y
+
+
+def agree_on_out_of_memory(ran_out: bool, ctx: StepContext) -> None:
+    """Under DDP, raise OutOfMemory on every rank if any rank ran out of memory in this step.
+
+    One all-reduce of one number, every step: what the agreement costs when nothing goes wrong.
+    .item() makes the CPU wait for it, and so for the GPU to finish the forward before the CPU
+    queues the backward: one short sync point a step."""
+    ctx.vote.fill_(1.0 if ran_out else 0.0)
+    dist.all_reduce(ctx.vote, op=dist.ReduceOp.MAX)
+    if ctx.vote.item():
+        raise OutOfMemory(ran_out)
 
 
 def forward_backward(model, criterion, images, targets, ctx: StepContext, optimizer):
     """One optimizer step over the batch, as ceil(batch / micro_batch) accumulated micro-batches.
 
     Returns the batch's loss sum and correct count as tensors on the device: reading them here
-    (.item()) would make the CPU wait for the GPU at every step."""
+    (.item()) would make the CPU wait for the GPU at every step.
+
+    Under DDP a rank that runs out of memory cannot just retry on its own: the others would wait
+    forever in the gradient all-reduce, or run other numbers of micro-batches. So every rank stops
+    at the same point of every step, after its non-syncing micro-batches and the last one's forward,
+    just before the backward that all-reduces the gradients, and they agree there whether any of
+    them ran out (agree_on_out_of_memory). A rank that ran out earlier skips its remaining
+    micro-batches and goes straight there.
+
+    What cannot be agreed: an out-of-memory past that point, in the syncing backward or the
+    optimizer step, where the other ranks' all-reduce is already under way; and one in copying a
+    batch to the GPU just before the one forward in which DDP regroups its gradient buckets with
+    the other ranks (the first after the first step, and after each retry). That rank fails
+    (train_step) or falls out of step, torchrun ends the job, and the bounded collective timeout
+    (setup_distributed) makes any rank left waiting fail too instead of hanging.
+    """
     optimizer.zero_grad(set_to_none=True)
     total = len(images)
     # float64 sums, so a long epoch's total keeps its digits (and equals a sum of Python floats).
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     chunks = list(zip(images.split(ctx.micro_batch), targets.split(ctx.micro_batch)))
-    for i, (x, y) in enumerate(chunks):
-        ctx.faults.before_micro_batch(len(x))
-        x = x.to(ctx.device, non_blocking=True)
-        y = y.to(ctx.device, non_blocking=True)
-        if ctx.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        # DDP all-reduces gradients on every backward; only the last micro-batch needs to.
-        last = i == len(chunks) - 1
-        sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
-        with sync, torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-            logits = model(x)
-            loss = criterion(logits, y)
-            ctx.scaler.scale(loss * (len(x) / total)).backward()
-        loss_sum += loss.detach().double() * len(x)
-        correct += (logits.argmax(1) == y).sum()
+    distributed = dist.is_initialized()
+    ran_out = False
+    try:
+        for x, y in chunks[:-1]:
+            # DDP all-reduces gradients on every backward; only the last micro-batch needs to.
+            with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+                logits, loss, y = forward(model, criterion, x, y, ctx)
+                ctx.scaler.scale(loss * (len(x) / total)).backward()
+            loss_sum += loss.detach().double() * len(x)
+            correct += (logits.argmax(1) == y).sum()
+        x, y = chunks[-1]
+        logits, loss, y = forward(model, criterion, x, y, ctx)
+    except torch.cuda.OutOfMemoryError:
+        if not distributed:
+            raise  # alone, train_step retries as for an out-of-memory anywhere in the step
+        ran_out = True
+    if distributed:
+        agree_on_out_of_memory(ran_out, ctx)
+    ctx.scaler.scale(loss * (len(x) / total)).backward()
+    loss_sum += loss.detach().double() * len(x)
+    correct += (logits.argmax(1) == y).sum()
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     return loss_sum, correct
 
 
+def agreed_micro_batch(here: bool, ctx: StepContext) -> tuple[int, list]:
+    """Under DDP, after an agreed out-of-memory: (the smallest micro-batch of all ranks, the ranks
+    that ran out). A second collective, only on this rare path, which every rank takes together."""
+    mine = torch.tensor([ctx.micro_batch, int(here)], device=ctx.device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    table = torch.stack(everyone).tolist()
+    return min(size for size, _ in table), [rank for rank, (_, ran_out) in enumerate(table) if ran_out]
+
+
 def train_step(model, criterion, images, targets, ctx: StepContext, optimizer):
-    """Run a step; on CUDA out of memory, halve the micro-batch (keeping the batch) and retry."""
+    """Run a step; on CUDA out of memory, halve the micro-batch (keeping the batch) and retry.
+    Under DDP every rank retries together, at the same micro-batch (see forward_backward)."""
     while True:
         try:
             return forward_backward(model, criterion, images, targets, ctx, optimizer)
+        except OutOfMemory as e:
+            here = e.here
         except torch.cuda.OutOfMemoryError:
-            pass  # handled below, outside the except block, so the traceback's tensors are freed
+            if dist.is_initialized():
+                raise TrainerError(f"CUDA out of memory on rank {dist.get_rank()} in the backward that syncs the "
+                                   f"gradients, which the other ranks cannot retry with it: resume from last.pth "
+                                   f"with a smaller --batch-size, --model or --image-size") from None
+            here = True
+        # Handled here, outside the except blocks, so the traceback's tensors are freed.
         optimizer.zero_grad(set_to_none=True)
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
-        if ctx.micro_batch <= 1:
+        smallest, ranks = (ctx.micro_batch, None) if not dist.is_initialized() else agreed_micro_batch(here, ctx)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # The ranks that ran the syncing forward left DDP waiting for its backward; forget that
+            # on every rank alike, or the retry's first non-syncing backward would start the
+            # gradient all-reduce on those ranks only.
+            model.reducer._reset_state()
+        if smallest <= 1:
             raise TrainerError("CUDA out of memory even at batch size 1: use a smaller --model or --image-size")
-        ctx.micro_batch = max(1, ctx.micro_batch // 2)
-        emit("oom", micro_batch=ctx.micro_batch, accumulation_steps=math.ceil(len(images) / ctx.micro_batch))
+        ctx.micro_batch = max(1, smallest // 2)
+        emit("oom", micro_batch=ctx.micro_batch, accumulation_steps=math.ceil(len(images) / ctx.micro_batch),
+             **({} if ranks is None else {"ranks": ranks}))
 
 
 class EpochTotals:
@@ -905,12 +993,25 @@ def write_predictions(path: Path, rows: list, classes: list, epoch: int) -> None
 
 
 def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process.
+
+    A collective waits at most GPU_RUN_DIST_TIMEOUT_S (default 600) seconds for the other ranks,
+    then fails: ranks out of step (an out-of-memory in the backward that syncs the gradients, see
+    forward_backward) end the job with an error instead of holding paid machines forever. It must
+    be longer than any wait of a healthy run: at each epoch's end, the others wait while rank 0
+    evaluates and saves."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
+    text = os.environ.get("GPU_RUN_DIST_TIMEOUT_S") or str(DIST_TIMEOUT_S)
+    try:
+        timeout_s = float(text)
+    except ValueError:
+        timeout_s = math.nan
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise TrainerError(f"GPU_RUN_DIST_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -963,7 +1064,7 @@ def main(args) -> int:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.gamma)
     amp_dtype, scaler = pick_amp(device, args.amp)
     criterion = nn.CrossEntropyLoss()
-    ctx = StepContext(device, amp_dtype, scaler, args.batch_size, channels_last, Faults())
+    ctx = StepContext(device, amp_dtype, scaler, args.batch_size, channels_last, Faults(rank=rank))
     raw_model = model
     checkpoints = Checkpoints(ckpt_dir, raw_model, optimizer, scheduler, ctx, args, classes)
 
@@ -975,7 +1076,12 @@ def main(args) -> int:
     if args.compile:
         model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        # broadcast_buffers=False: DDP would otherwise copy rank 0's BatchNorm statistics to the
+        # others at each step's first forward. Rank 0's own are the same either way, and only rank
+        # 0's are evaluated and saved; without that copy a forward has no collective in it, so a
+        # rank that runs out of memory in one leaves no other rank waiting (see forward_backward).
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
 
     emit(
         "start",
