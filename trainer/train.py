@@ -15,12 +15,13 @@ references/classification/train.py: `train_one_epoch`, `evaluate`, and a short e
   6. training            one step (mixed precision; CUDA out-of-memory halves the micro-batch,
                          agreed by all processes under DDP), then one epoch of them
   7. evaluation          accuracy, loss and per-sample predictions
-  8. main                the epoch loop, SIGTERM handling, resume
+  8. main                the epoch loop, SIGTERM handling, resume (on any number of processes)
 
 Augmentation randomness is a pure function of (seed, epoch, sample index) and the sample order
 of (seed, epoch), so a run stopped mid-epoch and resumed from last.pth ends in the same state as
-one that was never stopped. The same trainer runs on torch 2.6 (Debian's, in the offline base
-image) and on current releases.
+one that was never stopped. Resumed on another number of processes, it trains the rest of the
+stopped epoch's samples, each once. The same trainer runs on torch 2.6 (Debian's, in the offline
+base image) and on current releases.
 """
 
 import argparse
@@ -218,28 +219,35 @@ def collate_skipping(batch):
 class EpochSampler(Sampler):
     """The sample order of one epoch, a function of (seed, epoch); sharded across processes.
 
-    `start_batch` skips batches already trained before a resume without loading them.
+    Rank r of W takes positions r, r + W, r + 2W, ... of the order, so after s steps of batch_size
+    B the W ranks have trained, together, exactly the first s * B * W positions. That one number,
+    `start`, says where a stopped epoch stands whatever W was: a resume on another number of
+    processes shards the rest of the order across its own ranks, without loading what came before.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch, self.start_batch = 0, 0
-        self.per_rank = math.ceil(n / world)
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(n / world)  # a whole epoch's share
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Train `epoch` from position `start` of its order: the samples trained before a resume."""
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
         g = torch.Generator()
         g.manual_seed(self.seed * 1000 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        order += order[: self.per_rank * self.world - self.n]  # pad so every rank gets as many
-        mine = order[self.rank :: self.world]
-        for index in mine[self.start_batch * self.batch_size :]:
+        rest = order[self.start :]
+        # Pad with the epoch's first samples so every rank gets as many: a rank that ran out early
+        # would leave the others waiting in DDP's all-reduce. (At the world size the epoch started
+        # with, this is the same padding, at the same positions, as an epoch that never stopped.)
+        rest += order[: len(self) * self.world - len(rest)]
+        for index in rest[self.rank :: self.world]:
             yield (index, self.epoch)
 
     def __len__(self) -> int:
-        return max(0, self.per_rank - self.start_batch * self.batch_size)
+        return math.ceil(max(0, self.n - self.start) / self.world)
 
 
 def build_transforms(image_size: int, augment: str = "standard", flip: bool = True):
@@ -644,12 +652,12 @@ class Checkpoints:
     val accuracy) in <out>/checkpoints. Plain dicts, as torchvision's reference saves them, and
     written by rank 0 only (its save_on_master)."""
 
-    def __init__(self, folder: Path, raw_model, optimizer, scheduler, ctx, args, classes: list):
+    def __init__(self, folder: Path, raw_model, optimizer, scheduler, ctx, args, classes: list, world: int):
         self.folder, self.last = folder, folder / "last.pth"
         self.raw_model, self.optimizer, self.scheduler, self.ctx = raw_model, optimizer, scheduler, ctx
-        self.args, self.classes = args, classes
+        self.args, self.classes, self.world = args, classes, world
 
-    def save(self, name: str, epoch: int, step: int, partial: dict, best_acc: float) -> None:
+    def save(self, name: str, epoch: int, step: int, samples_done: int, partial: dict, best_acc: float) -> None:
         if not is_main_process():
             return
         atomic_save({
@@ -658,8 +666,12 @@ class Checkpoints:
             "lr_scheduler": self.scheduler.state_dict(),
             "scaler": self.ctx.scaler.state_dict(),
             "epoch": epoch,  # epochs fully trained
-            "step": step,  # steps already trained in the next epoch
-            "partial": dict(partial),  # that epoch's totals so far
+            "step": step,  # steps already trained in the next epoch, by world_size processes
+            # What a resume starts from: that epoch's first samples_done positions (EpochSampler)
+            # are trained, whatever number of processes resumes it.
+            "samples_done": samples_done,
+            "world_size": self.world,
+            "partial": dict(partial),  # that epoch's totals so far, over all processes
             "best_val_acc": best_acc,
             "classes": self.classes,
             "model_name": self.args.model,
@@ -670,9 +682,8 @@ class Checkpoints:
             "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
         }, self.folder / name)
 
-    def resume(self) -> tuple[int, int, float, dict | None]:
-        """Load last.pth into the model, optimizer, schedule and scaler. Returns (epochs done,
-        steps done in the next epoch, best val accuracy, that epoch's totals so far)."""
+    def resume(self) -> "Resumed":
+        """Load last.pth into the model, optimizer, schedule and scaler; where it stopped."""
         ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
         if ckpt["classes"] != self.classes:
             raise TrainerError(f"last.pth was trained on classes {ckpt['classes']}, the data has {self.classes}")
@@ -682,7 +693,23 @@ class Checkpoints:
         if ckpt["scaler"]:  # empty when saved on CPU or with bf16; an fp16 GPU then starts a fresh scale
             self.ctx.scaler.load_state_dict(ckpt["scaler"])
         self.ctx.micro_batch = min(self.ctx.micro_batch, ckpt.get("micro_batch", self.ctx.micro_batch))
-        return ckpt["epoch"], ckpt["step"], ckpt["best_val_acc"], ckpt["partial"]
+        # A checkpoint from before samples_done counted steps only, and not the processes: taken as one.
+        world = ckpt.get("world_size", 1)
+        batch_size = ckpt["args"].get("batch_size", self.args.batch_size)
+        samples_done = ckpt.get("samples_done", ckpt["step"] * batch_size * world)
+        return Resumed(ckpt["epoch"], samples_done, world, batch_size, ckpt["best_val_acc"], ckpt["partial"])
+
+
+class Resumed(NamedTuple):
+    """Where last.pth stopped: `epoch` epochs done, and `samples_done` samples of the next one's
+    order, trained by `world_size` processes of `batch_size` images a step."""
+
+    epoch: int
+    samples_done: int
+    world_size: int
+    batch_size: int
+    best_acc: float
+    partial: dict | None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,14 +880,16 @@ def train_step(model, criterion, images, targets, ctx: StepContext, optimizer):
 
 
 class EpochTotals:
-    """The epoch so far: loss sum and correct count on the device (each step adds to them without
-    waiting for the GPU), images seen and seconds spent. A checkpoint saves them as `partial`."""
+    """The epoch so far: this process's loss sum, correct count and images (the sums on the device,
+    where each step adds to them without waiting for the GPU), and the seconds spent. `carried` is
+    what the epoch had before a resume, over all the processes it ran on; a checkpoint saves
+    `summed()`, the totals over all processes, as `partial`."""
 
-    def __init__(self, device: torch.device, world: int, saved: dict | None = None):
-        saved = saved or {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
-        self.loss_sum = torch.tensor(saved["loss_sum"], dtype=torch.float64, device=device)
-        self.correct = torch.tensor(saved["correct"], dtype=torch.int64, device=device)
-        self.seen, self.time_s, self.world = saved["seen"], saved["time_s"], world
+    def __init__(self, device: torch.device, world: int, carried: dict | None = None):
+        self.carried = carried or {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen, self.time_s, self.world = 0, self.carried["time_s"], world
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, images: int) -> None:
         self.loss_sum += loss_sum
@@ -868,19 +897,33 @@ class EpochTotals:
         self.seen += images
 
     def as_numbers(self) -> dict:
-        """The totals as plain numbers. .item() makes the CPU wait until the GPU has run every step
-        queued so far (a CPU-GPU sync point), so this is called only to log or to save."""
-        return {"loss_sum": self.loss_sum.item(), "correct": self.correct.item(), "seen": self.seen,
-                "time_s": self.time_s}
+        """The totals so far as this process knows them, as plain numbers. .item() makes the CPU
+        wait until the GPU has run every step queued so far (a CPU-GPU sync point), so this is
+        called only to log."""
+        return {"loss_sum": self.carried["loss_sum"] + self.loss_sum.item(),
+                "correct": self.carried["correct"] + self.correct.item(),
+                "seen": self.carried["seen"] + self.seen, "time_s": self.time_s}
+
+    def summed(self) -> dict:
+        """The totals over all processes (under DDP an all-reduce, which every rank must call)."""
+        mine = torch.stack([self.loss_sum, self.correct.double(), torch.full_like(self.loss_sum, self.seen)])
+        if dist.is_initialized():
+            dist.all_reduce(mine)
+        loss_sum, correct, seen = mine.tolist()
+        return {"loss_sum": self.carried["loss_sum"] + loss_sum, "correct": self.carried["correct"] + round(correct),
+                "seen": self.carried["seen"] + round(seen), "time_s": self.time_s}
 
     def images_per_s(self) -> float:
-        return self.seen * self.world / max(self.time_s, 1e-9)
+        """An estimate without a collective, for the step events: every rank as fast as this one."""
+        return (self.carried["seen"] + self.seen * self.world) / max(self.time_s, 1e-9)
 
     def epoch_stats(self) -> dict:
-        done = self.as_numbers()
+        """The epoch's record (every rank must call it: see summed)."""
+        done = self.summed()
         seen = max(done["seen"], 1)
         return {"train_loss": done["loss_sum"] / seen, "train_acc": done["correct"] / seen,
-                "train_images_per_s": self.images_per_s(), "epoch_time_s": self.time_s}
+                "train_images": done["seen"], "train_images_per_s": done["seen"] / max(self.time_s, 1e-9),
+                "epoch_time_s": self.time_s}
 
 
 class StopFlag:
@@ -1050,7 +1093,7 @@ def main(args) -> int:
     resolve_recipe(args, ckpt_dir / "last.pth")
     train_loader, val_loader, sampler, decode = load_data(args, data, classes, device, rank, world)
     log(f"decode: {decode.path} ({decode.note})")
-    steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)
+    steps_per_epoch = math.ceil(sampler.per_rank / args.batch_size)  # of a whole epoch
     skipped = SkippedImages(data)
 
     # Model, optimizer, schedule.
@@ -1066,13 +1109,20 @@ def main(args) -> int:
     criterion = nn.CrossEntropyLoss()
     ctx = StepContext(device, amp_dtype, scaler, args.batch_size, channels_last, Faults(rank=rank))
     raw_model = model
-    checkpoints = Checkpoints(ckpt_dir, raw_model, optimizer, scheduler, ctx, args, classes)
+    checkpoints = Checkpoints(ckpt_dir, raw_model, optimizer, scheduler, ctx, args, classes, world)
 
-    # Resume: the checkpoint says how many epochs are done and how many steps into the next one.
-    start_epoch, start_step, best_acc, partial = 0, 0, 0.0, None
+    # Resume: the checkpoint says how many epochs are done and how many samples into the next one.
+    start_epoch, samples_done, best_acc, partial = 0, 0, 0.0, None
     if args.resume and checkpoints.last.exists():
-        start_epoch, start_step, best_acc, partial = checkpoints.resume()
-        emit("resumed", epoch=start_epoch + 1, step=start_step)
+        resumed = checkpoints.resume()
+        start_epoch, samples_done = resumed.epoch, resumed.samples_done
+        best_acc, partial = resumed.best_acc, resumed.partial
+        emit("resumed", epoch=start_epoch + 1, step=samples_done // (args.batch_size * world),
+             samples_done=samples_done, world_size=world, saved_world_size=resumed.world_size)
+        if resumed.world_size != world:
+            log(f"world size {resumed.world_size} -> {world}: the rest of epoch {start_epoch + 1} is shared among "
+                f"{world} processes, and a step now trains {args.batch_size * world} images ({args.batch_size} per "
+                f"process), not {resumed.batch_size * resumed.world_size}")
     if args.compile:
         model = torch.compile(model)
     if world > 1:
@@ -1106,18 +1156,23 @@ def main(args) -> int:
     )
 
     # The epoch loop: train, step the schedule, evaluate and save (rank 0), stop if asked.
-    totals, stopped, step = EpochTotals(device, world, partial), False, start_step
+    totals, stopped = EpochTotals(device, world, partial), False
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, start_step)
+        sampler.set_epoch(epoch, samples_done)
+        # A step trains batch_size images on each of the world processes. An epoch resumed on
+        # another number of processes counts on from the step that many samples are worth.
+        start_step = samples_done // (args.batch_size * world)
+        steps = start_step + math.ceil(len(sampler) / args.batch_size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         step, stopped = train_one_epoch(model, criterion, optimizer, batches(train_loader, skipped, device), ctx, totals,
-                                        epoch, start_step, steps_per_epoch, args.log_every, stop)
+                                        epoch, start_step, steps, args.log_every, stop)
         if stopped:
-            checkpoints.save("last.pth", epoch, step, totals.as_numbers(), best_acc)
+            samples_done += (step - start_step) * args.batch_size * world
+            checkpoints.save("last.pth", epoch, step, samples_done, totals.summed(), best_acc)
             break
         train_stats = totals.epoch_stats()
-        totals, start_step = EpochTotals(device, world), 0
+        totals, samples_done = EpochTotals(device, world), 0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 
@@ -1129,13 +1184,13 @@ def main(args) -> int:
             if device.type == "cuda":
                 record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if improved:
-                checkpoints.save("best.pth", epoch + 1, 0, totals.as_numbers(), best_acc)
+                checkpoints.save("best.pth", epoch + 1, 0, 0, totals.as_numbers(), best_acc)
                 write_predictions(out / "predictions.csv", rows, classes, epoch + 1)
             # metrics before last.pth: a kill in between repeats the epoch line, and readers keep
             # the last line per epoch, rather than losing it.
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            checkpoints.save("last.pth", epoch + 1, 0, totals.as_numbers(), best_acc)
+            checkpoints.save("last.pth", epoch + 1, 0, 0, totals.as_numbers(), best_acc)
             emit("epoch", **record, epochs=args.epochs)
         if dist.is_initialized():
             dist.barrier()
