@@ -1035,8 +1035,9 @@ def write_predictions(path: Path, rows: list, classes: list, epoch: int) -> None
 # 8. main
 
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process.
+def setup_distributed(requested_device: str = "auto"):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process. NCCL
+    talks between GPUs; a CPU run (--device cpu, or no GPU) uses gloo, even on a machine with GPUs.
 
     A collective waits at most GPU_RUN_DIST_TIMEOUT_S (default 600) seconds for the other ranks,
     then fails: ranks out of step (an out-of-memory in the backward that syncs the gradients, see
@@ -1053,7 +1054,7 @@ def setup_distributed():
         timeout_s = math.nan
     if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise TrainerError(f"GPU_RUN_DIST_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.cuda.is_available() and requested_device != "cpu" else "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -1078,7 +1079,7 @@ def pick_amp(device: torch.device, amp: str):
 
 def main(args) -> int:
     stop = StopFlag()
-    rank, world, local_rank = setup_distributed()
+    rank, world, local_rank = setup_distributed(args.device)
     device = pick_device(args.device, local_rank)
     data, out = Path(args.data), Path(args.out)
     ckpt_dir = out / "checkpoints"
