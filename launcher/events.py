@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 # Mirrors trainer/train.py: 0 done, 75 stopped with a resumable last.pth, anything else failed.
 EXIT_OK = 0
@@ -27,6 +28,18 @@ def status_for_exit(exit_code: int | None) -> str:
     if exit_code == EXIT_STOPPED:
         return "stopped"
     return "failed"
+
+
+def status_of_run(exit_code: int | None, log_path: Path | None = None) -> str:
+    """status_for_exit, except where torchrun (several processes) was asked to stop: it exits 1
+    even though every process saved last.pth and exited 75. The trainer's last event says so."""
+    status = status_for_exit(exit_code)
+    if status != "failed" or log_path is None or not log_path.is_file():
+        return status
+    last = None
+    for line in log_path.read_text(errors="replace").splitlines():
+        last = parse_event(line) or last
+    return "stopped" if last and last["event"] == "stopped" and last.get("resumable") else status
 
 
 def read_metrics(text: str) -> list[dict]:

@@ -11,7 +11,7 @@ from typing import Callable
 from gpu_run.backends import Backend, RunHandle
 from gpu_run.config import Host
 from gpu_run.errors import GpuRunError
-from gpu_run.events import read_metrics, status_for_exit
+from gpu_run.events import read_metrics, status_of_run
 from gpu_run.ledger import Ledger, RunRecord
 from gpu_run.money.budget import run_cost
 from gpu_run.money.cost import format_money
@@ -73,7 +73,7 @@ def follow_to_end(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, 
 def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI) -> dict:
     run_dir = Path(run.run_dir)
     ended = time.time()
-    status = status_for_exit(exit_code)
+    status = status_of_run(exit_code, run_dir / "train.log")
     ledger.end_phase(run.run_id, "train", "ok" if status != "failed" else "failed", f"exit code {exit_code}", at=ended)
     with ledger.phase(run.run_id, "pull"), ui.timed("pull"):
         ended_info = backend.finish(handle_of(run), run_dir, ui)

@@ -180,3 +180,16 @@ def test_sigterm_stops_the_running_point_and_starts_no_more(tmp_path):
     assert status(a)["outcome"] == "finished"
     assert status(b) == {**status(b), "outcome": "stopped", "exit_code": "75"}
     assert status(c)["outcome"] == "not_started" and not (c / "started_at").exists()
+
+
+def test_a_stopped_torchrun_job_counts_as_stopped_not_failed(tmp_path):
+    from gpu_run.events import status_of_run
+
+    log = tmp_path / "train.log"
+    log.write_text('{"event": "start", "world_size": 2}\nsignal 15: stopping\n'
+                   '{"event": "stopped", "epoch": 2, "step": 3, "resumable": true}\n'
+                   'torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ...\n')
+    assert status_of_run(1, log) == "stopped"  # torchrun's own exit code after its processes exited 75
+    assert status_of_run(75, log) == "stopped" and status_of_run(0, log) == "succeeded"
+    log.write_text('{"event": "error", "message": "CUDA out of memory even at batch size 1"}\n')
+    assert status_of_run(1, log) == "failed" and status_of_run(1, tmp_path / "missing.log") == "failed"

@@ -24,7 +24,7 @@ from gpu_run.config import Config, Host
 from gpu_run.dataset import DatasetInfo
 from gpu_run.deliverables.compare import run_row, write_comparison
 from gpu_run.errors import BackendError, ConfigError, GpuRunError
-from gpu_run.events import status_for_exit
+from gpu_run.events import status_of_run
 from gpu_run.ledger import FINAL_STATUSES, Ledger, RunRecord, SweepRecord
 from gpu_run.money.budget import BUDGET_MARGIN_S, SETUP_ESTIMATE_S, measured_epoch_time
 from gpu_run.money.cost import budget_seconds, cost_of, format_money
@@ -430,7 +430,7 @@ def finish_point(run: RunRecord, point: PointState, total: int, position: int, h
         return
     run_dir = Path(run.run_dir)
     extra = {**backend.finish(handle_of(run), run_dir, ui), **sweep_info}
-    status = status_for_exit(point.exit_code)
+    status = status_of_run(point.exit_code, run_dir / "train.log")
     missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
     if status == "succeeded" and missing:
         status = "failed"
