@@ -87,10 +87,42 @@ class Host:
         return self.price_per_hour == 0
 
 
+RENDEZVOUS_PORT = 29400  # torchrun's own default for the c10d rendezvous
+_GROUP_KEYS = {"hosts", "rendezvous_host", "rendezvous_port", "nccl_socket_ifname"}
+_IFNAME = re.compile(r"^\^?=?[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*$")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Several hosts that train one job together (torchrun's c10d rendezvous on the first).
+
+    The name is the [groups.NAME] table's, or the comma list as written on the command line."""
+
+    name: str
+    hosts: tuple[str, ...]
+    # The address the other nodes reach the first one on; None: its SSH host name as the laptop knows it.
+    rendezvous_host: str | None = None
+    rendezvous_port: int = RENDEZVOUS_PORT
+    # The network interface NCCL (and gloo) use on every node; None: the one that reaches the first node.
+    nccl_socket_ifname: str | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     hosts: dict[str, Host] = field(default_factory=dict)
     source: Path | None = None
+    groups: dict[str, Group] = field(default_factory=dict)
+
+    def group(self, target: str) -> Group | None:
+        """The group `--host` names (a [groups.NAME] table, or a comma list of hosts), None for one host."""
+        if target in self.groups:
+            return self.groups[target]
+        if "," not in target:
+            return None
+        names = tuple(n.strip() for n in target.split(","))
+        group = Group(name=",".join(names), hosts=names)
+        check_group(group, self.hosts, f"--host {target}")
+        return group
 
     def host(self, name: str) -> Host:
         try:
@@ -200,9 +232,10 @@ def check_ssh_port(name: str, ssh: str | None) -> None:
 
 
 def parse_hosts(document: dict) -> dict[str, Host]:
-    unknown = sorted(set(document) - {"hosts"})
+    unknown = sorted(set(document) - {"hosts", "groups"})
     if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}] in {CONFIG_FILENAME}; only [hosts.NAME] tables are read")
+        raise ConfigError(f"unknown section [{unknown[0]}] in {CONFIG_FILENAME}; only [hosts.NAME] and [groups.NAME] "
+                          f"tables are read")
     tables = document.get("hosts", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"hosts in {CONFIG_FILENAME} must be tables: write [hosts.NAME] sections, not hosts = {tables!r}")
@@ -210,6 +243,72 @@ def parse_hosts(document: dict) -> dict[str, Host]:
     for name, table in tables.items():
         hosts[name] = parse_host(name, table)
     return hosts
+
+
+def check_group(group: Group, hosts: dict[str, Host], where: str) -> None:
+    """The hosts of one multi-node job: two or more, each once, each known and reached over SSH
+    (the laptop's own engine cannot take part), all billing in one currency so the cost adds up."""
+    if any(not name for name in group.hosts):
+        raise ConfigError(f"{where}: an empty host name in the list; write host names separated by commas: box-a,box-b")
+    if len(group.hosts) < 2:
+        raise ConfigError(f"{where}: a group needs two hosts or more; for one host, give its name alone")
+    repeated = sorted({n for n in group.hosts if group.hosts.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: host {repeated[0]} is listed twice; each host is one node (--gpus sets the "
+                          f"processes on each)")
+    unknown = [n for n in group.hosts if n not in hosts]
+    if unknown:
+        known = ", ".join(sorted(h for h in hosts if h != LOCAL_HOST)) or "none"
+        raise ConfigError(f"{where}: unknown host {unknown[0]!r} (known hosts: {known}); add [hosts.{unknown[0]}] "
+                          f"to {CONFIG_FILENAME}")
+    local = [n for n in group.hosts if hosts[n].is_local]
+    if local:
+        raise ConfigError(f"{where}: host {local[0]} is the local Docker engine; every node of a multi-node job is a "
+                          f"machine reached over SSH")
+    currencies = sorted({hosts[n].currency for n in group.hosts})
+    if len(currencies) > 1:
+        raise ConfigError(f"{where}: the hosts bill in {' and '.join(currencies)}; the nodes of one job must bill in "
+                          f"one currency, so that its cost adds up")
+
+
+def parse_group(name: str, table, hosts: dict[str, Host]) -> Group:
+    """One [groups.NAME] table -> Group; every mistake becomes one ConfigError line."""
+    where = f"[groups.{name}]"
+    if not _HOST_NAME.match(name):
+        raise ConfigError(f"group name {name!r} in {CONFIG_FILENAME}: use letters, digits, '-', '_' and '.' only")
+    if name in hosts:
+        raise ConfigError(f"{where}: {name} is also a host's name; give the group a name of its own")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table of settings: hosts = [\"box-a\", \"box-b\"]")
+    unknown = sorted(set(table) - _GROUP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(_GROUP_KEYS))}")
+    names = table.get("hosts")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{where}: hosts must be a list of host names: hosts = [\"box-a\", \"box-b\"]")
+    port = table.get("rendezvous_port", RENDEZVOUS_PORT)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: rendezvous_port must be a port number from 1 to 65535, got {port!r}")
+    address = table.get("rendezvous_host")
+    if address is not None and (not isinstance(address, str) or not address.strip() or any(c in address for c in " /:")):
+        raise ConfigError(f"{where}: rendezvous_host must be the first node's address as the others reach it "
+                          f"(a host name or IPv4 address, no port), got {address!r}")
+    ifname = table.get("nccl_socket_ifname")
+    if ifname is not None and (not isinstance(ifname, str) or not _IFNAME.match(ifname)):
+        raise ConfigError(f"{where}: nccl_socket_ifname must name network interfaces as NCCL_SOCKET_IFNAME does "
+                          f"(eth0, or ens,eth, or ^docker), got {ifname!r}")
+    group = Group(name=name, hosts=tuple(names), rendezvous_host=address, rendezvous_port=port,
+                  nccl_socket_ifname=ifname)
+    check_group(group, hosts, where)
+    return group
+
+
+def parse_groups(document: dict, hosts: dict[str, Host]) -> dict[str, Group]:
+    tables = document.get("groups", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"groups in {CONFIG_FILENAME} must be tables: write [groups.NAME] sections with "
+                          f"hosts = [...]")
+    return {name: parse_group(name, table, hosts) for name, table in tables.items()}
 
 
 def find_config_file(cwd: Path | None = None) -> Path | None:
@@ -238,4 +337,5 @@ def load_config(cwd: Path | None = None) -> Config:
         raise ConfigError(f"cannot read {path}: {e.strerror}; check that it is a file you can read") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    return Config(hosts=parse_hosts(document), source=path)
+    hosts = parse_hosts(document)
+    return Config(hosts=hosts, source=path, groups=parse_groups(document, hosts))
