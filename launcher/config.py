@@ -121,7 +121,7 @@ class Config:
             return None
         names = tuple(n.strip() for n in target.split(","))
         group = Group(name=",".join(names), hosts=names)
-        check_group(group, self.hosts, f"--host {target}")
+        check_group(group, self.hosts, f"hosts {target}")
         return group
 
     def host(self, name: str) -> Host:
