@@ -77,7 +77,9 @@ def train(host: str, nodes: list[str], containers: dict[str, str], ports: dict[s
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         logs = "".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(work.glob("runs/*/nodes/*.log")))
-        sys.exit(f"gpu-run train --host {host} failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{logs}")
+        train_logs = "".join(p.read_text()[-3000:] for p in work.glob("runs/*/train.log"))
+        sys.exit(f"gpu-run train --host {host} failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}\n"
+                 f"{logs}{train_logs}")
     summary = json.loads(proc.stdout)
     metrics = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return {"world": summary.get("world_size") or gpus, "images_per_s": metrics[-1]["train_images_per_s"],
