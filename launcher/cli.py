@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def print_summary(ui: UI, s: dict) -> None:
     ui.info(f"  model {s['model']}, epochs {s['epochs_completed']}/{s['epochs']}, best val acc {best}, "
             f"{s['duration_s']:.1f}s")
     ui.info(f"  outputs: {s['run_dir']}")
+    if s.get("nodes"):
+        ui.info(f"  nodes: {', '.join(s['nodes'])} (world size {s['world_size']}); each node's log in nodes/")
     cost = s["cost"]
     ui.info(f"  cost: {cost['amount']:.2f} {cost['currency']} ({cost['billed_s']} s billed)")
     if s["status"] == "stopped":
@@ -126,10 +129,15 @@ def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.version_option(package_name="gpu-run")
 def cli(debug: bool) -> None:
     """Run a PyTorch training job on a GPU host and leave nothing running behind it."""
+    if not debug:
+        # paramiko prints the traceback of a connection cut mid-handshake (a machine going down)
+        # from its own thread; the command says what that means in one line.
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 @cli.command()
-@click.option("--host", default="local", show_default=True, help="Host name from gpu-run.toml, or the built-in local.")
+@click.option("--host", default="local", show_default=True,
+              help="Host name from gpu-run.toml, or the built-in local; box-a,box-b (or a [groups.NAME]) trains one job on all of them.")
 @click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
 @click.option("--model", default=recipe.MODEL, show_default=True, help="torchvision classification model.")
 @click.option("--weights", default=TrainSpec.weights, show_default=True,
@@ -147,7 +155,7 @@ def cli(debug: bool) -> None:
               help="No random horizontal flip (digits, text, X-rays: data whose orientation has a meaning). A resumed run keeps its choice.")
 @click.option("--workers", type=int, default=recipe.WORKERS, help="Data loader processes (default: from the host's cores).")
 @click.option("--seed", type=int, default=recipe.SEED, show_default=True)
-@click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs; >1 runs DDP; 0 forces the CPU.")
+@click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs (per node); >1 runs DDP; 0 forces the CPU.")
 @click.option("--amp", type=click.Choice(["auto", "off"]), default=recipe.AMP, show_default=True)
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default=recipe.DECODE, show_default=True,
               help="Where the host decodes JPEGs: on the GPU (nvjpeg) when auto measures it faster, or the CPU workers.")
@@ -401,14 +409,16 @@ def pull(run_id: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("host_name", metavar="HOST")
+@click.argument("host_name", metavar="HOST|HOST,HOST...|GROUP")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @json_option()
 def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
-    """Check a host: SSH login, Docker, NVIDIA runtime and GPUs, free disk, rsync, clock offset."""
-    from gpu_run.doctor import check_host
+    """Check a host: SSH login, Docker, NVIDIA runtime and GPUs, free disk, rsync, clock offset.
+    For several hosts (box-a,box-b or a [groups.NAME]): each one, then the rendezvous port, the
+    torch/CUDA versions and the network interface NCCL will use."""
+    from gpu_run.doctor import check_target
 
-    checks = check_host(load_config().host(host_name), accept_new_host_key)
+    checks = check_target(load_config(), host_name, accept_new_host_key)
     if as_json:
         print_json(checks)
     else:
@@ -448,6 +458,10 @@ def status(run_id: str, as_json: bool) -> None:
                   f"[bold]{escape(state['status'])}[/bold]")
     if "trainer" in state:
         console.print(f"  trainer: {state['trainer']}", markup=False)
+    for node in state.get("nodes") or []:  # a multi-node run
+        end = node.get("trainer") or (f"exit code {node['exit_code']}" if node["exit_code"] is not None else "-")
+        console.print(f"  node {node['node']} {node['host']}{' (rank 0)' if node['rank0'] else ''}: {end}; "
+                      f"machine {node['stop']['state'] or 'up'}", markup=False)
     if state.get("best_val_acc") is not None:
         console.print(f"  best val acc {state['best_val_acc'] * 100:.1f}%")
     if "last_epoch" in state:

@@ -79,6 +79,11 @@ def decide_cache(spec: TrainSpec, info: DatasetInfo, ui: UI) -> TrainSpec:
 
 
 def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
+    group = config.group(spec.host)
+    if group is not None:  # several hosts: one job over all of them, through torchrun
+        from gpu_run.multinode.start import train_nodes
+
+        return train_nodes(spec, group, config, ledger, ui)
     with ui.timed("options and host checked"):
         host = config.host(spec.host)
         check_spec(spec)

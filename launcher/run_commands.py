@@ -11,6 +11,7 @@ from gpu_run.config import Config, Host
 from gpu_run.errors import BackendError, GpuRunError, Unreachable
 from gpu_run.events import read_metrics
 from gpu_run.ledger import ACTIVE_STATUSES, FINAL_STATUSES, Ledger, RunRecord
+from gpu_run.multinode import is_multinode
 from gpu_run.providers.base import StopResult
 from gpu_run.run_end import finish_run, follow_and_finish, handle_of, record_end, record_stop
 from gpu_run.spec import TrainSpec
@@ -49,6 +50,10 @@ def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
         result = point_command("attach", run, config, ledger, ui)
         if result is not None:
             return result
+    if is_multinode(run):
+        from gpu_run.multinode import commands
+
+        return commands.attach(run, config, ledger, ui)
     if run.status == "created":
         return settle_abandoned_setup(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
@@ -66,6 +71,10 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
         result = point_command("stop", run, config, ledger, ui)
         if result is not None:
             return result
+    if is_multinode(run):
+        from gpu_run.multinode import commands
+
+        return commands.stop(run, config, ledger, ui)
     if run.status not in ACTIVE_STATUSES and run.stop_failed:
         return retry_stop(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
@@ -112,6 +121,10 @@ def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
         result = point_command("pull", run, config, ledger, ui)
         if result is not None:
             return result
+    if is_multinode(run):
+        from gpu_run.multinode import commands
+
+        return commands.pull(run, config, ledger, ui)
     host = config.host(run.host)
     try:
         backend = backend_for_run(host, handle_of(run), ui)
@@ -160,6 +173,10 @@ def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
             for p in ledger.phases(run.run_id)
         ],
     }
+    if is_multinode(run):
+        from gpu_run.multinode import commands
+
+        return commands.live_status(run, config, ledger, state)
     if run.status in ACTIVE_STATUSES and run.handle_json:
         host = config.host(run.host)
         try:
@@ -178,6 +195,11 @@ def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
 def log_lines(run_id: str, follow: bool, config: Config, ledger: Ledger, ui: UI):
     """The run's log: from the backend while the run is live, else the saved train.log."""
     run = ledger.get_run(run_id)
+    if is_multinode(run):
+        from gpu_run.multinode import commands
+
+        yield from commands.log_lines(run, follow, config, ui)
+        return
     saved = Path(run.run_dir or "") / "train.log"
     if run.status in ACTIVE_STATUSES and run.handle_json:
         backend = backend_for_run(config.host(run.host), handle_of(run), ui)

@@ -88,11 +88,13 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
 
 
 def record_end(run: RunRecord, host: Host, status: str, exit_code: int | None, ended: float, ledger: Ledger,
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, override: dict | None = None) -> dict:
     """Write a run's end: summary.json in its folder and the ledger's row, from the ledger as it is
     now. Called again when something about an ended run changes (a stop confirmed later); `extra`
-    carries what only the end knew (the watchdog's record, where the outputs came from)."""
-    summary = {**(extra or {}), **build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended)}
+    carries what only the end knew (the watchdog's record, where the outputs came from), and
+    `override` what a multi-node run counts its own way (its nodes, the cost summed over them)."""
+    summary = {**(extra or {}), **build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended),
+               **(override or {})}
     (Path(run.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ledger.update_run(
         run.run_id, status=status, exit_code=exit_code, ended_at=ended, summary_json=json.dumps(summary),

@@ -38,6 +38,7 @@ class Job:
     node_rank: int = 0  # 0 hosts the rendezvous store (and writes the checkpoints)
     rdzv_endpoint: str = ""  # host:port every node reaches
     rdzv_id: str = ""  # the same on every node of one job (the run id)
+    local_addr: str = ""  # torchrun's --local-addr: how the other nodes reach this one ("": its host name)
     # Sweeps: the GPUs this trainer may use on its host ("" = all), when points share a host.
     devices: str = ""
 
@@ -60,6 +61,9 @@ class RunHandle:
     device: str = ""  # gpu | cpu
     image_built: bool = False  # the image (or the trainer's code) was built or sent for this run
     versions: dict = field(default_factory=dict)  # python, torch, torchvision, CUDA as found there
+    # A multi-node run: one record per node (its host, host-side run id, handle, billed span, stop);
+    # the fields above are then the first node's (gpu_run.multinode.nodes.NodeRecord).
+    nodes: list = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -179,15 +183,40 @@ def trainer_argv(job: Job, data_dir: str, out_dir: str, weights: str) -> list[st
     return ["--data", data_dir, "--out", out_dir, "--weights", weights, *job.trainer_args]
 
 
+# torchrun, as `python -m torch.distributed.run` runs it, also on a torch built without libuv
+# (Debian's and Ubuntu's python3-torch 2.6), whose TCPStore refuses the libuv it asks for by
+# default: there the rendezvous store is made without it, and the trainers make their own store
+# (not the agent's, which they would open asking for libuv again) with USE_LIBUV=0.
+TORCHRUN = """\
+import os, sys
+import torch.distributed as dist
+try:
+    dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
+except RuntimeError:
+    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d
+
+    class TCPStore(dist.TCPStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "use_libuv": False})
+
+    os.environ.update(USE_LIBUV="0", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    dist.TCPStore = c10d.TCPStore = TCPStore
+from torch.distributed.run import main
+sys.argv[0] = "torchrun"
+main()
+"""
+
+
 def launcher_argv(python: str, nproc: int, job: Job | None = None) -> list[str]:
     """How to start the trainer: plainly, under torchrun for several GPUs (or CPU processes) on
     one machine, or under torchrun's c10d rendezvous for a job over several machines."""
     if job is not None and job.nnodes > 1:
         # The first node hosts the rendezvous store (is_host), so no node has to guess it from
         # host names; no restarts: a node that fails ends the job, and the watchdogs stop the machines.
-        return [python, "-m", "torch.distributed.run", f"--nnodes={job.nnodes}", f"--nproc-per-node={nproc}",
+        return [python, "-c", TORCHRUN, f"--nnodes={job.nnodes}", f"--nproc-per-node={nproc}",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint={job.rdzv_endpoint}", f"--rdzv-id={job.rdzv_id}",
-                f"--rdzv-conf=is_host={1 if job.node_rank == 0 else 0}", "--max-restarts=0", "-m", "trainer.train"]
+                f"--rdzv-conf=is_host={1 if job.node_rank == 0 else 0}", "--max-restarts=0",
+                *([f"--local-addr={job.local_addr}"] if job.local_addr else []), "-m", "trainer.train"]
     if nproc > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.train"]
+        return [python, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.train"]
     return [python, "-m", "trainer.train"]
