@@ -138,6 +138,9 @@ def check_sweep_budget(base: TrainSpec, host: Host, ests: list[int], parallel: i
 # The sweep --------------------------------------------------------------------------------------
 
 def sweep(base: TrainSpec, points: list[dict], parallel: int, config: Config, ledger: Ledger, ui: UI) -> dict:
+    if config.group(base.host) is not None:
+        raise ConfigError(f"--host {base.host}: a sweep runs its points on one machine; give one host "
+                          f"(several machines train one job with `gpu-run train --host {base.host}`)")
     host = config.host(base.host)
     if parallel < 1:
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
