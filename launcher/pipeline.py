@@ -25,7 +25,7 @@ from gpu_run.run_end import follow_and_finish, record_stop
 from gpu_run.spec import TrainSpec, check_spec
 from gpu_run.trainer import defaults as recipe
 from gpu_run.ui import UI
-from gpu_run.weights import resolve_weights
+from gpu_run.weights import Weights, resolve_weights
 
 
 def new_run_id() -> str:
@@ -56,6 +56,18 @@ def copy_resume_state(previous: RunRecord, run_dir: Path) -> str:
         if (source / name).is_file():
             shutil.copy2(source / name, run_dir / name)
     return previous.run_id
+
+def plan_record(spec: TrainSpec, info: DatasetInfo, weights: Weights, **more) -> dict:
+    """What the ledger keeps of a run's plan (its args_json): the spec, the weights, the dataset."""
+    return {
+        # --env values may be secrets (tokens): the ledger keeps their names only.
+        "spec": {**asdict(spec), "data": str(info.root.resolve()), "runs_dir": str(spec.runs_dir),
+                 "extra_env": sorted(spec.extra_env)},
+        "weights": weights.record(),
+        "classes": info.classes,
+        "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)},
+        **more,
+    }
 
 def check_stop_setting(host: Host, keep_alive: bool, ui: UI) -> None:
     """A host gpu-run cannot stop must say so itself: never keep a paid box up by omission."""
@@ -102,14 +114,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
     run_dir = (spec.runs_dir / run_id).resolve()
     run_dir.mkdir(parents=True)
     resumed_from = copy_resume_state(previous, run_dir) if previous else None
-    plan = {
-        # --env values may be secrets (tokens): the ledger keeps their names only.
-        "spec": {**asdict(spec), "data": str(info.root.resolve()), "runs_dir": str(spec.runs_dir),
-                 "extra_env": sorted(spec.extra_env)},
-        "weights": weights.record(),
-        "classes": info.classes,
-        "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)},
-    }
+    plan = plan_record(spec, info, weights)
     ledger.create_run(
         run_id, host.name, model=spec.model, data_path=str(info.root.resolve()), dataset_id=info.dataset_id,
         run_dir=str(run_dir), args_json=json.dumps(plan), currency=host.currency, resumed_from=resumed_from,

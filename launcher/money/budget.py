@@ -30,10 +30,9 @@ def measured_epoch_time(ledger: Ledger, host: str, model: str, dataset: str) -> 
                 times += [m["epoch_time_s"] for m in read_metrics(path.read_text())]
     return sorted(times)[len(times) // 2] if times else None
 
-def check_budget(spec: TrainSpec, host: Host, info: DatasetInfo, ledger: Ledger, ui: UI) -> int:
-    """Refuse, before anything starts, a run that cannot fit the budget; return its billable seconds."""
-    if not spec.budget:
-        return 0
+def budget_limit_s(spec: TrainSpec, host: Host, ui: UI) -> int:
+    """The billable seconds --budget buys on the host (0: no budget, or a free host), refused when
+    it cannot even pay for a safe stop."""
     if host.is_free:
         ui.warn(f"host {host.name} costs nothing; --budget has no effect")
         return 0
@@ -42,6 +41,15 @@ def check_budget(spec: TrainSpec, host: Host, info: DatasetInfo, ledger: Ledger,
     if limit_s < needed_s:
         raise ConfigError(f"--budget {spec.budget} {host.currency} buys {limit_s}s on {host.name}, less than the "
                           f"{needed_s}s that stopping safely needs; raise the budget")
+    return limit_s
+
+def check_budget(spec: TrainSpec, host: Host, info: DatasetInfo, ledger: Ledger, ui: UI) -> int:
+    """Refuse, before anything starts, a run that cannot fit the budget; return its billable seconds."""
+    if not spec.budget:
+        return 0
+    limit_s = budget_limit_s(spec, host, ui)
+    if not limit_s:
+        return 0
     epoch_s = spec.epoch_time_s or measured_epoch_time(ledger, host.name, spec.model, info.dataset_id)
     if epoch_s:
         estimate_s = spec.epochs * epoch_s + SETUP_ESTIMATE_S + host.grace_s

@@ -22,7 +22,7 @@ from gpu_run.multinode.network import choose_ifname, find_route, is_loopback, so
 from gpu_run.multinode.nodes import (Node, NodeBoard, NodeRecord, first_error, group_host, in_parallel,
                                      node_run_id, record_node_stop, save_nodes)
 from gpu_run.pipeline import (check_dataset, check_stop_setting, copy_resume_state, decide_cache, new_run_id,
-                              resume_source)
+                              plan_record, resume_source)
 from gpu_run.spec import TrainSpec, check_spec
 from gpu_run.ui import UI
 from gpu_run.weights import resolve_weights
@@ -53,16 +53,8 @@ def train_nodes(spec: TrainSpec, group: Group, config: Config, ledger: Ledger, u
     run_dir.mkdir(parents=True)
     resumed_from = copy_resume_state(previous, run_dir) if previous else None
     per_node = max(1, spec.gpus)
-    plan = {
-        "spec": {**asdict(spec), "data": str(info.root.resolve()), "runs_dir": str(spec.runs_dir),
-                 "extra_env": sorted(spec.extra_env)},
-        "weights": weights.record(),
-        "classes": info.classes,
-        "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)},
-        "nodes": list(group.hosts),
-        "group": asdict(group),
-        "world_size": len(hosts) * per_node,
-    }
+    plan = plan_record(spec, info, weights, nodes=list(group.hosts), group=asdict(group),
+                       world_size=len(hosts) * per_node)
     ledger.create_run(
         run_id, group.name, model=spec.model, data_path=str(info.root.resolve()), dataset_id=info.dataset_id,
         run_dir=str(run_dir), args_json=json.dumps(plan), currency=as_one.currency, resumed_from=resumed_from,

@@ -26,10 +26,10 @@ from gpu_run.deliverables.compare import run_row, write_comparison
 from gpu_run.errors import BackendError, ConfigError, GpuRunError
 from gpu_run.events import status_of_run
 from gpu_run.ledger import FINAL_STATUSES, Ledger, RunRecord, SweepRecord
-from gpu_run.money.budget import BUDGET_MARGIN_S, SETUP_ESTIMATE_S, measured_epoch_time
-from gpu_run.money.cost import budget_seconds, cost_of, format_money
+from gpu_run.money.budget import BUDGET_MARGIN_S, SETUP_ESTIMATE_S, budget_limit_s, measured_epoch_time
+from gpu_run.money.cost import cost_of, format_money
 from gpu_run.money.split import split_amount, split_seconds
-from gpu_run.pipeline import check_dataset, check_stop_setting, copy_resume_state, new_run_id
+from gpu_run.pipeline import check_dataset, check_stop_setting, copy_resume_state, new_run_id, plan_record
 from gpu_run.providers.base import StopResult
 from gpu_run.run_end import Detached, follow_to_end, handle_of, record_end, record_stop
 from gpu_run.spec import TrainSpec, check_spec
@@ -113,14 +113,9 @@ def check_sweep_budget(base: TrainSpec, host: Host, ests: list[int], parallel: i
     """The whole sweep's budget in billable seconds (0: none); says which points it cannot hold."""
     if not base.budget:
         return 0
-    if host.is_free:
-        ui.warn(f"host {host.name} costs nothing; --budget has no effect")
+    limit_s = budget_limit_s(base, host, ui)
+    if not limit_s:
         return 0
-    limit_s = budget_seconds(base.budget, host.price_per_hour, host.billing, host.min_billed_s)
-    needed_s = host.grace_s + base.stop_timeout_s + BUDGET_MARGIN_S + 30
-    if limit_s < needed_s:
-        raise ConfigError(f"--budget {base.budget} {host.currency} buys {limit_s}s on {host.name}, less than the "
-                          f"{needed_s}s that stopping safely needs; raise the budget")
     available = limit_s - SETUP_ESTIMATE_S - host.grace_s - base.stop_timeout_s - BUDGET_MARGIN_S
     fits = fitting(ests, available, parallel)
     if not all(fits):
@@ -230,9 +225,7 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
         run_dir = (spec.runs_dir / run_id).resolve()
         run_dir.mkdir(parents=True)
         resumed_from = copy_resume_state(previous, run_dir) if previous else None
-        plan = {"spec": {**spec_record(replace(spec, resume=resumed_from)), "data": str(info.root.resolve())},
-                "weights": w.record(), "classes": info.classes, "point": sw.points[index],
-                "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)}}
+        plan = plan_record(replace(spec, resume=resumed_from), info, w, point=sw.points[index])
         ledger.create_run(run_id, host.name, model=spec.model, data_path=str(info.root.resolve()), dataset_id=info.dataset_id,
                           run_dir=str(run_dir), args_json=json.dumps(plan), currency=host.currency, resumed_from=resumed_from,
                           sweep_id=sw.sweep_id, sweep_point=index, status="queued")
