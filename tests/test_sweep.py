@@ -155,3 +155,26 @@ def test_on_a_container_instance_stopped_by_hand_then_resumed(tmp_path, gpu_run_
     assert len(rounds) == 2
     billed = sum((cost_of(r["billed_to"] - r["billed_from"], PRICE, "per_second") for r in rounds), Decimal("0"))
     assert Decimal(str(result["cost"]["amount"])) == billed
+
+
+def test_the_budget_cuts_the_running_point_resumably_and_starts_no_more(ssh_host, dataset, gpu_run_home):
+    # 3600 CNY an hour is 1 CNY a second: 70 CNY buys 70 s, of which the watchdog keeps the stop's
+    # share (grace, stop timeout, margin); the first point wants far longer than the rest.
+    counter = count_stops(ssh_host)
+    toml = ssh_host.work / "gpu-run.toml"
+    toml.write_text(toml.read_text().replace(f"price_per_hour = {PRICE}", "price_per_hour = 3600"))
+    proc = ssh_host.cli("sweep", "--host", "t4-box", *FAST, "--image-size", "64", "--epochs", "200",
+                        "--lr", "0.001,0.01", "--budget", "70", "--stop-timeout", "5", "--data", str(dataset),
+                        "--json", timeout=600)
+    assert proc.stdout.startswith("{"), proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    first, second = result["points"]
+    assert first["status"] == "stopped" and second["status"] == "cancelled", (result, proc.stderr[-2000:])
+    summary = json.loads((Path(first["run_dir"]) / "summary.json").read_text())
+    assert summary["exit_code"] == 75 and summary["sweep"]["outcome"] == "stopped"
+    last = torch.load(Path(first["run_dir"]) / "checkpoints" / "last.pth", weights_only=True)
+    assert last["epoch"] + (last["step"] > 0) >= 1  # progress to resume from
+    assert not (ssh_host.remote_run_dir(second["run_id"]) / "started_at").exists()
+    assert "outcome=max_runtime" in next((ssh_host.workdir / "runs").glob("sweep-*/status")).read_text()
+    assert result["stop"]["ok"] and stops(counter) == 1 and not ssh_host.power.up
+    assert result["cost"]["amount"] <= 70

@@ -100,6 +100,7 @@ def test_amounts_add_up_to_the_machines_bill_to_the_cent():
 def test_budget_fit_and_gpu_slots():
     assert fitting([100, 100, 100, 0], 250, 1) == [True, True, False, True]
     assert fitting([100, 100, 100, 100], 250, 2) == [True, True, True, True]
+    assert fitting([0, 0], -10, 1) == [True, True]  # no estimate: the machine's clock decides
     assert devices_for(1, 2, 2, "gpu") == "2,3"
     assert devices_for(0, 1, 1, "gpu") == "" and devices_for(1, 1, 2, "cpu") == ""
 

@@ -104,7 +104,7 @@ def fitting(ests: list[int], available_s: float, parallel: int) -> list[bool]:
     fits = []
     for i, est in enumerate(ests):
         slot = i % parallel
-        fits.append(used[slot] + est <= available_s)
+        fits.append(est == 0 or used[slot] + est <= available_s)
         used[slot] += est if fits[-1] else 0
     return fits
 
