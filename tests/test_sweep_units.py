@@ -159,15 +159,18 @@ def test_queue_side_by_side_runs_both_slots_at_once(tmp_path):
 
 def test_queue_skips_what_the_budget_cannot_hold(tmp_path):
     a, b, c = fake_point(tmp_path, "a", 0.2, 0), fake_point(tmp_path, "b", 0.2, 0), fake_point(tmp_path, "c", 0.2, 0)
+    (b / "trainer.env").write_text("HF_TOKEN=secret\n")
     proc = start_queue(tmp_path, [(a, 0, 5), (b, 0, 500), (c, 0, 0)], budget_s=100)
     proc.communicate(timeout=30)
     assert status(a)["outcome"] == "finished"
     assert status(b)["outcome"] == "over_budget" and not (b / "started_at").exists()
+    assert not (b / "trainer.env").exists()
     assert status(c)["outcome"] == "finished"  # no estimate: the machine's clock decides
 
 
 def test_sigterm_stops_the_running_point_and_starts_no_more(tmp_path):
     a, b, c = fake_point(tmp_path, "a", 0.2, 0), fake_point(tmp_path, "b", 60, 0), fake_point(tmp_path, "c", 0.2, 0)
+    (c / "trainer.env").write_text("HF_TOKEN=secret\n")
     proc = start_queue(tmp_path, [(a, 0, 0), (b, 0, 0), (c, 0, 0)])
     try:
         wait_for(lambda: (b / "started_at").exists() and (b / "pid").exists(), 15, "the second point to start")
@@ -181,6 +184,7 @@ def test_sigterm_stops_the_running_point_and_starts_no_more(tmp_path):
     assert status(a)["outcome"] == "finished"
     assert status(b) == {**status(b), "outcome": "stopped", "exit_code": "75"}
     assert status(c)["outcome"] == "not_started" and not (c / "started_at").exists()
+    assert not (c / "trainer.env").exists()  # its --env values did not stay on the host
 
 
 def test_a_stopped_torchrun_job_counts_as_stopped_not_failed(tmp_path):

@@ -12,7 +12,8 @@
 # POINT_MAX_S, SILENCE_S: per-point limits, 0 none; STOP_TIMEOUT_S) and `points`, a line per point:
 # RUN_DIR SLOT EST_S. Each point's RUN_DIR has start.sh (starts its trainer detached), state.sh
 # (prints running, its exit code, or gone), stop.sh (SIGTERM, killed after the stop timeout), and
-# maybe logs.sh (copies a container's log into train.log), upload.sh, remove.sh. The queue writes
+# maybe logs.sh (copies a container's log into train.log), upload.sh, remove.sh, and trainer.env
+# (the --env values, private to the user; start.sh removes it once read). The queue writes
 # there: started_at, and status ("outcome=... exit_code=... ended_at=...", what the laptop and
 # `gpu-run sweep status` read).
 set -u
@@ -69,11 +70,13 @@ worker() {  # worker SLOT
     [ "$slot" = "$1" ] || continue
     ended "$dir" && continue
     if stopping; then
+      rm -f "$dir/trainer.env"  # the --env values of a point that never starts do not stay on the host
       put "$dir/status" "outcome=not_started exit_code=-1 ended_at=$(wall)"
       continue
     fi
     if [ "$BUDGET_S" -gt 0 ] && [ "${est:-0}" -gt 0 ] && [ $(($(mono) - QUEUE_START + est)) -gt "$BUDGET_S" ]; then
       log "point ${dir##*/} needs about ${est}s, more than the budget leaves: not started"
+      rm -f "$dir/trainer.env"
       put "$dir/status" "outcome=over_budget exit_code=-1 ended_at=$(wall)"
       continue
     fi
@@ -116,6 +119,7 @@ cleanup() {
   while read -r dir _ _; do
     if [ -f "$dir/started_at" ] && ! ended "$dir"; then sh "$dir/stop.sh" >/dev/null 2>&1; fi
     [ -f "$dir/remove.sh" ] && sh "$dir/remove.sh" >/dev/null 2>&1
+    rm -f "$dir/trainer.env"  # a point the queue never reached (killed) leaves no secret behind
   done <"$SWEEP_DIR/points"
   return 0
 }
