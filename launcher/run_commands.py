@@ -42,18 +42,27 @@ def settle_abandoned_setup(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -
     record_stop(ledger, run.run_id, result, run.billed_from)
     return {"run_id": run.run_id, "status": "failed", "run_dir": run.run_dir, "stop": result.as_dict()}
 
-def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
-    run = ledger.get_run(run_id)
+def handed_over(action: str, run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict | None:
+    """attach/stop/pull on a run that is not one machine's own: a sweep's point (its machine is
+    the sweep's to release) or a multi-node run. None: the ordinary command applies."""
     if run.sweep_id:
         from gpu_run.sweep.run import point_command
 
-        result = point_command("attach", run, config, ledger, ui)
+        result = point_command(action, run, config, ledger, ui)
         if result is not None:
             return result
     if is_multinode(run):
         from gpu_run.multinode import commands
 
-        return commands.attach(run, config, ledger, ui)
+        by_action = {"attach": commands.attach, "stop": commands.stop, "pull": commands.pull}
+        return by_action[action](run, config, ledger, ui)
+    return None
+
+def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
+    run = ledger.get_run(run_id)
+    handed = handed_over("attach", run, config, ledger, ui)
+    if handed is not None:
+        return handed
     if run.status == "created":
         return settle_abandoned_setup(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
@@ -65,16 +74,9 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     """Ask the trainer to stop (it writes last.pth), then pull and record, as at a normal end.
     A run that ended but whose machine was not confirmed stopped gets its stop tried again."""
     run = ledger.get_run(run_id)
-    if run.sweep_id:
-        from gpu_run.sweep.run import point_command
-
-        result = point_command("stop", run, config, ledger, ui)
-        if result is not None:
-            return result
-    if is_multinode(run):
-        from gpu_run.multinode import commands
-
-        return commands.stop(run, config, ledger, ui)
+    handed = handed_over("stop", run, config, ledger, ui)
+    if handed is not None:
+        return handed
     if run.status not in ACTIVE_STATUSES and run.stop_failed:
         return retry_stop(run, config.host(run.host), ledger, ui)
     run, host, backend = reconnect(run_id, config, ledger, ui)
@@ -115,16 +117,9 @@ def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     """Fetch what the run has produced; a run whose trainer ended is finished as at a normal end.
     When the host is gone and it synced through S3, the outputs come from S3 instead."""
     run = ledger.get_run(run_id)
-    if run.sweep_id:
-        from gpu_run.sweep.run import point_command
-
-        result = point_command("pull", run, config, ledger, ui)
-        if result is not None:
-            return result
-    if is_multinode(run):
-        from gpu_run.multinode import commands
-
-        return commands.pull(run, config, ledger, ui)
+    handed = handed_over("pull", run, config, ledger, ui)
+    if handed is not None:
+        return handed
     host = config.host(run.host)
     try:
         backend = backend_for_run(host, handle_of(run), ui)
