@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,15 @@ class TrainSpec:
     runs_dir: Path = Path("runs")
     resume: str | None = None  # a run id whose last.pth this run continues from
     extra_env: dict = field(default_factory=dict)
+    # The user's own command (everything after `--`) instead of our trainer, run in a copy of the
+    # project folder on the host; None: our trainer.
+    command: list[str] | None = None
+    project: Path | None = None  # the folder the command runs from (the current one)
+    max_pull_mb: int = 2048  # the most a command's outputs may bring back in one pull
+
+    @property
+    def is_command(self) -> bool:
+        return self.command is not None
 
     def trainer_args(self) -> list[str]:
         args = [
@@ -77,6 +87,42 @@ class TrainSpec:
             args.append("--resume")
         return args
 
+# Bounds past which a value is a typo, not a plan: refused here, before the machine is up, rather
+# than failing there (int(1e308 * 3600) raises) or being enforced as something else.
+YEAR_S = 365 * 24 * 3600
+MIN_LIMIT_S = 5  # the watchdog polls every 2 s and counts whole seconds: 0.0001 hours would be int 0, no limit
+MAX_BUDGET = 10**9  # in the host's currency
+MAX_GPUS = 64
+MAX_WORKERS = 64
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what sh accepts as a variable name
+
+
+def check_limit(option: str, value: float, unit_s: int, unit: str) -> None:
+    """--max-hours or --silence-minutes: 0 (no limit), or between what the watchdog can enforce and a year."""
+    if value == 0:
+        return
+    if value * unit_s < MIN_LIMIT_S:
+        least = math.ceil(MIN_LIMIT_S / unit_s * 10_000) / 10_000  # rounded up, so that it passes
+        raise ConfigError(f"{option} {value:g} is {value * unit_s:.2g} s, too short for the watchdog to enforce; "
+                          f"pass at least {least:g} ({MIN_LIMIT_S} s), or 0 for no limit")
+    if value * unit_s > YEAR_S:
+        raise ConfigError(f"{option} {value:g} is more than a year; pass at most {YEAR_S // unit_s} {unit}, "
+                          f"or 0 for no limit")
+
+
+def check_env(env: dict[str, str]) -> None:
+    """--env pairs the trainer cannot get as one variable each. The key must be a shell name: the
+    python runtime's env file is sourced by sh, so a key such as `X;cmd;Y` would run cmd on the host.
+    The env file has no quoting for line breaks, and no process can get a NUL."""
+    for key, value in env.items():
+        if not ENV_NAME.fullmatch(key):
+            raise ConfigError(f"--env {key!r}: not an environment variable name; use letters, digits and _, "
+                              f"not starting with a digit (--env MY_VAR=value)")
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise ConfigError(f"--env {key}=...: the value holds a line break or NUL, which cannot be passed "
+                              f"to the trainer; put it in a file in the dataset folder instead")
+
+
 def check_spec(spec: TrainSpec) -> None:
     """Command-line values that cannot work, caught before anything starts."""
     # nan passes every comparison below (nan < 0 is False), so it is refused first.
@@ -92,10 +138,19 @@ def check_spec(spec: TrainSpec) -> None:
         raise ConfigError(f"--gamma must be positive (the lr is multiplied by it), got {spec.gamma}")
     if spec.budget < 0 or spec.epoch_time_s < 0:
         raise ConfigError("--budget and --epoch-time must be 0 (none) or more")
+    if spec.budget > MAX_BUDGET:
+        raise ConfigError(f"--budget {spec.budget:g} is over {MAX_BUDGET:g}; pass at most {MAX_BUDGET} "
+                          f"(in the host's currency), or 0 for none")
+    if spec.epoch_time_s > YEAR_S:
+        raise ConfigError(f"--epoch-time {spec.epoch_time_s:g} is more than a year; pass at most {YEAR_S} seconds, "
+                          f"or 0 to estimate it from earlier runs")
     if not 1 <= spec.stop_timeout_s <= MAX_STOP_TIMEOUT_S:
         raise ConfigError(f"--stop-timeout must be between 1 and {MAX_STOP_TIMEOUT_S} seconds, got {spec.stop_timeout_s}")
     if spec.workers < -1:
         raise ConfigError(f"--workers must be -1 (from the host's cores), 0 (in the main process) or more, got {spec.workers}")
+    if spec.workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {spec.workers} is more than {MAX_WORKERS}; pass at most {MAX_WORKERS}, "
+                          f"or -1 to pick from the host's cores")
     if not 0 <= spec.seed < 2**32:
         raise ConfigError(f"--seed must be between 0 and {2**32 - 1}, got {spec.seed}")
     if spec.cache_size != "auto" and spec.cache_size < 0:
@@ -108,8 +163,14 @@ def check_spec(spec: TrainSpec) -> None:
         raise ConfigError(f"--lr must be positive, got {spec.lr}")
     if spec.max_hours < 0 or spec.silence_minutes < 0:
         raise ConfigError("--max-hours and --silence-minutes must be 0 (no limit) or more")
+    check_limit("--max-hours", spec.max_hours, 3600, "hours")
+    check_limit("--silence-minutes", spec.silence_minutes, 60, "minutes")
     if spec.gpus < 0:
         raise ConfigError(f"--gpus must be 0 (CPU) or more, got {spec.gpus}")
+    if spec.gpus > MAX_GPUS:
+        raise ConfigError(f"--gpus {spec.gpus} is more than {MAX_GPUS}, more than one host has; "
+                          f"pass at most {MAX_GPUS} (the GPUs of each host)")
+    check_env(spec.extra_env)
     if spec.model not in CLASSIFICATION_MODELS:
         raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(CLASSIFICATION_MODELS)}")
     check_weights(spec.weights, spec.model)  # the file, or torchvision weights for the model (no network)

@@ -6,16 +6,22 @@ torch_cache_dir(), then the user's torch hub folder), downloads it there once if
 and from then on it travels like a weights file the user named: mounted read-only on the local
 host, and sent to an SSH host once, content-addressed (<workdir>/weights/<sha256>.pth).
 
-Torch is imported only to download a missing file: the CLI stays light (model_zoo.py has the URLs).
+Torch is imported only to download a missing file or to check a file the user named (it must load
+as the trainer loads it, on the laptop, not after the upload): the CLI stays light (model_zoo.py has
+the URLs).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import pickle
 import re
 import secrets
 import socket
+import warnings
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +134,48 @@ def check_weights(weights: str, model: str) -> None:
     if weights == "imagenet":
         imagenet_url(model)
         return
-    if not Path(weights).expanduser().is_file():
+    path = Path(weights).expanduser()
+    if not path.is_file():
         raise ConfigError(f"--weights {weights}: no such file; use none, imagenet or a path to a .pth file")
+    resolved = path.resolve()
+    try:
+        found = resolved.stat()
+        check_state_dict_file(str(resolved), found.st_size, found.st_mtime_ns)
+    except ConfigError as e:
+        raise ConfigError(f"--weights {weights}: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def check_state_dict_file(path: str, size: int, mtime_ns: int) -> None:
+    """The file loads as the trainer loads it (trainer/train.py load_state_from_file): a dict of
+    tensors, or a gpu-run checkpoint holding one under "model". Size and mtime are part of the key
+    only, so that the run and each sweep point load an unchanged file once, and a changed one again."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: the user needs one line
+            warnings.simplefilter("ignore")
+            # mmap: the tensors are mapped, not read, so a file of gigabytes loads in the time of its index.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except OSError as e:
+        raise ConfigError(f"cannot be read ({e.strerror or e}); pass a file you can read") from None
+    except pickle.UnpicklingError:
+        raise ConfigError("holds more than tensors (a whole model, saved with torch.save(model)?) or is not a "
+                          "torch.save file; pass one saved with torch.save(model.state_dict(), PATH)") from None
+    except Exception as e:  # truncated, or not a torch.save file at all: torch's own text is pages long
+        raise ConfigError(f"is not a PyTorch state_dict file, or is cut short ({type(e).__name__}); "
+                          f"pass a file saved with torch.save(model.state_dict(), PATH)") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a gpu-run checkpoint (last.pth, best.pth)
+    if not isinstance(state, dict):
+        raise ConfigError(f"holds a {type(state).__name__}, not a state_dict; "
+                          f"pass a file saved with torch.save(model.state_dict(), PATH)")
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((k for k, v in state.items() if isinstance(v, dict)), None)
+        if inner is not None:
+            raise ConfigError(f"holds no tensors itself, only a dict under {inner!r}, which the trainer does not "
+                              f"look in; save that dict alone: torch.save(checkpoint[{inner!r}], PATH)")
+        raise ConfigError("holds no tensors; pass a file saved with torch.save(model.state_dict(), PATH)")
 
 
 def resolve_weights(weights: str, model: str, ui=None, resuming: bool = False) -> Weights:
