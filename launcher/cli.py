@@ -90,8 +90,12 @@ def print_summary(ui: UI, s: dict) -> None:
     best = f"{s['best_val_acc'] * 100:.1f}%" if s.get("best_val_acc") is not None else "-"
     ui.info("")
     ui.info(f"run {s['run_id']}: {s['status']} (exit code {s['exit_code']}) on {s['host']} [{s['backend']}, {s['device']}]")
-    ui.info(f"  model {s['model']}, epochs {s['epochs_completed']}/{s['epochs']}, best val acc {best}, "
-            f"{s['duration_s']:.1f}s")
+    if (s.get("job") or {}).get("kind") == "command":
+        metrics = f", epochs {s['epochs_completed']}, best val acc {best}" if s.get("epochs_completed") else ""
+        ui.info(f"  command: {s['model']}{metrics}, {s['duration_s']:.1f}s")
+    else:
+        ui.info(f"  model {s['model']}, epochs {s['epochs_completed']}/{s['epochs']}, best val acc {best}, "
+                f"{s['duration_s']:.1f}s")
     ui.info(f"  outputs: {s['run_dir']}")
     if s.get("nodes"):
         ui.info(f"  nodes: {', '.join(s['nodes'])} (world size {s['world_size']}); each node's log in nodes/")
@@ -177,16 +181,29 @@ def cli(debug: bool) -> None:
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--max-pull-mb", type=int, default=TrainSpec.max_pull_mb, show_default=True,
+              help="Your own command: the most its outputs may bring back; more stays on the host, said in one line.")
 @click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
 @json_option("Print the run summary as JSON, nothing else on stdout.")
-def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def train(ctx: click.Context, host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
           amp, decode, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
-          runs_dir, verbose, as_json) -> None:
-    """Train on a host: check, build, run, follow, pull, record the cost."""
+          max_pull_mb, runs_dir, verbose, as_json, command) -> None:
+    """Train on a host: check, build, run, follow, pull, record the cost. The job is the built-in
+    trainer, or your own command after `--`, run in a copy of this folder on the host.
+
+    \b
+    gpu-run train --host t4-box --data ./photos --epochs 20
+    gpu-run train --host t4-box --data ./photos -- python train.py --epochs 20 --data_dir ./photos
+    """
     ledger = open_ledger()
-    if data is None:
+    job_command = command_of(ctx, command)
+    if data is None and job_command is None:
         if not resume:
             raise GpuRunError("missing --data DIR (a folder with train/<class>/ and val/<class>/)")
+        data = Path(ledger.get_run(resume).data_path)
+    if job_command is not None and data is None and resume and ledger.get_run(resume).data_path:
         data = Path(ledger.get_run(resume).data_path)
     spec = TrainSpec(
         host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -195,6 +212,7 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         stop_timeout_s=stop_timeout, keep_alive=keep_alive, terminate=terminate, budget=budget,
         epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,
         runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
+        command=job_command, project=Path.cwd() if job_command is not None else None, max_pull_mb=max_pull_mb,
     )
     ui = UI(quiet=as_json, verbose=verbose)
     summary = pipeline.train(spec, load_config(), ledger, ui)
@@ -206,6 +224,32 @@ def train(host, data, model, weights, epochs, batch_size, lr, step_size, gamma, 
         sys.exit(EXIT_FAILED)
     if not summary.get("stop", {}).get("ok", True):
         sys.exit(EXIT_NOT_STOPPED)
+
+
+# The built-in trainer's own options: they mean nothing to a command of the user's own.
+TRAINER_OPTIONS = ("model", "weights", "epochs", "batch_size", "lr", "step_size", "gamma", "image_size", "augment",
+                   "no_flip", "workers", "seed", "amp", "decode", "compile_")
+
+
+def command_of(ctx: click.Context, command: tuple[str, ...]) -> list[str] | None:
+    """The user's command after `--`, or None for our trainer; refused in one line: `--` with
+    nothing after it, words without `--`, and our trainer's options beside a command."""
+    given_dashes = "--" in sys.argv[1:]
+    if not command:
+        if given_dashes:
+            raise GpuRunError("nothing after --: give the command to run, e.g. -- python train.py --epochs 20")
+        return None
+    if not given_dashes:
+        raise GpuRunError(f"unexpected {command[0]!r}: put your own command after --, "
+                          f"e.g. gpu-run train --host HOST -- python train.py")
+    from click.core import ParameterSource
+
+    mixed = [name for name in TRAINER_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if mixed:
+        option = "--" + mixed[0].rstrip("_").replace("_", "-")
+        raise GpuRunError(f"{option} is an option of the built-in trainer and does nothing for your own command; "
+                          f"pass it to your script after -- instead")
+    return list(command)
 
 
 def grid_option(key: str, help: str):
@@ -401,11 +445,21 @@ def stop(target: str, terminate: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id")
+@click.option("--max-pull-mb", type=int, default=None,
+              help="Your own command's run: raise the most its outputs may bring back (what the cap left on the host).")
 @json_option()
-def pull(run_id: str, as_json: bool) -> None:
-    """Fetch a run's outputs into runs/<run-id>/ (verified); finishes a run whose job has ended."""
+def pull(run_id: str, max_pull_mb: int | None, as_json: bool) -> None:
+    """Fetch a run's outputs into runs/<run-id>/ (each file transferred intact); finishes a run
+    whose job has ended."""
     ui = UI(quiet=as_json)
-    render_result(ui, run_commands.pull(run_id, load_config(), open_ledger(), ui), as_json)
+    ledger = open_ledger()
+    if max_pull_mb is not None:
+        from gpu_run.outputs import set_pull_cap
+
+        if max_pull_mb < 1:
+            raise GpuRunError(f"--max-pull-mb must be at least 1, got {max_pull_mb}")
+        set_pull_cap(Path(ledger.get_run(run_id).run_dir), max_pull_mb)
+    render_result(ui, run_commands.pull(run_id, load_config(), ledger, ui), as_json)
 
 
 @cli.command()
@@ -439,8 +493,11 @@ def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the run ends.")
 def logs(run_id: str, follow: bool) -> None:
     """Print a run's trainer log."""
+    from gpu_run.host_text import safe
+
     for line in run_commands.log_lines(run_id, follow, load_config(), open_ledger(), UI()):
-        click.echo(line)
+        if not line.endswith("\r"):  # a progress bar's redraws: only its last state is a line
+            click.echo(safe(line))
 
 
 @cli.command()

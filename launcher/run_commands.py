@@ -10,6 +10,7 @@ from gpu_run.backends import Backend, RunHandle, backend_for_run
 from gpu_run.config import Config, Host
 from gpu_run.errors import BackendError, GpuRunError, Unreachable
 from gpu_run.events import read_metrics
+from gpu_run.host_text import split_text
 from gpu_run.ledger import ACTIVE_STATUSES, FINAL_STATUSES, Ledger, RunRecord
 from gpu_run.multinode import is_multinode
 from gpu_run.providers.base import StopResult
@@ -86,8 +87,9 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
         backend.stop(handle_of(run), stop_timeout_of(run))
         exit_code = backend.wait(handle_of(run))
     # Keep the log as it was at the end, as a followed run would have.
-    (Path(run.run_dir) / "train.log").write_text("".join(line + "\n" for line in backend.read_logs(handle_of(run))))
-    return finish_run(run, host, backend, exit_code, ledger, ui)
+    (Path(run.run_dir) / "train.log").write_text("".join(line if line.endswith("\r") else line + "\n"
+                                                             for line in backend.read_logs(handle_of(run))))
+    return finish_run(run, host, backend, exit_code, ledger, ui, stop_asked=True)
 
 def stop_timeout_of(run: RunRecord) -> int:
     """The --stop-timeout the run was started with: what its trainer was promised to save last.pth."""
@@ -202,4 +204,4 @@ def log_lines(run_id: str, follow: bool, config: Config, ledger: Ledger, ui: UI)
         return
     if not saved.is_file():
         raise GpuRunError(f"run {run.run_id} has no train.log in {run.run_dir}")
-    yield from saved.read_text().splitlines()
+    yield from split_text(saved.read_bytes().decode("utf-8", "replace"))  # read_text would turn each \r into a line

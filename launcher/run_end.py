@@ -15,6 +15,7 @@ from gpu_run.events import read_metrics, status_of_run
 from gpu_run.ledger import Ledger, RunRecord
 from gpu_run.money.budget import run_cost
 from gpu_run.money.cost import format_money
+from gpu_run.project import describe_command
 from gpu_run.providers.base import StopResult
 from gpu_run.ui import UI, TrainingDisplay
 
@@ -54,11 +55,12 @@ def follow_to_end(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, 
     ledger.update_run(run.run_id, status="running")
     try:
         backend.ensure_watchdog(watched or handle, ui)
-        with ui.timed("training (the trainer's own time)"), TrainingDisplay(ui, cost_line) as display, \
-                open(run_dir / "train.log", "w") as log:
+        command = run.args.get("command")
+        display = TrainingDisplay(ui, cost_line, command=describe_command(command) if command else None)
+        with ui.timed("training (the trainer's own time)"), display, open(run_dir / "train.log", "w") as log:
             # Replaying from the start rewrites train.log whole, so an attach never duplicates lines.
             for line in backend.follow_logs(handle):
-                log.write(line + "\n")
+                log.write(line if line.endswith("\r") else line + "\n")  # a progress bar's redraws stay redraws
                 log.flush()
                 display.feed(line)
         return backend.wait(handle)
@@ -70,7 +72,15 @@ def follow_to_end(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, 
         ledger.update_run(run.run_id, status="detached")
         raise
 
-def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI) -> dict:
+def is_command_run(run: RunRecord) -> bool:
+    """A run of the user's own command (not our trainer)."""
+    return run.args.get("command") is not None
+
+
+def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI,
+               stop_asked: bool = False) -> dict:
+    """`stop_asked`: `gpu-run stop` ended the job, so a user's command that exits on the SIGTERM
+    counts as stopped (resumable with --resume), whatever exit code its signal handling gives."""
     run_dir = Path(run.run_dir)
     ended = time.time()
     status = status_of_run(exit_code, run_dir / "train.log")
@@ -80,6 +90,11 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
     with ledger.phase(run.run_id, "stop"), ui.timed("stop"):
         stop_result = backend.release(handle_of(run), ui)
         record_stop(ledger, run.run_id, stop_result, run.billed_from)
+    if is_command_run(run):
+        cut_by_watchdog = (ended_info.get("watchdog") or {}).get("outcome") in ("max_runtime", "silent")
+        if stop_asked or cut_by_watchdog:  # cut short, whatever its SIGTERM handler exits with: resumable
+            status = "stopped"
+        return record_end(run, host, status, exit_code, ended, ledger, extra=ended_info)
     missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
     if status == "succeeded" and missing:
         status = "failed"
@@ -117,21 +132,31 @@ def record_stop(ledger: Ledger, run_id: str, result: StopResult, billed_from: fl
 def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended: float) -> dict:
     run_dir = Path(run.run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    metrics = read_metrics(metrics_path.read_text()) if metrics_path.is_file() else []
+    try:
+        metrics = read_metrics(metrics_path.read_text(errors="replace")) if metrics_path.is_file() else []
+        best = max((float(m["val_acc"]) for m in metrics), default=None)
+        final = float(metrics[-1]["val_acc"]) if metrics else None
+        completed = int(metrics[-1]["epoch"]) if metrics else 0
+    except (ValueError, KeyError, TypeError, RecursionError):
+        # metrics.jsonl came from the host (a user's script, or a hostile host): a file we cannot
+        # read leaves the figures out, never the run without its end record.
+        metrics, best, final, completed = [], None, None, 0
     plan = run.args
     amount, billed = run_cost(host, run, now=ended)
     handle = handle_of(run)
+    command = plan.get("command")
     return {
         "run_id": run.run_id,
         "host": run.host,
         "backend": run.backend,
         "device": handle.device or None,
+        "job": {"kind": "command", "command": command} if command is not None else {"kind": "trainer"},
         "model": run.model,
         "classes": plan.get("classes", []),
-        "epochs": plan.get("spec", {}).get("epochs"),
-        "epochs_completed": metrics[-1]["epoch"] if metrics else 0,
-        "best_val_acc": max((m["val_acc"] for m in metrics), default=None),
-        "final_val_acc": metrics[-1]["val_acc"] if metrics else None,
+        "epochs": None if command is not None else plan.get("spec", {}).get("epochs"),
+        "epochs_completed": completed,
+        "best_val_acc": best,
+        "final_val_acc": final,
         "status": status,
         "exit_code": exit_code,
         "duration_s": round(ended - run.created_at, 3),

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gpu_run.events import parse_event
+from gpu_run.host_text import safe
 
 
 class _NullStatus:
@@ -121,21 +122,29 @@ class UI:
 
 
 class TrainingDisplay:
-    """Turns the trainer's event lines into a live bar plus one printed line per epoch.
+    """Turns the trainer's event lines into a live bar plus one printed line per epoch; a user's
+    command gets one live line (its progress bar's latest redraw, the time, the cost) above the
+    lines it prints. Everything shown came from the host and goes through host_text.safe.
 
     `cost_so_far` is called at each update so the bar shows what the run has cost until now.
     """
 
-    def __init__(self, ui: UI, cost_so_far: Callable[[], str] | None = None):
+    def __init__(self, ui: UI, cost_so_far: Callable[[], str] | None = None, command: str | None = None):
         self.ui = ui
         self.cost_so_far = cost_so_far or (lambda: "")
+        self.command = command
         self.progress: Progress | None = None
         self.task = None
         self.steps_per_epoch = 0
         self.epochs = 0
 
     def __enter__(self) -> "TrainingDisplay":
-        if not self.ui.quiet:
+        if not self.ui.quiet and self.command is not None:
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[cost]}"), console=self.ui.console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(escape(safe(self.command))[:120], total=None, cost=self.cost_so_far())
+        elif not self.ui.quiet:
             self.progress = Progress(
                 SpinnerColumn(),
                 TextColumn("epoch {task.fields[epoch]}"),
@@ -155,20 +164,32 @@ class TrainingDisplay:
 
     def _print(self, message: str, style: str = "") -> None:
         if self.progress:
-            self.progress.console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+            self.progress.console.print(safe(message), style=style, markup=False, highlight=False, soft_wrap=True)
 
     def feed(self, line: str) -> dict | None:
+        if line.endswith("\r"):  # a progress bar redrawing itself: the one live line, not a new one
+            if self.command is not None and self.progress and self.task is not None and line.strip():
+                self.progress.update(self.task, description=escape(safe(line).strip())[:160], cost=self.cost_so_far())
+            return None
         event = parse_event(line)
         if event is None:
             if line.strip():
-                self._print(line.rstrip(), style="dim")
+                self._print(safe(line.rstrip()), style="dim")
             return None
         handler = getattr(self, f"_on_{event['event']}", None)
         if handler:
-            handler(event)
+            try:
+                handler(event)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                # A line shaped like an event but not one of ours (a user's script, a host's
+                # forgery): shown as the text it is, never a crash of the display.
+                self._print(safe(line.rstrip()), style="dim")
+                return None
         return event
 
     def _on_start(self, e: dict) -> None:
+        if self.command is not None:
+            return  # a user's command has no trainer start to show
         self.steps_per_epoch, self.epochs = e["steps_per_epoch"], e["epochs"]
         self._print(
             f"training {e['model']} on {e['device_name']} ({e['device']}, amp {e['amp']}): "

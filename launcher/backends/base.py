@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from gpu_run.providers.base import StopResult
 from gpu_run.ui import UI
+
+if TYPE_CHECKING:
+    from gpu_run.project import Project
 
 # What the trainer gets, once asked to stop, to finish its step and write last.pth before it is
 # killed: the default of `gpu-run train --stop-timeout`, and of every stop that has no run's own.
@@ -41,6 +45,24 @@ class Job:
     local_addr: str = ""  # torchrun's --local-addr: how the other nodes reach this one ("": its host name)
     # Sweeps: the GPUs this trainer may use on its host ("" = all), when points share a host.
     devices: str = ""
+    # The user's own command instead of our trainer: its argv, run in work_dir (a copy of the
+    # project's mirror code_dir), with the dataset also at data_rel inside it when --data lies in
+    # the project; seed_work_dir is a local folder put into work_dir first (--resume).
+    command: list[str] | None = None
+    code_dir: str = ""
+    work_dir: str = ""
+    data_rel: str = ""
+    seed_work_dir: str | None = None
+
+
+def job_env(job: Job, data_dir: str, out_dir: str) -> dict[str, str]:
+    """What every job finds in its environment, as its machine (or container) sees the paths.
+    GPU_RUN_JOB_DIR names the run's folder so that the host-side checks recognise the job's
+    processes even when their command line does not name the run (a user's `python train.py`)."""
+    env = {"GPU_RUN_RUN_ID": job.run_id, "GPU_RUN_OUTPUT": out_dir}
+    if job.command is not None:
+        env["GPU_RUN_DATA"] = data_dir
+    return env
 
 
 NOTHING_BILLS = StopResult(True, "not_needed", None, "nothing bills on this host")
@@ -61,6 +83,7 @@ class RunHandle:
     device: str = ""  # gpu | cpu
     image_built: bool = False  # the image (or the trainer's code) was built or sent for this run
     versions: dict = field(default_factory=dict)  # python, torch, torchvision, CUDA as found there
+    work_dir: str = ""  # a user's command: its working directory there (what it changed comes back)
     # A multi-node run: one record per node (its host, host-side run id, handle, billed span, stop);
     # the fields above are then the first node's (gpu_run.multinode.nodes.NodeRecord).
     nodes: list = field(default_factory=list)
@@ -111,6 +134,14 @@ class Backend(ABC):
     def out_dir_for(self, run_id: str, local_run_dir: Path) -> str:
         """Where the trainer writes outputs, as its machine sees it (locally: the run folder itself)."""
         return str(local_run_dir)
+
+    @abstractmethod
+    def stage_code(self, project: "Project", ui: UI) -> str:
+        """A user's project folder onto the machine (its mirror there, incremental); its path."""
+
+    @abstractmethod
+    def work_dir_for(self, run_id: str) -> str:
+        """Where a user's command runs: the run's own copy of the project, as its machine sees it."""
 
     @abstractmethod
     def prepare(self, ui: UI) -> Prepared:
@@ -207,16 +238,37 @@ main()
 """
 
 
-def launcher_argv(python: str, nproc: int, job: Job | None = None) -> list[str]:
-    """How to start the trainer: plainly, under torchrun for several GPUs (or CPU processes) on
-    one machine, or under torchrun's c10d rendezvous for a job over several machines."""
+def is_python(program: str) -> bool:
+    """`python`, `python3`, `python3.11`: the interpreter the runtime chose stands in for it."""
+    return re.fullmatch(r"python[0-9.]*", program.rsplit("/", 1)[-1]) is not None
+
+
+def command_argv(python: str, job: Job) -> list[str]:
+    """A user's command as its runtime starts it: `python ...` on the interpreter the runtime
+    found (a container instance's conda is not on a non-interactive login's PATH), and
+    `python SCRIPT ...` under torchrun when it asks for several processes (a DDP script reads
+    torchrun's environment as usual); anything else exactly as written."""
+    command = list(job.command or [])
+    if not command or not is_python(command[0]):
+        return command
+    nproc = max(1, job.gpus)
+    if nproc > 1 or job.nnodes > 1:
+        return launcher_argv(python, nproc, job, target=command[1:])
+    return [python, *command[1:]]
+
+
+def launcher_argv(python: str, nproc: int, job: Job | None = None, target: list[str] | None = None) -> list[str]:
+    """How to start the trainer (or `target`, a script and its arguments): plainly, under torchrun
+    for several GPUs (or CPU processes) on one machine, or under torchrun's c10d rendezvous for a
+    job over several machines."""
+    target = target if target is not None else ["-m", "trainer.train"]
     if job is not None and job.nnodes > 1:
         # The first node hosts the rendezvous store (is_host), so no node has to guess it from
         # host names; no restarts: a node that fails ends the job, and the watchdogs stop the machines.
         return [python, "-c", TORCHRUN, f"--nnodes={job.nnodes}", f"--nproc-per-node={nproc}",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint={job.rdzv_endpoint}", f"--rdzv-id={job.rdzv_id}",
                 f"--rdzv-conf=is_host={1 if job.node_rank == 0 else 0}", "--max-restarts=0",
-                *([f"--local-addr={job.local_addr}"] if job.local_addr else []), "-m", "trainer.train"]
+                *([f"--local-addr={job.local_addr}"] if job.local_addr else []), *target]
     if nproc > 1:
-        return [python, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.train"]
-    return [python, "-m", "trainer.train"]
+        return [python, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *target]
+    return [python, *target]

@@ -6,6 +6,7 @@ dataset where it is), nothing to pull (it writes into the run folder), nothing t
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,11 @@ from typing import Iterator
 from gpu_run.backends.base import Backend, Job, Prepared, RunHandle
 from gpu_run.config import Host
 from gpu_run.errors import BackendError
+from gpu_run.host_text import split_output, split_text
 from gpu_run.local_shell import LocalShell
+from gpu_run.outputs import CommandOutputs
+from gpu_run.project import Project
+from gpu_run.sync.ssh_tar import SyncStats, diff_manifests, local_manifest
 from gpu_run.runtimes.base import Runtime
 from gpu_run.runtimes.docker import DockerRuntime, docker_version
 from gpu_run.runtimes.python import PythonRuntime, find_python
@@ -56,6 +61,27 @@ class LocalBackend(Backend):
     def prepare(self, ui: UI) -> Prepared:
         return self.runtime.prepare(ui)
 
+    def stage_code(self, project: Project, ui: UI) -> str:
+        """A mirror of the project's files that gpu-run owns (each run's working directory is a
+        hard-linked copy of it: links into the user's own folder would let a run edit their code)."""
+        mirror = Path(self.workdir) / "code" / project.project_id
+        have = local_manifest(mirror)
+        sent = 0
+        changed, removed = diff_manifests(project.manifest, have)
+        for rel in changed:
+            target = mirror / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)  # a link shared with an earlier run's copy stays as it was
+            shutil.copy2(project.root / rel, target)
+            sent += 1
+        for rel in removed:
+            (mirror / rel).unlink(missing_ok=True)
+        ui.info(f"project copied: {sent} file(s) changed since the last run")
+        return str(mirror)
+
+    def work_dir_for(self, run_id: str) -> str:
+        return f"{self._state_dir(run_id)}/work"
+
     def _state_dir(self, run_id: str) -> str:
         """Where the runtime keeps the job's pid, log and exit code (the run folder stays the user's)."""
         return f"{self.workdir}/local-runs/{run_id}"
@@ -64,6 +90,10 @@ class LocalBackend(Backend):
         state_dir = self._state_dir(job.run_id)
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         Path(f"{self.workdir}/cache").mkdir(parents=True, exist_ok=True)
+        if job.command is not None:
+            self.shell.run(self.runtime.workdir_command(job, state_dir))
+            if job.seed_work_dir:  # what the stopped run's command wrote, where it looks for it
+                shutil.copytree(job.seed_work_dir, job.work_dir, dirs_exist_ok=True, symlinks=True)
         env_file = None
         if job.env:
             env_file = f"{state_dir}/trainer.env"
@@ -76,18 +106,18 @@ class LocalBackend(Backend):
         if prepared.device == "cpu":
             ui.info("running on the CPU (no usable NVIDIA GPU here)")
         return RunHandle(backend=self.name, runtime=self.runtime.name, run_dir=state_dir, out_dir=job.out_dir,
-                         versions=self.runtime.versions(), **fields)
+                         versions=self.runtime.versions(), work_dir=job.work_dir if job.command is not None else "",
+                         **fields)
 
     def follow_logs(self, handle: RunHandle) -> Iterator[str]:
         stream = self.shell.open(self.runtime.log_command(handle, follow=True))
         try:
-            for raw in stream.makefile("rb"):
-                yield raw.decode("utf-8", "replace").rstrip("\n")
+            yield from split_output(stream.makefile("rb").read1)
         finally:
             stream.close()
 
     def read_logs(self, handle: RunHandle) -> list[str]:
-        return self.shell.run(self.runtime.log_command(handle, follow=False), check=False).stdout.splitlines()
+        return split_text(self.shell.run(self.runtime.log_command(handle, follow=False), check=False).stdout)
 
     def exit_code(self, handle: RunHandle) -> int | None:
         return self.runtime.exit_code(handle)
@@ -103,8 +133,14 @@ class LocalBackend(Backend):
     def stop(self, handle: RunHandle, timeout_s: int) -> None:
         self.runtime.stop(handle, timeout_s)
 
+    def pull(self, handle: RunHandle, out_dir: Path, ui: UI) -> None:
+        if handle.work_dir:  # a user's command: what it changed in its working copy comes into work/
+            outputs = CommandOutputs(out_dir)
+            outputs.report(SyncStats(), outputs.copy_local(out_dir, Path(handle.work_dir)), ui)
+
     def finish(self, handle: RunHandle, out_dir: Path, ui: UI) -> dict:
         # The outputs are in the run folder already; only the container (if any) remains.
+        self.pull(handle, out_dir, ui)
         if handle.container:
             self.shell.run(["docker", "rm", "-f", handle.container], check=False)
         return {}

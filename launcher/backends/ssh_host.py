@@ -18,6 +18,9 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from gpu_run.backends.base import Backend, Job, Prepared, RunHandle, StopResult
 from gpu_run.config import Host
 from gpu_run.errors import BackendError
+from gpu_run.host_text import split_output, split_text
+from gpu_run.outputs import CommandOutputs
+from gpu_run.project import Project
 from gpu_run.remote import Remote, quote
 from gpu_run.runtimes.base import Runtime
 from gpu_run.runtimes.docker import DockerRuntime, docker_version
@@ -83,6 +86,16 @@ class SshHostBackend(Backend):
                 f"{stats.deleted} deleted on the host")
         return remote_root
 
+    def stage_code(self, project: Project, ui: UI) -> str:
+        """A user's project into its mirror on the host (incremental, as the dataset); each run
+        then works in a copy of it."""
+        code_dir = f"{self.workdir}/code/{project.project_id}"
+        with ui.progress("syncing the project", total=0, unit="bytes") as update:
+            stats = ssh_tar.push(self.remote, project.root, code_dir, progress=update, manifest=project.manifest)
+        ui.info(f"project synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
+                f"{stats.deleted} deleted on the host")
+        return code_dir
+
     def _s3sync(self, action: str, uri: str, host_dir: str) -> str:
         return self.runtime.s3sync_command(action, uri, host_dir, self.store.endpoint_url,
                                            list(self.store.host_credentials_env()))
@@ -113,6 +126,9 @@ class SshHostBackend(Backend):
 
     def out_dir_for(self, run_id: str, local_run_dir: Path) -> str:
         return f"{self.run_dir(run_id)}/out"
+
+    def work_dir_for(self, run_id: str) -> str:
+        return f"{self.run_dir(run_id)}/work"
 
     def _write_env_file(self, job: Job) -> str | None:
         """The --env values, in a file only the run's user can read: `-e KEY=VALUE` on a command
@@ -153,6 +169,10 @@ class SshHostBackend(Backend):
         self.remote.run(["mkdir", "-p", job.out_dir, f"{self.workdir}/cache"])
         if job.seed_dir:  # a resumed run continues from the last.pth it brought along
             ssh_tar.push(self.remote, Path(job.seed_dir), job.out_dir)
+        if job.command is not None:
+            self.remote.run(self.runtime.workdir_command(job, run_dir))
+            if job.seed_work_dir:  # what the stopped run's command wrote, where it looks for it
+                ssh_tar.push(self.remote, Path(job.seed_work_dir), job.work_dir, delete_extra=False)
         if job.weights not in ("none", "imagenet"):
             from gpu_run.weights import stage_weights
 
@@ -169,7 +189,8 @@ class SshHostBackend(Backend):
         if prepared.device == "cpu":
             ui.warn(f"{self.host.name} has no usable NVIDIA GPU: training runs on its CPU, which is slow and costs the same per hour")
         return RunHandle(backend=self.name, runtime=self.runtime.name, run_dir=run_dir, out_dir=job.out_dir,
-                         keep_alive=job.keep_alive, terminate=job.terminate, versions=self.runtime.versions(), **fields)
+                         keep_alive=job.keep_alive, terminate=job.terminate, versions=self.runtime.versions(),
+                         work_dir=job.work_dir if job.command is not None else "", **fields)
 
     def _watchdog_settings(self, run_dir: str, job: Job) -> dict[str, str]:
         return {
@@ -194,18 +215,18 @@ class SshHostBackend(Backend):
                 with attempt:
                     channel = self.remote.open(self.runtime.log_command(handle, follow=True), timeout_s=None)
                     seen = 0
-                    for raw in channel.makefile("rb"):
+                    for line in split_output(channel.recv):
                         seen += 1
                         if seen > shown:
                             shown = seen
-                            yield raw.decode("utf-8", "replace").rstrip("\n")
+                            yield line
                     if channel.recv_exit_status() != 0 and self.exit_code(handle) is None:
                         raise EOFError("log stream ended while the trainer runs")
         except _DROPPED as e:
             raise BackendError(f"lost the connection to {self.host.name} ({e}); the run goes on: `gpu-run attach` when it is back") from None
 
     def read_logs(self, handle: RunHandle) -> list[str]:
-        return self.remote.run(self.runtime.log_command(handle, follow=False), check=False).stdout.splitlines()
+        return split_text(self.remote.run(self.runtime.log_command(handle, follow=False), check=False).stdout)
 
     def exit_code(self, handle: RunHandle) -> int | None:
         code = self.runtime.exit_code(handle)
@@ -238,11 +259,25 @@ class SshHostBackend(Backend):
     # Outputs and the end ----------------------------------------------------------------------
 
     def pull(self, handle: RunHandle, out_dir: Path, ui: UI) -> ssh_tar.SyncStats:
+        if handle.work_dir:
+            return self._pull_command_outputs(handle, out_dir, ui)
         with ui.spinner(f"pulling outputs from {self.host.name}"):
             stats = ssh_tar.pull(self.remote, handle.out_dir, out_dir,
                                  verify=["checkpoints/best.pth", "checkpoints/last.pth"])
         ui.info(f"pulled {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB; checkpoints verified (sha256)")
         return stats
+
+    def _pull_command_outputs(self, handle: RunHandle, run_dir: Path, ui: UI) -> ssh_tar.SyncStats:
+        """A user's command: all of GPU_RUN_OUTPUT into the run folder (never over a file the
+        laptop writes there), and what it created or changed in its working directory into work/,
+        within the run's pull cap."""
+        outputs = CommandOutputs(run_dir)
+        with ui.spinner(f"pulling outputs from {self.host.name}"):
+            out = ssh_tar.pull(self.remote, handle.out_dir, run_dir, keep=outputs.keep_output,
+                               max_bytes=outputs.cap_bytes)
+            work = ssh_tar.pull(self.remote, handle.work_dir, outputs.work_dir, keep=outputs.keep_work,
+                                max_bytes=max(0, outputs.cap_bytes - out.bytes_sent))
+        return outputs.report(out, work, ui)
 
     def _again_after_drops(self, step):
         """A short step on the host, repeated over reconnects (they are all idempotent)."""

@@ -6,18 +6,17 @@ from abc import ABC, abstractmethod
 
 from gpu_run.backends.base import Job, Prepared, RunHandle
 from gpu_run.config import Host
-from gpu_run.errors import ConfigError
-from gpu_run.remote import Remote
+from gpu_run.remote import Remote, quote
 from gpu_run.ui import UI
 
 
 def env_file_text(env: dict[str, str]) -> bytes:
     """KEY=VALUE lines (`docker run --env-file`, or sourced by the process wrapper); the format
-    has no quoting, so a line break cannot be passed."""
-    for key, value in env.items():
-        if "\n" in value or "\r" in value or "\0" in value:
-            raise ConfigError(f"--env {key}=...: the value holds a line break or NUL, which cannot be passed "
-                              f"to the trainer; put it in a file in the dataset folder instead")
+    has no quoting, so a line break cannot be passed. check_spec refused these already; checked
+    again here, the last step before a file that sh sources, whatever path the env came by."""
+    from gpu_run.spec import check_env  # the one spelling of a valid --env, beside the other option checks
+
+    check_env(env)
     return "".join(f"{key}={value}\n" for key, value in env.items()).encode()
 
 
@@ -32,6 +31,34 @@ class Runtime(ABC):
     def env_file_bytes(self, env: dict[str, str]) -> bytes:
         """The --env values as the runtime reads them from a file."""
         return env_file_text(env)
+
+    # Whether the job sees the host's paths (a process) or its own (a container's mounts).
+    sees_host_paths = True
+
+    def workdir_command(self, job: Job, run_dir: str) -> str:
+        """A user's command: the shell command that makes its working directory, a copy of the
+        project's mirror in hard links (one run's outputs never appear in another's), with the
+        dataset at its place inside the project, and `python`/`pip` on its PATH meaning the
+        runtime's interpreter. Run once, before the job starts."""
+        work = job.work_dir
+        steps = [f"rm -rf {quote([work])}", f"mkdir -p {quote([work])}"]
+        if job.code_dir:
+            steps.append(f"cp -al {quote([job.code_dir + '/.'])} {quote([work + '/'])}")
+        if job.data_rel and job.data_dir:
+            place = f"{work}/{job.data_rel}"
+            if self.sees_host_paths:
+                steps += [f"mkdir -p {quote([place.rsplit('/', 1)[0]])}", f"ln -s {quote([job.data_dir])} {quote([place])}"]
+            else:  # the container mounts the dataset there; the folder is its mount point
+                steps.append(f"mkdir -p {quote([place])}")
+        python = getattr(self, "python", None)
+        if python and self.sees_host_paths:
+            bin_dir = f"{run_dir}/bin"
+            pip = f"#!/bin/sh\nexec {quote([python])} -m pip \"$@\"\n"
+            steps += [f"mkdir -p {quote([bin_dir])}",
+                      f"ln -sf {quote([python])} {quote([bin_dir + '/python'])}",
+                      f"ln -sf {quote([python])} {quote([bin_dir + '/python3'])}",
+                      f"printf {quote([pip])} > {quote([bin_dir + '/pip'])}", f"chmod +x {quote([bin_dir + '/pip'])}"]
+        return " && ".join(steps)
 
     @abstractmethod
     def describe(self) -> str:

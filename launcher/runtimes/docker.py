@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from gpu_run.backends.base import Job, Prepared, RunHandle, launcher_argv, trainer_argv
+from gpu_run.backends.base import Job, Prepared, RunHandle, command_argv, job_env, launcher_argv, trainer_argv
 from gpu_run.config import Host
 from gpu_run.errors import BackendError
 from gpu_run.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
@@ -33,6 +33,7 @@ def docker_version(remote: Remote) -> tuple[str | None, str]:
 
 class DockerRuntime(Runtime):
     name = "docker"
+    sees_host_paths = False
 
     def __init__(self, host: Host, remote: Remote, workdir: str, engine_version: str):
         super().__init__(host, remote, workdir)
@@ -91,16 +92,16 @@ class DockerRuntime(Runtime):
     # The run --------------------------------------------------------------------------------------
 
     def _run_args(self, job: Job, prepared: Prepared, gpu: bool, env_file: str | None) -> list[str]:
-        weights = job.weights
         args = [
             "run", "-d", "--name", f"gpu-run-{job.run_id}", "--label", f"{RUN_LABEL}={job.run_id}",
-            "-v", f"{job.data_dir}:/data:ro", "-v", f"{job.out_dir}:/out",
-            "-v", f"{self.workdir}/cache:/cache", "-e", "TORCH_HOME=/cache/torch", "-e", "HOME=/tmp",
-            "--shm-size", "2g", "--user", self.uid_gid,
+            "-v", f"{job.out_dir}:/out", "-v", f"{self.workdir}/cache:/cache", "-e", "TORCH_HOME=/cache/torch",
+            "-e", "HOME=/tmp", "--shm-size", "2g", "--user", self.uid_gid,
         ]
-        if weights not in ("none", "imagenet"):
-            args += ["-v", f"{weights}:/weights/{Path(weights).name}:ro"]
-            weights = f"/weights/{Path(weights).name}"
+        if job.command is None:
+            mounts, argv = self._trainer_mounts_and_argv(job)
+        else:
+            mounts, argv = self._command_mounts_and_argv(job)
+        args += mounts
         if env_file:
             # The values travel in a file only the run's user can read, never on this command
             # line (`ps`). `docker inspect` still shows them to whoever may use the engine: that is
@@ -112,8 +113,29 @@ class DockerRuntime(Runtime):
             # A sweep running points side by side gives each its own GPUs ("device=0,1", quoted
             # for the engine's CSV parser).
             args += ["--gpus", f'"device={job.devices}"' if job.devices else str(max(1, job.gpus))]
-        argv = launcher_argv("python3", max(1, job.gpus), job) + trainer_argv(job, "/data", "/out", weights)
         return args + ["--entrypoint", argv[0], prepared.image_tag, *argv[1:]]
+
+    def _trainer_mounts_and_argv(self, job: Job) -> tuple[list[str], list[str]]:
+        weights = job.weights
+        mounts = ["-v", f"{job.data_dir}:/data:ro", "-e", f"GPU_RUN_RUN_ID={job.run_id}"]
+        if weights not in ("none", "imagenet"):
+            mounts += ["-v", f"{weights}:/weights/{Path(weights).name}:ro"]
+            weights = f"/weights/{Path(weights).name}"
+        return mounts, launcher_argv("python3", max(1, job.gpus), job) + trainer_argv(job, "/data", "/out", weights)
+
+    def _command_mounts_and_argv(self, job: Job) -> tuple[list[str], list[str]]:
+        """A user's command: its working directory at /work, the dataset read-only at /data and at
+        its place inside the project, and an init process, so that the command is not PID 1 (which
+        ignores a SIGTERM it has no handler for) and `docker stop` reaches it as a signal."""
+        data_seen = f"/work/{job.data_rel}" if job.data_rel else ("/data" if job.data_dir else "")
+        mounts = ["--init", "-v", f"{job.work_dir}:/work", "-w", "/work"]
+        if job.data_dir:
+            mounts += ["-v", f"{job.data_dir}:/data:ro"]
+            if job.data_rel:
+                mounts += ["-v", f"{job.data_dir}:/work/{job.data_rel}:ro"]
+        for key, value in job_env(job, data_seen, "/out").items():
+            mounts += ["-e", f"{key}={value}"]
+        return mounts, command_argv("python3", job)
 
     def start(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None, ui: UI) -> dict:
         self.image_tag = prepared.image_tag

@@ -16,7 +16,7 @@ import io
 import json
 import tarfile
 
-from gpu_run.backends.base import Job, Prepared, RunHandle, launcher_argv, trainer_argv
+from gpu_run.backends.base import Job, Prepared, RunHandle, command_argv, job_env, launcher_argv, trainer_argv
 from gpu_run.config import Host
 from gpu_run.errors import BackendError
 from gpu_run.presets import PYTHON_CANDIDATES
@@ -126,17 +126,29 @@ class PythonRuntime(Runtime):
         return {}
 
     def start_command(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None) -> str:
-        nproc = max(1, job.gpus)  # --gpus is the number of trainer processes (gloo on a CPU)
-        argv = launcher_argv(self.python, nproc, job) + trainer_argv(job, job.data_dir, job.out_dir, job.weights)
-        env = {"PYTHONPATH": self.code_dir, "TORCH_HOME": f"{self.workdir}/cache/torch", "PYTHONUNBUFFERED": "1"}
+        env = {"TORCH_HOME": f"{self.workdir}/cache/torch", "PYTHONUNBUFFERED": "1", "GPU_RUN_JOB_DIR": run_dir}
+        if job.command is None:
+            nproc = max(1, job.gpus)  # --gpus is the number of trainer processes (gloo on a CPU)
+            argv = launcher_argv(self.python, nproc, job) + trainer_argv(job, job.data_dir, job.out_dir, job.weights)
+            cwd = self.code_dir
+            env["PYTHONPATH"] = self.code_dir
+            env.update(job_env(job, job.data_dir, job.out_dir))
+        else:
+            argv = command_argv(self.python, job)
+            cwd = job.work_dir
+            data_seen = f"{job.work_dir}/{job.data_rel}" if job.data_rel else job.data_dir
+            env.update(job_env(job, data_seen, job.out_dir))
+            # `python`, `python3` and `pip` inside the command's own scripts mean this interpreter too.
+            env["PATH"] = f"{run_dir}/bin:$PATH"
         if job.gpus == 0 or prepared.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         elif job.devices:  # a sweep's point running beside others: its own GPUs
             env["CUDA_VISIBLE_DEVICES"] = job.devices
-        exports = " ".join(f"{k}={quote([v])}" for k, v in env.items())
+        exports = " ".join(f"{k}={quote([v])}" if k != "PATH" else f'PATH={quote([run_dir + "/bin"])}:"$PATH"'
+                           for k, v in env.items())
         # The --env values come from a file only the run's user can read, removed once read.
         load_env = f"set -a; . {quote([env_file])}; set +a; rm -f {quote([env_file])}; " if env_file else ""
-        wrapper = (f"cd {quote([self.code_dir])} && export {exports}; {load_env}"
+        wrapper = (f"cd {quote([cwd])} && export {exports}; {load_env}"
                    f"{quote(argv)} & echo $! > {quote([run_dir + '/job.pid'])}; wait $!; "
                    f"echo $? > {quote([run_dir + '/.exit_code'])} && mv {quote([run_dir + '/.exit_code'])} {quote([run_dir + '/exit_code'])}")
         # Its own session and process group (job.pgid), so that the whole group can be killed after
@@ -154,10 +166,12 @@ class PythonRuntime(Runtime):
     @staticmethod
     def _alive(pid_file: str, run_dir: str) -> str:
         """Shell test: the process in pid_file lives and is this run's (a PID may have been reused
-        by another process since: the run's processes name its id on their command lines)."""
+        by another process since: our trainer names the run on its command line, and every job
+        has GPU_RUN_JOB_DIR=<run_dir> in its environment, which a user's `python train.py` keeps)."""
         run_id = run_dir.rstrip("/").rsplit("/", 1)[-1]
         return (f"{{ p=$(cat {quote([pid_file])} 2>/dev/null) && [ -n \"$p\" ] && kill -0 \"$p\" 2>/dev/null && "
-                f"{{ [ ! -r /proc/$p/cmdline ] || tr '\\0' ' ' < /proc/$p/cmdline | grep -qF -- {quote([run_id])}; }}; }}")
+                f"{{ [ ! -r /proc/$p/cmdline ] || tr '\\0' ' ' < /proc/$p/cmdline | grep -qF -- {quote([run_id])} || "
+                f"tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF -- {quote(['GPU_RUN_JOB_DIR=' + run_dir])}; }}; }}")
 
     def log_command(self, handle: RunHandle, follow: bool) -> str:
         d = handle.run_dir

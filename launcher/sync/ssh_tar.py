@@ -19,7 +19,7 @@ import stat
 import subprocess
 import tarfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +39,8 @@ class SyncStats:
     bytes_sent: int = 0
     deleted: int = 0
     attempts: int = 0
+    left_behind: list[str] = field(default_factory=list)  # what a pull's size cap left on the host
+    left_behind_bytes: int = 0
 
 
 # Manifests (pure where they can be) -----------------------------------------------------------
@@ -141,13 +143,14 @@ have=$(list "$1" | LC_ALL=C sort -z | sha256sum)
 if [ "${have%% *}" = "$want" ]; then echo same; else list "$1"; fi"""
 
 
-def push_manifests(remote: Remote, local_root: Path, remote_root: str) -> tuple[Manifest, Manifest]:
+def push_manifests(remote: Remote, local_root: Path, remote_root: str,
+                   manifest: Manifest | None = None) -> tuple[Manifest, Manifest]:
     """(laptop's manifest, host's manifest) in one SSH exec, the laptop's computed while the host
-    starts the command."""
+    starts the command (or the one the caller made: a project less what it leaves out)."""
     host = remote.target.alias
     channel = remote.open(quote(["sh", "-c", _PUSH_MANIFEST, "sh", remote_root]))
     try:
-        local = local_manifest(local_root)
+        local = manifest if manifest is not None else local_manifest(local_root)
         channel.sendall(f"{manifest_digest(local)}\n".encode())
         channel.shutdown_write()
         out = channel.makefile("rb").read()
@@ -223,9 +226,9 @@ class _Sink:
 
 
 def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncStats,
-               progress: Callable[..., None]) -> None:
-    send, delete = diff_manifests(*push_manifests(remote, local_root, remote_root))
-    if delete:
+               progress: Callable[..., None], manifest: Manifest | None = None, delete_extra: bool = True) -> None:
+    send, delete = diff_manifests(*push_manifests(remote, local_root, remote_root, manifest))
+    if delete and delete_extra:
         remote.run(f"cd {quote([remote_root])} && xargs -0 rm -f --", input=b"\0".join(map(os.fsencode, delete)))
         stats.deleted += len(delete)
     if not send:
@@ -281,8 +284,9 @@ _RETRYABLE = (paramiko.SSHException, OSError, EOFError)
 
 
 def push(remote: Remote, local_root: Path, remote_root: str, progress: Callable[..., None] | None = None,
-         attempts: int = 6) -> SyncStats:
-    """Make remote_root equal local_root; reconnects and resumes after a dropped connection."""
+         attempts: int = 6, manifest: Manifest | None = None, delete_extra: bool = True) -> SyncStats:
+    """Make remote_root equal local_root (the files of `manifest` only, when given); reconnects and
+    resumes after a dropped connection. delete_extra=False adds to remote_root and deletes nothing."""
     stats = SyncStats()
     progress = progress or (lambda **_: None)
 
@@ -291,7 +295,7 @@ def push(remote: Remote, local_root: Path, remote_root: str, progress: Callable[
     def attempt() -> None:
         stats.attempts += 1
         try:
-            _send_once(remote, Path(local_root), remote_root, stats, progress)
+            _send_once(remote, Path(local_root), remote_root, stats, progress, manifest, delete_extra)
         except _RETRYABLE:
             remote.close()
             raise
@@ -493,10 +497,29 @@ def extract_stream(stream, local_root: Path, expected: dict[str, tuple[int, int,
     return stats
 
 
-def _fetch_once(remote: Remote, remote_root: str, local_root: Path, stats: SyncStats) -> None:
+def within_cap(send: list[str], manifest: Manifest, max_bytes: int) -> tuple[list[str], list[str]]:
+    """(files to pull, files left behind): the smallest first while they fit in max_bytes, so that
+    a host listing one huge file cannot crowd out the many small ones (a script's checkpoints)."""
+    taken, left, total = [], [], 0
+    for path in sorted(send, key=lambda p: (manifest[p][0], p)):
+        if total + manifest[path][0] <= max_bytes:
+            taken.append(path)
+            total += manifest[path][0]
+        else:
+            left.append(path)
+    return sorted(taken), left
+
+
+def _fetch_once(remote: Remote, remote_root: str, local_root: Path, stats: SyncStats,
+                keep: Callable[[str, tuple[int, int]], bool] | None = None, max_bytes: int | None = None) -> None:
     host = remote.target.alias
     manifest = remote_manifest(remote, remote_root)
     send, _ = diff_manifests(manifest, local_manifest(local_root))
+    if keep is not None:
+        send = [p for p in send if keep(p, manifest[p])]
+    if max_bytes is not None:
+        send, left = within_cap(send, manifest, max_bytes)
+        stats.left_behind, stats.left_behind_bytes = left, sum(manifest[p][0] for p in left)
     if not send:
         return
     unsafe = [p for p in send if not safe_relpath(p)]
@@ -527,10 +550,13 @@ def _fetch_once(remote: Remote, remote_root: str, local_root: Path, stats: SyncS
 
 
 def pull(remote: Remote, remote_root: str, local_root: Path, verify: list[str] | None = None,
-         attempts: int = 6) -> SyncStats:
+         attempts: int = 6, keep: Callable[[str, tuple[int, int]], bool] | None = None,
+         max_bytes: int | None = None) -> SyncStats:
     """Bring new or changed files from remote_root into local_root, every one sha256-verified;
-    reconnects and resumes after a dropped connection. `verify` is still accepted from callers
-    that named the files to check: every pulled file is checked now."""
+    reconnects and resumes after a dropped connection. `keep(path, (size, mtime))` picks which of
+    them to take, and at most max_bytes of them come (the rest is named in stats.left_behind).
+    `verify` is still accepted from callers that named the files to check: every pulled file is
+    checked now."""
     stats = SyncStats()
     local_root = Path(local_root)
     local_root.mkdir(parents=True, exist_ok=True)
@@ -540,7 +566,7 @@ def pull(remote: Remote, remote_root: str, local_root: Path, verify: list[str] |
     def attempt() -> None:
         stats.attempts += 1
         try:
-            _fetch_once(remote, remote_root, local_root, stats)
+            _fetch_once(remote, remote_root, local_root, stats, keep, max_bytes)
         except _RETRYABLE:
             remote.close()
             raise

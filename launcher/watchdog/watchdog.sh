@@ -61,14 +61,16 @@ else
 fi
 dk() { bounded "$DOCKER_TIMEOUT_S" docker "$@"; }
 
-# pid_is FILE PATTERN: the process named in FILE is alive and its command line holds PATTERN
-# (a PID from a file may have been reused by an unrelated process since).
+# pid_is FILE PATTERN: the process named in FILE is alive and is the job's: its command line holds
+# PATTERN (our trainer names its run folder), or its environment says GPU_RUN_JOB_DIR=PATTERN (a
+# user's `python train.py` names nothing of ours). A PID from a file may have been reused since.
 pid_is() {
   [ -f "$1" ] || return 1
   read -r p_pid <"$1" 2>/dev/null || return 1
   [ -n "$p_pid" ] && kill -0 "$p_pid" 2>/dev/null || return 1
   [ -r "/proc/$p_pid/cmdline" ] || return 0
-  tr '\0' ' ' <"/proc/$p_pid/cmdline" | grep -qF -- "$2"
+  tr '\0' ' ' <"/proc/$p_pid/cmdline" | grep -qF -- "$2" && return 0
+  tr '\0' '\n' <"/proc/$p_pid/environ" 2>/dev/null | grep -qxF -- "GPU_RUN_JOB_DIR=$2"
 }
 
 stop_done() {  # the release reached an end that needs no more work from us

@@ -1,0 +1,263 @@
+"""The user's own command as the job (`gpu-run train --host H --data D -- python train.py ...`), on
+the real test bed: the SSH host with Docker, a container instance (its own Python), and `local`.
+The script is written the way a tutorial writes one; it runs unchanged on each runtime, what it
+writes comes back, the machine stops once, and the run is costed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import wait_for
+from tests.test_instance import REMOTE_RUNS, instance  # noqa: F401  (the fixture)
+
+TUTORIAL = textwrap.dedent('''
+    import argparse, os
+    import torch
+    from torch import nn
+    from torchvision import datasets, models, transforms
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--data_dir", default="./gender_dataset")
+    args = parser.parse_args()
+
+    tf = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+    train_set = datasets.ImageFolder(os.path.join(args.data_dir, "train"), tf)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+    model = models.resnet18(weights=None, num_classes=len(train_set.classes))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    for epoch in range(args.epochs):
+        for images, labels in loader:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+        print(f"epoch {epoch + 1} loss {loss.item():.4f}", flush=True)
+    torch.save(model.state_dict(), "gender_model.pth")
+    print("saved", len(train_set), "images", os.environ["GPU_RUN_DATA"], flush=True)
+''')
+
+# Trains "epochs" that take a second each, saves checkpoint.pth on SIGTERM, resumes from it.
+RESUMABLE = textwrap.dedent('''
+    import argparse, os, signal, sys, time
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--resume", default="")
+    args = parser.parse_args()
+    start = 0
+    if args.resume:
+        start = torch.load(args.resume)["epoch"]
+        print("resumed at epoch", start, flush=True)
+    stopping = False
+    def on_term(signum, frame):
+        global stopping
+        stopping = True
+    signal.signal(signal.SIGTERM, on_term)
+    for epoch in range(start, args.epochs):
+        time.sleep(1)
+        torch.save({"epoch": epoch + 1}, "checkpoint.pth")
+        print("epoch", epoch + 1, flush=True)
+        if stopping:
+            print("stopping on SIGTERM", flush=True)
+            sys.exit(0)
+    print("finished at epoch", args.epochs, flush=True)
+''')
+
+
+def make_project(work: Path, dataset: Path, script: str = TUTORIAL) -> None:
+    """A student's folder: train.py, a README, a .gitignore, and the dataset inside it."""
+    (work / "train.py").write_text(script)
+    (work / "README.md").write_text("my thesis\n")
+    (work / ".gitignore").write_text("scratch/\n")
+    (work / "scratch").mkdir()
+    (work / "scratch" / "big.bin").write_bytes(b"\0" * 1000)
+    if not (work / "gender_dataset").exists():
+        subprocess.run(["cp", "-r", str(dataset), str(work / "gender_dataset")], check=True)
+
+
+def train_json(cli, *args: str) -> dict:
+    """`gpu-run train ... --json -- COMMAND`: --json must come before the `--` (after it, it is
+    the command's own argument)."""
+    cut = args.index("--")
+    proc = cli("train", *args[:cut], "--json", *args[cut:])
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    return json.loads(proc.stdout)
+
+
+def tutorial_command(epochs: int = 1) -> list[str]:
+    return ["--data", "./gender_dataset", "--", "python", "train.py", "--batch_size", "16", "--epochs", str(epochs),
+            "--data_dir", "./gender_dataset"]
+
+
+@pytest.mark.integration
+def test_tutorial_script_on_the_ssh_host(ssh_host, dataset, gpu_run_home):
+    make_project(ssh_host.work, dataset)
+    proc = ssh_host.cli("train", "--host", "t4-box", "--json", *tutorial_command())
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "succeeded" and summary["job"] == {"kind": "command", "command": [
+        "python", "train.py", "--batch_size", "16", "--epochs", "1", "--data_dir", "./gender_dataset"]}
+    run_dir = Path(summary["run_dir"])
+    # The state_dict the script saved in its working directory came back, identical, and loads.
+    remote_work = ssh_host.remote_run_dir(summary["run_id"]) / "work"
+    pulled = run_dir / "work" / "gender_model.pth"
+    assert pulled.read_bytes() == (remote_work / "gender_model.pth").read_bytes()
+    state = torch.load(pulled, weights_only=True)
+    assert state["fc.weight"].shape == (2, 512)
+    # Only what the job wrote came back: not the code that was sent, not the ignored folder.
+    assert sorted(p.name for p in (run_dir / "work").iterdir()) == ["gender_model.pth"]
+    assert not (remote_work / "scratch").exists()
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 1 loss" in log and "saved 80 images /work/gender_dataset" in log
+    # The dataset is on the host once, under the data folder, and not again as code.
+    assert len(list((ssh_host.workdir / "data").iterdir())) == 1
+    assert not any((ssh_host.workdir / "code").glob("*/gender_dataset"))
+    # The machine stopped once, and the run is costed in the ledger.
+    assert summary["stop"]["ok"] and summary["stop"]["state"] == "stopped"
+    assert len(ssh_host.stop_marker.read_text().split()) == 1
+    assert summary["cost"]["currency"] == "CNY" and summary["cost"]["billed_s"] >= 1
+    listed = ssh_host.cli.json("runs")
+    assert any(r["run_id"] == summary["run_id"] and r["status"] == "succeeded" for r in listed)
+    # A second run with nothing changed sends no data and no code.
+    ssh_host.start_machine()
+    again = ssh_host.cli("train", "--host", "t4-box", *tutorial_command(), check=True)
+    assert "dataset synced: 0 file(s)" in again.stdout and "project synced: 0 file(s)" in again.stdout
+    # Each run worked in its own copy: the first run's model is not in the second's directory.
+    second = json.loads(ssh_host.cli("runs", "--json", check=True).stdout)[0]["run_id"]
+    assert second != summary["run_id"]
+
+
+@pytest.mark.integration
+def test_stop_and_resume_a_script_on_the_instance(instance, dataset):
+    make_project(instance.work, dataset, RESUMABLE)
+    command = ["--", "python", "train.py", "--epochs", "60"]
+    started = train_json(instance.cli, "--host", "autodl", "--detach", *command)
+    run_id = started["run_id"]
+    wait_for(lambda: instance.exists(f"{REMOTE_RUNS}/{run_id}/work/checkpoint.pth"), 120, "the first epoch")
+    stopped = instance.cli.json("stop", run_id)
+    assert stopped["status"] == "stopped" and stopped["stop"]["ok"]
+    assert not instance.running()
+    saved = torch.load(Path(stopped["run_dir"]) / "work" / "checkpoint.pth", weights_only=True)["epoch"]
+    assert 1 <= saved < 60
+    assert "stopping on SIGTERM" in (Path(stopped["run_dir"]) / "train.log").read_text()
+    # --resume puts the stopped run's files into the new working directory, where the script looks.
+    instance.start_again()
+    resumed = train_json(instance.cli, "--host", "autodl", "--resume", run_id, "--", "python", "train.py",
+                         "--epochs", str(saved + 2), "--resume", "checkpoint.pth")
+    assert resumed["status"] == "succeeded" and resumed["resumed_from"] == run_id
+    log = (Path(resumed["run_dir"]) / "train.log").read_text()
+    assert f"resumed at epoch {saved}" in log and f"finished at epoch {saved + 2}" in log
+    again = torch.load(Path(resumed["run_dir"]) / "work" / "checkpoint.pth", weights_only=True)
+    assert again["epoch"] == saved + 2
+    assert not instance.running() and resumed["stop"]["ok"]
+
+
+PROGRESS_BAR = textwrap.dedent('''
+    import os, sys, time
+    for i in range(0, 101, 5):
+        sys.stderr.write(f"\\rtraining {i}%|" + "#" * (i // 10))
+        sys.stderr.flush()
+        time.sleep(0.01)
+    sys.stderr.write("\\n")
+    # A hostile host's bytes: clipboard write, title, hyperlink, clear screen.
+    print("\\x1b]52;c;cHduZWQ=\\x07\\x1b]0;owned\\x07\\x1b]8;;http://evil\\x1b\\\\link\\x1b]8;;\\x1b\\\\\\x1b[2Jdone", flush=True)
+    open(os.path.join(os.environ["GPU_RUN_OUTPUT"], "note.txt"), "w").write("from the output folder")
+    open(os.path.join(os.environ["GPU_RUN_OUTPUT"], "summary.json"), "w").write("{}")
+''')
+
+
+@pytest.mark.integration
+def test_progress_bar_and_escape_sequences_on_local(cli, docker_client, dataset):
+    (cli.cwd / "bar.py").write_text(PROGRESS_BAR)
+    proc = cli("train", "--host", "local", "--", "python", "bar.py")
+    assert proc.returncode == 0, proc.stderr
+    for stream in (proc.stdout, proc.stderr):
+        assert "\x1b]" not in stream and "\x1b[2J" not in stream and "\x07" not in stream
+    run_id = json.loads(cli("runs", "--json", check=True).stdout)[0]["run_id"]
+    run_dir = cli.cwd / "runs" / run_id
+    assert (run_dir / "note.txt").read_text() == "from the output folder"
+    # The laptop's own summary.json, never the job's.
+    assert json.loads((run_dir / "summary.json").read_text())["run_id"] == run_id
+    logs = cli("logs", run_id, check=True).stdout
+    assert "\x1b" not in logs and "\x07" not in logs
+    bar_lines = [line for line in logs.splitlines() if "training" in line]
+    assert bar_lines == ["training 100%|##########"]  # one line, as a terminal shows the finished bar
+    assert "linkdone" in logs
+
+
+@pytest.mark.integration
+def test_failing_script_is_failed_and_the_machine_still_stops(ssh_host):
+    (ssh_host.work / "train.py").write_text("import sys\nprint('boom')\nsys.exit(3)\n")
+    proc = ssh_host.cli("train", "--host", "t4-box", "--json", "--", "python", "train.py")
+    assert proc.returncode == 1
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "failed" and summary["exit_code"] == 3
+    assert summary["stop"]["ok"] and ssh_host.stop_marker.exists()
+
+
+# Bad input: one line, before anything starts, nothing left behind ------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--"], "nothing after --"),
+    (["--model", "resnet50", "--", "python", "train.py"], "--model is an option of the built-in trainer"),
+    (["--epochs", "3", "--", "python", "train.py"], "--epochs is an option of the built-in trainer"),
+    (["--", "python", "missing.py"], "missing.py is not in the project folder"),
+    (["--data", ".", "--", "python", "train.py"], "is the project folder itself"),
+    (["python", "train.py"], "put your own command after --"),
+])
+def test_bad_command_is_refused_in_one_line(cli, args, message):
+    (cli.cwd / "train.py").write_text("print('hi')\n")
+    proc = cli("train", "--host", "local", *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (cli.cwd / "runs").exists()
+
+
+def test_dataset_with_a_symlink_loop_is_refused_before_the_run(cli, tmp_path):
+    (cli.cwd / "train.py").write_text("print('hi')\n")
+    data = tmp_path / "loopy"
+    data.mkdir()
+    (data / "loop").symlink_to(data / "loop")
+    proc = cli("train", "--host", "local", "--data", str(data), "--", "python", "train.py")
+    assert proc.returncode != 0 and "symlink loop" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (cli.cwd / "runs").exists()
+
+
+def test_a_project_too_big_names_its_biggest_folders(cli):
+    (cli.cwd / "train.py").write_text("print('hi')\n")
+    images = cli.cwd / "photos"
+    images.mkdir()
+    with open(images / "all.bin", "wb") as f:
+        f.truncate(301 * 1000 * 1000)  # sparse: no disk used
+    proc = cli("train", "--host", "local", "--", "python", "train.py")
+    assert proc.returncode != 0 and "did you mean --data?" in proc.stderr and "photos/ 301 MB" in proc.stderr
+    assert not (cli.cwd / "runs").exists()
+
+
+def test_the_command_runs_through_the_python_api_signature():
+    """gpu_run's command line parses `--` the way a shell passes it (no shell in between)."""
+    from gpu_run.backends.base import Job, command_argv
+
+    job = Job(run_id="r", trainer_args=[], data_dir="", out_dir="", command=["python3", "train.py", "--x", "1"])
+    assert command_argv("/opt/conda/bin/python", job) == ["/opt/conda/bin/python", "train.py", "--x", "1"]
+    job.gpus = 2
+    argv = command_argv("/opt/conda/bin/python", job)
+    assert argv[:2] == ["/opt/conda/bin/python", "-c"] and argv[3:] == ["--standalone", "--nproc_per_node=2",
+                                                                        "train.py", "--x", "1"]
+    job.command = ["bash", "run.sh"]
+    assert command_argv("/opt/conda/bin/python", job) == ["bash", "run.sh"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
