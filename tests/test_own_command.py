@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -259,5 +258,27 @@ def test_the_command_runs_through_the_python_api_signature():
     assert command_argv("/opt/conda/bin/python", job) == ["bash", "run.sh"]
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
+@pytest.mark.integration
+def test_python_api_as_a_notebook_calls_it(tmp_path, gpu_run_home, docker_client, monkeypatch):
+    import gpu_run
+
+    project = tmp_path / "thesis"
+    project.mkdir()
+    (project / "train.py").write_text("import os\nopen('model.txt', 'w').write(os.environ['GPU_RUN_RUN_ID'])\n")
+    monkeypatch.chdir(project)
+    run = gpu_run.train(host="local", command=["python", "train.py"], quiet=True)
+    assert run.status == "succeeded" and run.machine_stopped and run.cost == 0.0
+    assert (run.outputs / "work" / "model.txt").read_text() == run.run_id
+    assert run.summary["job"]["kind"] == "command"
+
+
+def test_python_api_refuses_what_the_cli_refuses(gpu_run_home):
+    import gpu_run
+    from gpu_run.errors import GpuRunError
+
+    with pytest.raises(GpuRunError, match="epochs= is an option of the built-in trainer"):
+        gpu_run.train(command=["python", "train.py"], epochs=3)
+    with pytest.raises(GpuRunError, match="no option 'epoch'"):
+        gpu_run.train(data="x", epoch=3)
+    with pytest.raises(GpuRunError, match="list of words"):
+        gpu_run.train(command="python train.py")
