@@ -181,6 +181,9 @@ def cli(debug: bool) -> None:
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--hub-weights", default="", metavar="MODEL[,MODEL...]",
+              help="Your own command: torchvision ImageNet weights to find in TORCH_HOME on the host (sent from here once), "
+                   "e.g. resnet18,resnet50.")
 @click.option("--max-pull-mb", type=int, default=TrainSpec.max_pull_mb, show_default=True,
               help="Your own command: the most its outputs may bring back; more stays on the host, said in one line.")
 @click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
@@ -189,7 +192,7 @@ def cli(debug: bool) -> None:
 @click.pass_context
 def train(ctx: click.Context, host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
           amp, decode, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
-          max_pull_mb, runs_dir, verbose, as_json, command) -> None:
+          hub_weights, max_pull_mb, runs_dir, verbose, as_json, command) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost. The job is the built-in
     trainer, or your own command after `--`, run in a copy of this folder on the host.
 
@@ -213,6 +216,7 @@ def train(ctx: click.Context, host, data, model, weights, epochs, batch_size, lr
         epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,
         runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
         command=job_command, project=Path.cwd() if job_command is not None else None, max_pull_mb=max_pull_mb,
+        hub_weights=[m.strip() for m in hub_weights.split(",") if m.strip()],
     )
     ui = UI(quiet=as_json, verbose=verbose)
     summary = pipeline.train(spec, load_config(), ledger, ui)

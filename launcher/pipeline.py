@@ -28,7 +28,8 @@ from gpu_run.run_end import follow_and_finish, record_stop
 from gpu_run.spec import TrainSpec, check_spec
 from gpu_run.trainer import defaults as recipe
 from gpu_run.ui import UI
-from gpu_run.weights import Weights, resolve_weights
+from gpu_run.model_zoo import IMAGENET_WEIGHTS
+from gpu_run.weights import Weights, imagenet_weights, resolve_weights
 
 
 def new_run_id() -> str:
@@ -108,6 +109,18 @@ def check_command_job(spec: TrainSpec, host: Host, ledger: Ledger, ui: UI) -> tu
     return project, info
 
 
+def hub_weight_files(models: list[str], ui: UI) -> list[str]:
+    """--hub-weights: each model's torchvision ImageNet file on the laptop (fetched into its cache
+    once, before anything starts), for TORCH_HOME on the host."""
+    files = []
+    for model in models:
+        if not IMAGENET_WEIGHTS.get(model):
+            raise ConfigError(f"--hub-weights {model}: torchvision has no ImageNet weights of that name; choose from "
+                              f"{', '.join(sorted(m for m, url in IMAGENET_WEIGHTS.items() if url))}")
+        files.append(str(imagenet_weights(model, ui)))
+    return files
+
+
 def command_resume_source(ledger: Ledger, resume: str) -> RunRecord:
     """The run --resume names for a command: one of the user's own commands, pulled."""
     previous = ledger.get_run(resume)
@@ -164,7 +177,11 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             if budget_limit_s:
                 ui.info(f"the budget is enforced as a runtime cap of {budget_limit_s}s (the host's watchdog stops the job)")
             weights = Weights("none")
+            hub_files = hub_weight_files(spec.hub_weights, ui)
     else:
+        if spec.hub_weights:
+            raise ConfigError("--hub-weights is for your own command (after --); the built-in trainer takes --weights")
+        hub_files = []
         with ui.timed("dataset checked"):
             info = check_dataset(spec.data, ui)
         with ui.timed("cache decided"):
@@ -240,7 +257,7 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             if resumed_from else None,
             command=list(spec.command) if spec.command is not None else None, code_dir=code_dir,
             work_dir=backend.work_dir_for(run_id) if project is not None else "",
-            data_rel=(project.data_rel or "") if project is not None else "",
+            data_rel=(project.data_rel or "") if project is not None else "", hub_weights=hub_files,
             seed_work_dir=str(run_dir / "work") if project is not None and resumed_from and (run_dir / "work").is_dir()
             else None,
         )

@@ -64,6 +64,9 @@ class TrainSpec:
     command: list[str] | None = None
     project: Path | None = None  # the folder the command runs from (the current one)
     max_pull_mb: int = 2048  # the most a command's outputs may bring back in one pull
+    # torchvision models whose ImageNet weights a command finds in TORCH_HOME on the host (sent
+    # from the laptop once, by sha256), so that `resnet18(weights="IMAGENET1K_V1")` needs no internet.
+    hub_weights: list[str] = field(default_factory=list)
 
     @property
     def is_command(self) -> bool:

@@ -282,3 +282,35 @@ def test_python_api_refuses_what_the_cli_refuses(gpu_run_home):
         gpu_run.train(data="x", epoch=3)
     with pytest.raises(GpuRunError, match="list of words"):
         gpu_run.train(command="python train.py")
+
+
+HUB_SCRIPT = textwrap.dedent('''
+    import torch
+    from torchvision import models
+    model = models.resnet18(weights="IMAGENET1K_V1")  # torch.hub's cache, no internet on the host
+    torch.save(model.fc.bias.detach().clone(), "fc_bias.pt")
+''')
+
+
+@pytest.mark.integration
+def test_hub_weights_are_in_torch_home_on_a_host_without_internet(ssh_host, gpu_run_home):
+    from torchvision import models
+
+    # The laptop's cache holds the file (as if downloaded once); a recognisable bias proves which.
+    weights = models.resnet18(weights=None).state_dict()
+    weights["fc.bias"] = torch.arange(1000, dtype=torch.float32)
+    cached = gpu_run_home / "torch-cache" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(weights, cached)
+    (ssh_host.work / "train.py").write_text(HUB_SCRIPT)
+    summary = train_json(ssh_host.cli, "--host", "t4-box", "--hub-weights", "resnet18", "--", "python", "train.py")
+    assert summary["status"] == "succeeded", (Path(summary["run_dir"]) / "train.log").read_text()
+    bias = torch.load(Path(summary["run_dir"]) / "work" / "fc_bias.pt", weights_only=True)
+    assert torch.equal(bias, torch.arange(1000, dtype=torch.float32))
+
+
+def test_unknown_hub_weights_are_refused(cli):
+    (cli.cwd / "train.py").write_text("print('hi')\n")
+    proc = cli("train", "--host", "local", "--hub-weights", "resnet19", "--", "python", "train.py")
+    assert proc.returncode != 0 and "--hub-weights resnet19" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (cli.cwd / "runs").exists()

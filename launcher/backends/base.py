@@ -53,6 +53,7 @@ class Job:
     work_dir: str = ""
     data_rel: str = ""
     seed_work_dir: str | None = None
+    hub_weights: list[str] = field(default_factory=list)  # laptop files for TORCH_HOME/hub/checkpoints/
 
 
 def job_env(job: Job, data_dir: str, out_dir: str) -> dict[str, str]:

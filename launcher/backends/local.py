@@ -90,6 +90,11 @@ class LocalBackend(Backend):
         state_dir = self._state_dir(job.run_id)
         Path(state_dir).mkdir(parents=True, exist_ok=True)
         Path(f"{self.workdir}/cache").mkdir(parents=True, exist_ok=True)
+        for file in job.hub_weights:  # where torch.hub looks: the cache both runtimes give the job
+            place = Path(self.workdir) / "cache" / "torch" / "hub" / "checkpoints" / Path(file).name
+            if not place.is_file() or place.stat().st_size != Path(file).stat().st_size:
+                place.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, place)
         if job.command is not None:
             self.shell.run(self.runtime.workdir_command(job, state_dir))
             if job.seed_work_dir:  # what the stopped run's command wrote, where it looks for it

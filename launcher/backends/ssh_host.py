@@ -169,6 +169,8 @@ class SshHostBackend(Backend):
         self.remote.run(["mkdir", "-p", job.out_dir, f"{self.workdir}/cache"])
         if job.seed_dir:  # a resumed run continues from the last.pth it brought along
             ssh_tar.push(self.remote, Path(job.seed_dir), job.out_dir)
+        if job.hub_weights:
+            self._stage_hub_weights(job.hub_weights, ui)
         if job.command is not None:
             self.remote.run(self.runtime.workdir_command(job, run_dir))
             if job.seed_work_dir:  # what the stopped run's command wrote, where it looks for it
@@ -191,6 +193,19 @@ class SshHostBackend(Backend):
         return RunHandle(backend=self.name, runtime=self.runtime.name, run_dir=run_dir, out_dir=job.out_dir,
                          keep_alive=job.keep_alive, terminate=job.terminate, versions=self.runtime.versions(),
                          work_dir=job.work_dir if job.command is not None else "", **fields)
+
+    def _stage_hub_weights(self, files: list[str], ui: UI) -> None:
+        """torchvision's weights files where torch.hub looks ($TORCH_HOME/hub/checkpoints, under the
+        host's cache that both runtimes give the job), each sent once by sha256 and hard-linked
+        into place (a symlink would point outside a container's mounts)."""
+        from gpu_run.weights import stage_weights
+
+        checkpoints = f"{self.workdir}/cache/torch/hub/checkpoints"
+        for file in files:
+            stored = stage_weights(self.remote, self.workdir, Path(file), ui)
+            place = f"{checkpoints}/{Path(file).name}"
+            self.remote.run(f"mkdir -p {quote([checkpoints])} && {{ ln -f {quote([stored, place])} 2>/dev/null || "
+                            f"cp {quote([stored, place])}; }}")
 
     def _watchdog_settings(self, run_dir: str, job: Job) -> dict[str, str]:
         return {
