@@ -29,6 +29,7 @@ import contextlib
 import csv
 import datetime
 import errno
+import inspect
 import io
 import json
 import math
@@ -375,15 +376,26 @@ def nvjpeg(jpegs: list, device: torch.device) -> list:
     # them must still train, on the CPU path.
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if device.type == "cuda":
+        # decode_jpeg allocates its outputs on this stream but writes them from a stream of its own
+        # (and nvjpeg's hardware engine ignores stream order altogether), so the caching allocator
+        # can hand it memory that the step's queued kernels are still reading. Only a host wait for
+        # this stream orders the decode after them (pytorch/vision#9606).
+        torch.cuda.current_stream(device).synchronize()
     # One call for the batch: nvjpeg decodes a list much faster than one image at a time.
     return decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
 
 
 def decode_on(device: torch.device, items: list) -> list:
-    """The images as uint8 CHW tensors on `device`, upright; None for one that cannot be decoded."""
+    """The images as uint8 CHW tensors on `device`, upright; None for one that cannot be decoded.
+
+    A CUDA out-of-memory is raised, never taken for a file nvjpeg or PIL cannot read: the training
+    step halves its micro-batch for it (train_step), and the images are good."""
     jpegs = [i for i, item in enumerate(items) if isinstance(item, JpegBytes)]
     try:
         decoded = dict(zip(jpegs, nvjpeg([items[i] for i in jpegs], device))) if jpegs else {}
+    except torch.cuda.OutOfMemoryError:  # a RuntimeError too: caught first
+        raise
     except (RuntimeError, ImportError):  # one file nvjpeg cannot take fails the whole call: the CPU decodes them
         decoded = {}
     images = []
@@ -391,22 +403,32 @@ def decode_on(device: torch.device, items: list) -> list:
         if i in decoded:
             images.append(upright(decoded[i], item.orientation))
         elif isinstance(item, JpegBytes):
-            try:
-                images.append(pil_to_tensor(open_image(io.BytesIO(item.data.numpy()))).to(device))
-            except Exception:  # unreadable by PIL too: skipped, as on the CPU path
-                images.append(None)
+            images.append(decode_with_pil(item, device))
         else:  # decoded by a worker already
             images.append(item.to(device, non_blocking=True))
     return images
 
 
-def gpu_batch(batch, transform, device: torch.device, chunk: int = 32):
+def decode_with_pil(item: JpegBytes, device: torch.device) -> torch.Tensor | None:
+    """A JPEG nvjpeg could not take, decoded on the CPU and copied to `device`; None if PIL cannot
+    read it either."""
+    try:
+        image = pil_to_tensor(open_image(io.BytesIO(item.data.numpy())))
+    except Exception:  # unreadable by PIL too: skipped, as on the CPU path
+        return None
+    return image.to(device)  # outside the try: an out-of-memory here is the step's to handle
+
+
+DECODE_CHUNK_IMAGES = 32  # images decoded at once on the GPU: 32 decoded 12 MP photos take 1.1 GB until cropped
+
+
+def gpu_batch(batch, transform, device: torch.device, chunk: int = DECODE_CHUNK_IMAGES):
     """A batch whose workers only read files, decoded and transformed on `device`."""
     items, targets, indices, skipped = batch
     if items is None:
         return batch
     out, good, skipped = [], [], list(skipped)
-    # A chunk at a time: 32 decoded 12 MP photos already take 1.1 GB of GPU memory until cropped.
+    # A chunk at a time, so that only one chunk of full-size decoded images is held at once.
     for first in range(0, len(items), chunk):
         decoded = decode_on(device, [image for image, _seed, _path in items[first:first + chunk]])
         for i, image in enumerate(decoded, start=first):
@@ -516,16 +538,45 @@ class SkippedImages:
                 emit("skipped_image", path=os.path.relpath(path, self.data))
 
 
+class Batch:
+    """One batch of the loader. Where its workers only read files (decode "gpu"), the images are
+    decoded and transformed on first use (`tensors`), inside the training step: a CUDA
+    out-of-memory there then halves the micro-batch, as one in the forward does (train_step),
+    and a retry decodes the same images with the same seeds again."""
+
+    def __init__(self, loaded: tuple, dataset: SafeImageFolder, device: torch.device, skipped: SkippedImages):
+        self.images, self.targets, self.indices, _unreadable = loaded
+        self.pending = dataset.decode == "gpu" and self.images is not None
+        self.transform, self.device, self.skipped = dataset.gpu_transform, device, skipped
+
+    def __len__(self) -> int:
+        """The images read (before a GPU decode) or decoded (after it)."""
+        return 0 if self.images is None else len(self.images)
+
+    def tensors(self, chunk: int) -> tuple:
+        """(images, targets, indices), decoded `chunk` images at a time first if need be; images
+        None when none of them could be read."""
+        if self.pending:
+            images, targets, indices, undecodable = gpu_batch(
+                (self.images, self.targets, self.indices, []), self.transform, self.device, chunk)
+            # Kept only once the whole batch is decoded: an out-of-memory above leaves it to decode again.
+            self.images, self.targets, self.indices, self.pending = images, targets, indices, False
+            self.skipped.report(undecodable)
+        return self.images, self.targets, self.indices
+
+
+def decode_chunk(micro_batch: int) -> int:
+    """How many images to decode at once on the GPU: no more than a micro-batch, so that halving it
+    after an out-of-memory in decoding makes the decode smaller too."""
+    return max(1, min(DECODE_CHUNK_IMAGES, micro_batch))
+
+
 def batches(loader, skipped: SkippedImages, device: torch.device):
-    """The loader's (images, targets, indices) batches, decoded and transformed on the GPU first
-    when the workers only read files; the unreadable images met are reported."""
-    dataset = loader.dataset
-    for batch in loader:
-        if dataset.decode == "gpu":
-            batch = gpu_batch(batch, dataset.gpu_transform, device)
-        images, targets, indices, unreadable = batch
-        skipped.report(unreadable)
-        yield images, targets, indices
+    """The loader's batches as Batch records (decoded on the GPU when used, if the workers only
+    read files); the unreadable images met are reported."""
+    for loaded in loader:
+        skipped.report(loaded[3])
+        yield Batch(loaded, loader.dataset, device, skipped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,9 +799,9 @@ class StepContext:
     def __init__(self, device, amp_dtype, scaler, micro_batch: int, channels_last: bool, faults: Faults):
         self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
         self.micro_batch, self.channels_last, self.faults = micro_batch, channels_last, faults
-        # The out-of-memory vote's number, allocated once: right after an out-of-memory there may
-        # be no memory left to allocate it.
-        self.vote = torch.zeros(1, device=device)
+        # The votes' two numbers (agree_on_step), allocated once: right after an out-of-memory
+        # there may be no memory left to allocate them.
+        self.vote = torch.zeros(2, device=device)
 
 
 class OutOfMemory(Exception):
@@ -763,50 +814,79 @@ class OutOfMemory(Exception):
 
 
 def forward(model, criterion, x, y, ctx: StepContext):
-    """(logits, loss, targets on the device) of one micro-batch."""
+    """(logits, loss) of one micro-batch, already on the device."""
     ctx.faults.before_micro_batch(len(x))
-    x = x.to(ctx.device, non_blocking=True)
-    y = y.to(ctx.device, non_blocking=True)
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
         logits = model(x)
-        return logits, criterion(logits, y), y
+        return logits, criterion(logits, y)
 
 
-def agree_on_out_of_memory(ran_out: bool, ctx: StepContext) -> None:
-    """Under DDP, raise OutOfMemory on every rank if any rank ran out of memory in this step.
+def agree_on_step(ctx: StepContext, ran_out: bool, cannot_train: bool = False) -> bool:
+    """Under DDP, what every rank does next: raise OutOfMemory on every rank if any rank ran out
+    of memory; else return whether any rank cannot train its batch, which all then skip together.
 
-    One all-reduce of one number, every step: what the agreement costs when nothing goes wrong.
-    .item() makes the CPU wait for it, and so for the GPU to finish the forward before the CPU
-    queues the backward: one short sync point a step."""
-    ctx.vote.fill_(1.0 if ran_out else 0.0)
+    One all-reduce of two numbers. .tolist() makes the CPU wait for it, and so for the GPU to
+    finish what is queued before the CPU queues more: one short sync point each time."""
+    ctx.vote[0].fill_(1.0 if ran_out else 0.0)
+    ctx.vote[1].fill_(1.0 if cannot_train else 0.0)
     dist.all_reduce(ctx.vote, op=dist.ReduceOp.MAX)
-    if ctx.vote.item():
+    anyone_ran_out, anyone_cannot_train = ctx.vote.tolist()
+    if anyone_ran_out:
         raise OutOfMemory(ran_out)
+    return bool(anyone_cannot_train)
 
 
-def forward_backward(model, criterion, images, targets, ctx: StepContext, optimizer):
-    """One optimizer step over the batch, as ceil(batch / micro_batch) accumulated micro-batches.
+def forward_backward(model, criterion, batch: Batch, ctx: StepContext, optimizer):
+    """One optimizer step over the batch: (loss sum, correct count, images), the sums as tensors
+    on the device, since reading them here (.item()) would make the CPU wait for the GPU at every
+    step. None when the step is skipped: a lone image cannot train BatchNorm (one value per
+    channel), and a batch with fewer than two readable images is rare and harmless to drop.
 
-    Returns the batch's loss sum and correct count as tensors on the device: reading them here
-    (.item()) would make the CPU wait for the GPU at every step.
+    Under DDP every rank takes part in every collective of every step, whatever its batch holds,
+    or the others would wait forever. So the ranks first agree (agree_on_step), after decoding
+    the batch and copying it to the device and before any forward, whether any of them ran out of
+    memory there or has fewer than two images: then all retry, or all skip. Before any forward,
+    because the first forward after the first step (and after each retry) has a collective of
+    DDP's in it, which regroups its gradient buckets. It costs a second short sync point a step
+    (agree_on_step), under DDP only. The step's training is accumulate_and_step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    distributed = dist.is_initialized()
+    images, targets, ran_out = None, None, False
+    try:
+        images, targets, _indices = batch.tensors(decode_chunk(ctx.micro_batch))
+        if images is not None:
+            images = images.to(ctx.device, non_blocking=True)
+            targets = targets.to(ctx.device, non_blocking=True)
+    except torch.cuda.OutOfMemoryError:
+        if not distributed:
+            raise  # alone, train_step retries as for an out-of-memory anywhere in the step
+        ran_out = True
+    cannot_train = images is None or len(images) < 2
+    if distributed:
+        cannot_train = agree_on_step(ctx, ran_out, cannot_train)
+    if cannot_train:
+        return None
+    return accumulate_and_step(model, criterion, images, targets, ctx, optimizer)
+
+
+def accumulate_and_step(model, criterion, images, targets, ctx: StepContext, optimizer):
+    """The step's ceil(batch / micro_batch) accumulated micro-batches and the optimizer step.
 
     Under DDP a rank that runs out of memory cannot just retry on its own: the others would wait
     forever in the gradient all-reduce, or run other numbers of micro-batches. So every rank stops
-    at the same point of every step, after its non-syncing micro-batches and the last one's forward,
-    just before the backward that all-reduces the gradients, and they agree there whether any of
-    them ran out (agree_on_out_of_memory). A rank that ran out earlier skips its remaining
-    micro-batches and goes straight there.
+    at the same point, after its non-syncing micro-batches and the last one's forward, just before
+    the backward that all-reduces the gradients, and they agree there whether any of them ran out
+    (agree_on_step). A rank that ran out earlier skips its remaining micro-batches and goes
+    straight there.
 
     What cannot be agreed: an out-of-memory past that point, in the syncing backward or the
-    optimizer step, where the other ranks' all-reduce is already under way; and one in copying a
-    batch to the GPU just before the one forward in which DDP regroups its gradient buckets with
-    the other ranks (the first after the first step, and after each retry). That rank fails
-    (train_step) or falls out of step, torchrun ends the job, and the bounded collective timeout
-    (setup_distributed) makes any rank left waiting fail too instead of hanging.
+    optimizer step, where the other ranks' all-reduce is already under way. That rank fails
+    (train_step), torchrun ends the job, and the bounded collective timeout (setup_distributed)
+    makes any rank left waiting fail too instead of hanging.
     """
-    optimizer.zero_grad(set_to_none=True)
     total = len(images)
     # float64 sums, so a long epoch's total keeps its digits (and equals a sum of Python floats).
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -818,24 +898,24 @@ def forward_backward(model, criterion, images, targets, ctx: StepContext, optimi
         for x, y in chunks[:-1]:
             # DDP all-reduces gradients on every backward; only the last micro-batch needs to.
             with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
-                logits, loss, y = forward(model, criterion, x, y, ctx)
+                logits, loss = forward(model, criterion, x, y, ctx)
                 ctx.scaler.scale(loss * (len(x) / total)).backward()
             loss_sum += loss.detach().double() * len(x)
             correct += (logits.argmax(1) == y).sum()
         x, y = chunks[-1]
-        logits, loss, y = forward(model, criterion, x, y, ctx)
+        logits, loss = forward(model, criterion, x, y, ctx)
     except torch.cuda.OutOfMemoryError:
         if not distributed:
             raise  # alone, train_step retries as for an out-of-memory anywhere in the step
         ran_out = True
     if distributed:
-        agree_on_out_of_memory(ran_out, ctx)
+        agree_on_step(ctx, ran_out)
     ctx.scaler.scale(loss * (len(x) / total)).backward()
     loss_sum += loss.detach().double() * len(x)
     correct += (logits.argmax(1) == y).sum()
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
-    return loss_sum, correct
+    return loss_sum, correct, total
 
 
 def agreed_micro_batch(here: bool, ctx: StepContext) -> tuple[int, list]:
@@ -848,12 +928,31 @@ def agreed_micro_batch(here: bool, ctx: StepContext) -> tuple[int, list]:
     return min(size for size, _ in table), [rank for rank, (_, ran_out) in enumerate(table) if ran_out]
 
 
-def train_step(model, criterion, images, targets, ctx: StepContext, optimizer):
-    """Run a step; on CUDA out of memory, halve the micro-batch (keeping the batch) and retry.
-    Under DDP every rank retries together, at the same micro-batch (see forward_backward)."""
+def forget_unscaled_gradients(scaler, optimizer) -> None:
+    """After an out-of-memory inside scaler.step(optimizer), GradScaler still has this optimizer's
+    gradients marked as unscaled (its stage UNSCALED, and that pass's inf check), so the retry's
+    step would skip unscaling and apply gradients still multiplied by the scale. Forget that state,
+    as scaler.update() does. torch 2.5 to 2.14 keep it in _per_optimizer_states, a defaultdict
+    that gives a forgotten optimizer a fresh (READY) state; a disabled scaler has none."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        states.pop(id(optimizer), None)
+
+
+def ddp_module(model) -> nn.parallel.DistributedDataParallel | None:
+    """The model's DDP wrapper, found under torch.compile's wrapper too (see wrap_model)."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+
+
+def train_step(model, criterion, batch: Batch, ctx: StepContext, optimizer):
+    """Run a step; on CUDA out of memory (decoding the batch, in the forward, the backward or the
+    optimizer step), halve the micro-batch (keeping the batch) and retry. Under DDP every rank
+    retries together, at the same micro-batch (see forward_backward). Returns what
+    forward_backward does."""
     while True:
         try:
-            return forward_backward(model, criterion, images, targets, ctx, optimizer)
+            return forward_backward(model, criterion, batch, ctx, optimizer)
         except OutOfMemory as e:
             here = e.here
         except torch.cuda.OutOfMemoryError:
@@ -864,18 +963,20 @@ def train_step(model, criterion, images, targets, ctx: StepContext, optimizer):
             here = True
         # Handled here, outside the except blocks, so the traceback's tensors are freed.
         optimizer.zero_grad(set_to_none=True)
+        forget_unscaled_gradients(ctx.scaler, optimizer)
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
         smallest, ranks = (ctx.micro_batch, None) if not dist.is_initialized() else agreed_micro_batch(here, ctx)
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        ddp = ddp_module(model)
+        if ddp is not None:
             # The ranks that ran the syncing forward left DDP waiting for its backward; forget that
             # on every rank alike, or the retry's first non-syncing backward would start the
             # gradient all-reduce on those ranks only.
-            model.reducer._reset_state()
+            ddp.reducer._reset_state()
         if smallest <= 1:
             raise TrainerError("CUDA out of memory even at batch size 1: use a smaller --model or --image-size")
         ctx.micro_batch = max(1, smallest // 2)
-        emit("oom", micro_batch=ctx.micro_batch, accumulation_steps=math.ceil(len(images) / ctx.micro_batch),
+        emit("oom", micro_batch=ctx.micro_batch, accumulation_steps=math.ceil(len(batch) / ctx.micro_batch),
              **({} if ranks is None else {"ranks": ranks}))
 
 
@@ -958,11 +1059,11 @@ def train_one_epoch(model, criterion, optimizer, batches, ctx: StepContext, tota
     """Train the rest of `epoch` from `step` on; returns (the step reached, whether to stop there)."""
     model.train()
     tick = last_event = time.perf_counter()
-    for images, targets, _indices in batches:
+    for batch in batches:
         ctx.faults.before_step(step + 1)
-        # A lone image cannot train BatchNorm (one value per channel); it is rare and harmless to drop.
-        if images is not None and len(images) > 1:
-            totals.add(*train_step(model, criterion, images, targets, ctx, optimizer), len(images))
+        trained = train_step(model, criterion, batch, ctx, optimizer)  # None: skipped, on every rank
+        if trained is not None:
+            totals.add(*trained)
         step += 1
         log_step = step % log_every == 0 or step == steps  # the same steps on every rank
         # Every --log-every steps, and at least every 2 s so a slow run's display still moves.
@@ -993,21 +1094,25 @@ def evaluate(model, criterion, batches, ctx: StepContext, dataset: "SafeImageFol
     correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
     seen, outputs = 0, []
     start = time.perf_counter()
-    for images, targets, indices in batches:
+    for batch in batches:
+        images, targets, indices = batch.tensors(decode_chunk(ctx.micro_batch))
         if images is None:
             continue
-        x = images.to(ctx.device, non_blocking=True)
-        y = targets.to(ctx.device, non_blocking=True)
-        if ctx.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += criterion(logits, y).double() * len(y)
-        confidence, predicted = logits.softmax(1).max(1)
-        correct += (predicted == y).sum()
-        seen += len(y)
-        outputs.append((indices, y, predicted, confidence))  # kept on the device until the end
+        # A micro-batch at a time: after an out-of-memory halved it in training, a whole batch may
+        # not fit here either.
+        for x, y, idx in zip(*(t.split(ctx.micro_batch) for t in (images, targets, indices))):
+            x = x.to(ctx.device, non_blocking=True)
+            y = y.to(ctx.device, non_blocking=True)
+            if ctx.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += criterion(logits, y).double() * len(y)
+            confidence, predicted = logits.softmax(1).max(1)
+            correct += (predicted == y).sum()
+            seen += len(y)
+            outputs.append((idx, y, predicted, confidence))  # kept on the device until the end
     # One wait for the GPU, here, rather than one per batch.
     loss_sum, correct = loss_sum.item(), correct.item()
     columns = [torch.cat(column).tolist() for column in zip(*outputs)] if outputs else [[]] * 4
@@ -1055,8 +1160,19 @@ def setup_distributed(requested_device: str = "auto"):
     if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise TrainerError(f"GPU_RUN_DIST_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
     backend = "nccl" if torch.cuda.is_available() and requested_device != "cpu" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            **bound_device(backend, local_rank))
+    return dist.get_rank(), world, local_rank
+
+
+def bound_device(backend: str, local_rank: int) -> dict:
+    """init_process_group's device_id for NCCL, where this torch has it (2.3 and later): bound to
+    its GPU, the process group runs every collective, barrier() included, on that GPU rather than
+    guessing one, and connects when it is made instead of at the first collective."""
+    if backend != "nccl" or "device_id" not in inspect.signature(dist.init_process_group).parameters:
+        return {}
+    return {"device_id": torch.device("cuda", local_rank)}
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -1068,13 +1184,36 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """bf16 on a GPU that computes it natively (compute capability 8.0, Ampere, and later), else
+    fp16; None: no mixed precision. Not torch.cuda.is_bf16_supported(): by default it counts
+    emulation, so it says yes on a T4 or a V100, where bf16 runs far slower than fp16."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def pick_amp(device: torch.device, amp: str):
     """(autocast dtype or None, grad scaler); fp16 needs a scaler against underflow, bf16 does not."""
-    if device.type != "cuda" or amp == "off":
-        return None, torch.amp.GradScaler("cuda", enabled=False)
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
-    return torch.float16, torch.amp.GradScaler("cuda")
+    dtype = autocast_dtype(device, amp)
+    return dtype, torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+
+
+def wrap_model(model: nn.Module, world: int, device: torch.device, local_rank: int, compile_model: bool) -> nn.Module:
+    """The model as the steps run it: DDP across the processes, then torch.compile over that. In
+    this order, as PyTorch's DDP notes ask: compile then sees DDP's gradient buckets and splits its
+    graph at them (DDPOptimizer), so each bucket's all-reduce overlaps the rest of the backward."""
+    if world > 1:
+        # broadcast_buffers=False: DDP would otherwise copy rank 0's BatchNorm statistics to the
+        # others at each step's first forward. Rank 0's own are the same either way, and only rank
+        # 0's are evaluated and saved; without that copy a forward has no collective in it (but
+        # DDP's regrouping of its buckets, once), so a rank that runs out of memory in one leaves no
+        # other rank waiting (see forward_backward).
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+    if compile_model:
+        model = torch.compile(model)
+    return model
 
 
 def main(args) -> int:
@@ -1124,15 +1263,7 @@ def main(args) -> int:
             log(f"world size {resumed.world_size} -> {world}: the rest of epoch {start_epoch + 1} is shared among "
                 f"{world} processes, and a step now trains {args.batch_size * world} images ({args.batch_size} per "
                 f"process), not {resumed.batch_size * resumed.world_size}")
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        # broadcast_buffers=False: DDP would otherwise copy rank 0's BatchNorm statistics to the
-        # others at each step's first forward. Rank 0's own are the same either way, and only rank
-        # 0's are evaluated and saved; without that copy a forward has no collective in it, so a
-        # rank that runs out of memory in one leaves no other rank waiting (see forward_backward).
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    model = wrap_model(model, world, device, local_rank, args.compile)
 
     emit(
         "start",
@@ -1209,14 +1340,16 @@ def main(args) -> int:
 def run(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        code = main(args)
+        return main(args)
     except TrainerError as e:
         emit("error", message=str(e))
         print(f"error: {e}", file=sys.stderr)
-        code = EXIT_ERROR
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+        return EXIT_ERROR
+    finally:
+        # Whatever ended the run, an unexpected exception included: NCCL warns of (and can hang
+        # at exit on) a process group left undestroyed.
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
