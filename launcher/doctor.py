@@ -5,6 +5,7 @@ versions, and NCCL choosing a network interface that does not reach the other no
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ def host_rows(host: Host, accept_new_host_key: bool = False) -> tuple[list[dict]
     rows.append(_row("gpus", "; ".join(gpus.stdout.strip().splitlines()) if gpus.code == 0 else "none found",
                      gpus.code == 0, required=False))
     nproc = remote.run(["nproc"], check=False).stdout.strip()
-    vcpus = int(nproc) if nproc.isdigit() else None
+    vcpus = int(nproc) if nproc.isascii() and nproc.isdigit() else None  # "²" is a digit int() refuses
     rows.append(_row("cpus", f"{vcpus} (the data loader's workers decode images on these)" if vcpus else "unknown",
                      vcpus is not None, required=False))
     # `gpu-run plan` estimates this host from what was found here.
@@ -130,11 +131,26 @@ def host_rows(host: Host, accept_new_host_key: bool = False) -> tuple[list[dict]
     rearm = reboot_rearm(remote)
     rows.append(_row("reboot re-arm", rearm or "none (no crontab on the host): a reboot mid-run ends the job, and "
                      "the run's watchdog is gone with it; `gpu-run attach` starts it again", bool(rearm), required=False))
-    before = time.time()
-    remote_now = float(remote.run(["date", "+%s.%N"]).stdout.strip().replace("N", "0") or 0)
-    offset = remote_now - (before + time.time()) / 2
-    rows.append(_row("clock offset", f"{offset:+.2f} s", abs(offset) < 30, required=False))
+    rows.append(clock_row(remote))
     return rows, probed
+
+
+def clock_row(remote: Remote) -> dict:
+    """How far the host's clock is from the laptop's (billing and the watchdog's times use it)."""
+    before = time.time()
+    r = remote.run(["date", "+%s.%N"], check=False)
+    after = time.time()
+    # BusyBox date prints %N as "N"; then the seconds alone are what there is.
+    answer = r.stdout.strip().replace("N", "0")
+    try:
+        remote_now = float(answer) if r.code == 0 else math.nan
+    except ValueError:  # the host's answer is no number
+        remote_now = math.nan
+    if not math.isfinite(remote_now):
+        return _row("clock offset", "the host's clock could not be read (`date +%s.%N` gave no number of seconds)",
+                    False, required=False)
+    offset = remote_now - (before + after) / 2
+    return _row("clock offset", f"{offset:+.2f} s", abs(offset) < 30, required=False)
 
 
 # A group of hosts ----------------------------------------------------------------------------------

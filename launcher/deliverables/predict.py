@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 from gpu_run.errors import GpuRunError
+from gpu_run.host_text import safe
+
+# Far past any classifier's input and class count; a checkpoint asking for more would only exhaust
+# the laptop's memory.
+MAX_IMAGE_SIZE = 8192
+MAX_CLASSES = 100_000
 
 
 def load_model(run_dir: Path):
@@ -23,14 +29,27 @@ def load_model(run_dir: Path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors for a damaged file
         raise GpuRunError(f"{path} is not a readable checkpoint ({type(e).__name__}); `gpu-run pull` the run again") from None
-    name = ckpt["model_name"]
+    # The host wrote the file: its fields are checked before they size a model or a tensor.
+    fields = ckpt if isinstance(ckpt, dict) else {}
+    name, classes, size = fields.get("model_name"), fields.get("classes"), fields.get("image_size")
+    valid = (isinstance(name, str) and isinstance(classes, list) and 0 < len(classes) <= MAX_CLASSES
+             and all(isinstance(c, str) for c in classes)
+             and isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_IMAGE_SIZE)
+    if not valid:
+        raise GpuRunError(f"{path} is not a checkpoint the trainer wrote (its model name, classes or image size is "
+                          f"missing or wrong); `gpu-run pull` the run again")
     if name not in classification_models():
-        raise GpuRunError(f"this torchvision has no model {name!r}; install the version the run used ({ckpt['versions']})")
-    model = replace_head(torchvision.models.get_model(name, weights=None), len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
+        raise GpuRunError(f"this torchvision has no model {name[:80]!r}; install the version the run used "
+                          f"({safe(str(fields.get('versions')))[:200]})")
+    model = replace_head(torchvision.models.get_model(name, weights=None), len(classes))
+    try:
+        model.load_state_dict(fields.get("model"))
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:  # missing, misshapen or no dict at all
+        raise GpuRunError(f"{path} holds weights that do not fit {name} with {len(classes)} classes "
+                          f"({type(e).__name__}); `gpu-run pull` the run again") from None
     model.eval()
-    _, eval_tf = build_transforms(ckpt["image_size"])
-    return model, ckpt["classes"], eval_tf, ckpt["image_size"]
+    _, eval_tf = build_transforms(size)
+    return model, classes, eval_tf, size
 
 
 def predict(run_dir: Path, images: list[Path], top: int = 3) -> list[dict]:
@@ -51,9 +70,10 @@ def predict(run_dir: Path, images: list[Path], top: int = 3) -> list[dict]:
         with torch.no_grad():
             probs = model(x).softmax(1)[0]
         values, indices = probs.topk(min(top, len(classes)))
+        # The names came in the host's checkpoint: no escape sequence of theirs reaches the terminal.
         results.append({
             "image": str(image),
-            "top": [{"class": classes[i], "probability": float(v)} for v, i in zip(values.tolist(), indices.tolist())],
+            "top": [{"class": safe(classes[i]), "probability": float(v)} for v, i in zip(values.tolist(), indices.tolist())],
         })
     return results
 

@@ -8,28 +8,17 @@ names in CJK render when a CJK font is installed (figures.py).
 from __future__ import annotations
 
 import csv
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from gpu_run.deliverables.figures import new_figure, save
+from gpu_run.deliverables.host_files import (Prediction, dataset_file, read_host_metrics, read_host_predictions,
+                                             read_summary, summary_classes, warn)
 from gpu_run.errors import GpuRunError
-from gpu_run.events import read_metrics
 
-
-@dataclass
-class Prediction:
-    path: str
-    true: str
-    predicted: str
-    confidence: float
-
-
-def read_predictions(path: Path) -> list[Prediction]:
-    with open(path, newline="") as f:
-        return [Prediction(r["path"], r["true"], r["predicted"], float(r["confidence"])) for r in csv.DictReader(f)]
+# What the curves and report.md read from each epoch of metrics.jsonl.
+METRIC_NUMBERS = ("train_acc", "val_acc", "train_loss", "val_loss", "epoch_time_s", "train_images_per_s")
 
 
 def confusion(preds: list[Prediction], classes: list[str]) -> list[list[int]]:
@@ -80,8 +69,9 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Pa
         top = max(max(r) for r in data) or 1
         im = ax.imshow(data, cmap="Blues", vmin=0, vmax=top)
         ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
-        ax.set_xticklabels(classes, rotation=45, ha="right")
-        ax.set_yticklabels(classes)
+        # Class names are shown as written: a "$" would start matplotlib's math (and can fail it).
+        ax.set_xticklabels(classes, rotation=45, ha="right", parse_math=False)
+        ax.set_yticklabels(classes, parse_math=False)
         for r in range(n):
             for c in range(n):
                 ax.text(c, r, fmt.format(data[r][c]), ha="center", va="center",
@@ -96,6 +86,8 @@ def plot_per_class(rows: list[dict], out: Path) -> Path:
     cells = [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"])] for r in rows]
     table = ax.table(cellText=cells, colLabels=["class", "precision", "recall", "F1", "support"], loc="center")
     table.scale(1, 1.4)
+    for cell in table.get_celld().values():
+        cell.get_text().set_parse_math(False)
     ax.set_title("Per-class precision, recall and F1 (validation)")
     return save(fig, out / "per_class.png")
 
@@ -109,14 +101,25 @@ def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Pat
     fig, axes = new_figure(rows, cols, figsize=(2.2 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    outside = 0
     for ax, p in zip(axes.flat, wrong):
-        try:
-            with Image.open(data_root / p.path) as im:
-                # Shown as the model saw it: the trainer applies the photo's EXIF orientation too.
-                ax.imshow(ImageOps.exif_transpose(im).convert("RGB"))
-        except OSError:
-            ax.text(0.5, 0.5, "image not found", ha="center", va="center")
-        ax.set_title(f"true: {p.true}\npred: {p.predicted} ({p.confidence:.0%})", fontsize=8)
+        # The path came from the host: only a file of the dataset itself is opened, never one it
+        # names elsewhere on the laptop (a key, /dev/tty, ../../x.jpg).
+        image = dataset_file(data_root, p.path)
+        if image is None:
+            outside += 1
+            ax.text(0.5, 0.5, "not a file of the dataset", ha="center", va="center")
+        else:
+            try:
+                with Image.open(image) as im:
+                    # Shown as the model saw it: the trainer applies the photo's EXIF orientation too.
+                    ax.imshow(ImageOps.exif_transpose(im).convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                ax.text(0.5, 0.5, "image not readable", ha="center", va="center")
+        ax.set_title(f"true: {p.true}\npred: {p.predicted} ({p.confidence:.0%})", fontsize=8, parse_math=False)
+    if outside:
+        warn(f"{outside} of the {len(wrong)} most confident mistakes are drawn without their image: predictions.csv "
+             f"names paths that are not files inside the dataset folder {data_root}")
     fig.suptitle("Most confident mistakes (validation)")
     return save(fig, out / "misclassified.png")
 
@@ -126,10 +129,13 @@ def write_report(run_dir: Path, data_root: Path | None = None) -> Path:
     metrics_path, preds_path = run_dir / "metrics.jsonl", run_dir / "predictions.csv"
     if not metrics_path.is_file() or not preds_path.is_file():
         raise GpuRunError(f"{run_dir} has no metrics.jsonl / predictions.csv yet; `gpu-run pull` the run first")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    metrics = read_metrics(metrics_path.read_text())
-    preds = read_predictions(preds_path)
-    classes = summary.get("classes") or sorted({p.true for p in preds} | {p.predicted for p in preds})
+    summary = read_summary(run_dir)
+    metrics = read_host_metrics(metrics_path, METRIC_NUMBERS)
+    preds = read_host_predictions(preds_path, summary_classes(summary))
+    classes = summary_classes(summary) or sorted({p.true for p in preds} | {p.predicted for p in preds})
+    dataset = summary.get("dataset") if isinstance(summary.get("dataset"), dict) else {}
+    if data_root is None and isinstance(dataset.get("path"), str):
+        data_root = Path(dataset["path"])  # the laptop recorded it when the run started
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     matrix = confusion(preds, classes)
