@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from gpu_run import pipeline
+from gpu_run import driver
 from gpu_run.cache import parse_cache_size
 from gpu_run.config import load_config
 from gpu_run.errors import ConfigError
@@ -70,7 +70,7 @@ def train(host: str = "local", data: str | Path | None = None, command: list[str
     spec = TrainSpec(host=host, data=Path(data) if data is not None else None, command=list(command) if command else None,  # type: ignore[arg-type]
                      project=Path(project or Path.cwd()) if command is not None else None, extra_env=extra_env,
                      **options)
-    summary = pipeline.train(spec, load_config(), Ledger(ledger_path()), UI(quiet=quiet))
+    summary = driver.train(spec, load_config(), Ledger(ledger_path()), UI(quiet=quiet))
     cost = summary.get("cost") or {}
     return RunResult(
         run_id=summary["run_id"], status=summary["status"], outputs=Path(summary["run_dir"]),

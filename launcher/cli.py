@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from gpu_run import pipeline, run_commands
+from gpu_run import driver, run_commands
 from gpu_run.cache import parse_cache_size
 from gpu_run.config import load_config
 from gpu_run.errors import GpuRunError
@@ -219,7 +219,7 @@ def train(ctx: click.Context, host, data, model, weights, epochs, batch_size, lr
         hub_weights=[m.strip() for m in hub_weights.split(",") if m.strip()],
     )
     ui = UI(quiet=as_json, verbose=verbose)
-    summary = pipeline.train(spec, load_config(), ledger, ui)
+    summary = driver.train(spec, load_config(), ledger, ui)
     if as_json:
         print_json(summary)
     elif summary.get("status") != "detached":
@@ -260,7 +260,22 @@ def grid_option(key: str, help: str):
     return click.option("--" + key.replace("_", "-"), key, metavar="V[,V...]", default=None, help=help)
 
 
-@cli.group(invoke_without_command=True)
+SWEEP_COMMAND = "gpu_run.command"
+
+
+class SweepGroup(click.Group):
+    """`gpu-run sweep` has subcommands (status, list) and may end in `-- COMMAND`: the words after
+    `--` are the user's command, kept aside before click looks for a subcommand among them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            ctx.meta[SWEEP_COMMAND] = args[cut + 1:]
+            args = args[:cut]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=SweepGroup, invoke_without_command=True)
 @click.option("--host", default="local", show_default=True, help="Host name from gpu-run.toml (one machine for every point).")
 @click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
 @click.option("--grid", "grid_file", type=click.Path(path_type=Path), help="A TOML file: [grid] lists, or [[points]] tables.")
@@ -295,22 +310,31 @@ def grid_option(key: str, help: str):
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", "resume_id", metavar="SWEEP", help="Finish a sweep: pull what ran, then run only what is unfinished.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--set", "set_values", multiple=True, metavar="NAME=V1,V2",
+              help="Your own command: the values of its {NAME} placeholders, one point per combination (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
 @json_option("Print the sweep's result as JSON, nothing else on stdout.")
 @click.pass_context
 def sweep(ctx: click.Context, host, data, grid_file, no_flip, cache_size, parallel, budget, epoch_time, force, max_hours,
           silence_minutes, stop_timeout, env_vars, keep_alive, terminate, detach, accept_new_host_key, resume_id,
-          runs_dir, verbose, as_json, **grid_values) -> None:
+          runs_dir, set_values, verbose, as_json, **grid_values) -> None:
     """Train several points (a grid of train options) on one machine: one connect, sync and image
     build; the points queued on the host (the laptop may close); one stop after the last; each
-    point's cost its share of the machine's; the comparison in runs/sweeps/<id>/.
+    point's cost its share of the machine's; the comparison in runs/sweeps/<id>/. Or sweep your
+    own command: its {NAME} placeholders filled from --set.
 
     \b
     gpu-run sweep --host t4-box --data ./photos --epochs 20 \\
         --model resnet18,resnet50,mobilenet_v3_large --lr 1e-3,1e-2
+    gpu-run sweep --host t4-box --set lr=1e-3,1e-2 -- python train.py --lr {lr}
     """
     if ctx.invoked_subcommand is not None:
         return
+    command = tuple(ctx.meta.get(SWEEP_COMMAND, ()))
+    if command or set_values or SWEEP_COMMAND in ctx.meta:
+        return sweep_command(ctx, command, set_values, host, data, grid_file, cache_size, parallel, budget, force,
+                             max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, detach,
+                             accept_new_host_key, resume_id, runs_dir, verbose, as_json, grid_values)
     from gpu_run.sweep import grid, run as sweeps
 
     ui = UI(quiet=as_json, verbose=verbose)
@@ -331,6 +355,32 @@ def sweep(ctx: click.Context, host, data, grid_file, no_flip, cache_size, parall
                          terminate=terminate, budget=budget or 0.0, epoch_time_s=epoch_time, force=force,
                          accept_new_host_key=accept_new_host_key, runs_dir=runs_dir, extra_env=parse_env(env_vars))
         result = sweeps.sweep(base, points, parallel or 1, config, ledger, ui)
+    render_sweep(ui, result, as_json)
+
+
+def sweep_command(ctx: click.Context, command, set_values, host, data, grid_file, cache_size, parallel, budget, force,
+                  max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, detach,
+                  accept_new_host_key, resume_id, runs_dir, verbose, as_json, grid_values) -> None:
+    """`gpu-run sweep --set NAME=a,b -- COMMAND`: the points fill the command's placeholders."""
+    from gpu_run.sweep import grid, run as sweeps
+
+    job_command = command_of(ctx, command)
+    if job_command is None:
+        raise GpuRunError("--set fills the placeholders of your own command: give it after --, "
+                          "e.g. -- python train.py --lr {lr}")
+    given = [k for k, v in grid_values.items() if v is not None] + (["grid"] if grid_file else [])
+    if given:
+        raise GpuRunError(f"--{given[0].replace('_', '-')} varies the built-in trainer; with your own command, "
+                          f"vary its arguments with --set NAME=a,b and {{NAME}} in the command")
+    if resume_id:
+        raise GpuRunError(f"`gpu-run sweep --resume {resume_id}` runs the sweep's own command again; leave out the command")
+    points = grid.command_points(tuple(set_values), job_command)
+    base = TrainSpec(host=host, data=data, cache_size=parse_cache_size(cache_size), detach=detach, max_hours=max_hours,
+                     silence_minutes=silence_minutes, stop_timeout_s=stop_timeout, keep_alive=keep_alive,
+                     terminate=terminate, budget=budget or 0.0, force=force, accept_new_host_key=accept_new_host_key,
+                     runs_dir=runs_dir, extra_env=parse_env(env_vars), command=job_command, project=Path.cwd())
+    ui = UI(quiet=as_json, verbose=verbose)
+    result = sweeps.sweep(base, points, parallel or 1, load_config(), open_ledger(), ui)
     render_sweep(ui, result, as_json)
 
 
@@ -721,14 +771,9 @@ def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     if as_json:
         print_json({"rows": rows, "files": {k: str(v) for k, v in files.items()}})
         return
-    table = listing("run", "model")
-    for column in ("params", "val acc", "img/s", "s/epoch", "cost"):
-        table.add_column(column, justify="right", overflow="fold")
-    for r in rows:
-        table.add_row(r["run"], r["model"], f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "?",
-                      f"{r['best_val_acc'] * 100:.2f}%", f"{r['train_images_per_s']:.1f}", f"{r['epoch_time_s']:.1f}",
-                      f"{r['cost']:.2f} {r['currency']}")
-    Console().print(table)
+    from gpu_run.deliverables.compare import comparison_table
+
+    Console().print(comparison_table(rows))  # every cell the host's text, shown literally
     for r in rows:  # what `gpu-run plan` said before the run, against what it took
         if r.get("estimated_total_s") and r.get("actual_total_s"):
             off = (r["estimated_total_s"] - r["actual_total_s"]) / r["actual_total_s"] * 100
@@ -848,6 +893,17 @@ def plan_command(data, epochs, model, image_size, batch_size, cache_size, augmen
         print_json([r.as_json() for r in rows])
     else:
         render.print_plan(rows, job, gather.check_request(request), budget)
+
+
+@cli.command()
+@click.option("--port", type=int, default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the browser.")
+def dashboard(port: int, open_browser: bool) -> None:
+    """A web page on 127.0.0.1 for every run: live curves, cost, machines still billing. It stops
+    or pulls a run only when you confirm that on the page; Ctrl-C ends it."""
+    from gpu_run.dashboard.app import serve
+
+    serve(port, open_browser)
 
 
 def main() -> None:

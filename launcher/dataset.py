@@ -22,7 +22,7 @@ from gpu_run.errors import ConfigError, DatasetError
 from gpu_run.paths import home_dir
 # The ImageFolder rules are the trainer's own, so the laptop counts exactly what the host trains on
 # (is_image_file and image_files are also imported from here by others).
-from gpu_run.trainer.imagefolder import IMAGE_EXTENSIONS, class_folders, image_files, is_hidden, is_image_file
+from gpu_run.trainer.imagefolder import IMAGE_EXTENSIONS, class_folders, image_files, is_hidden, is_image_file  # noqa: F401
 
 SPLITS = ("train", "val")
 # More unreadable images than this (per split) is a broken dataset, not a few bad files.

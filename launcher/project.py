@@ -151,3 +151,10 @@ def changed_files(sent: Manifest, now: Manifest) -> list[str]:
 def describe_command(command: list[str]) -> str:
     """The command as a shell line, for listings and the summary."""
     return shlex.join(command)
+
+
+def is_python_script(command: list[str]) -> bool:
+    """`python SCRIPT ...` or `python -m MODULE ...`: what torchrun can start on every process."""
+    from gpu_run.backends.base import is_python
+
+    return len(command) > 1 and is_python(command[0])

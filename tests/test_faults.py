@@ -253,6 +253,7 @@ def test_watchdog_killed(sig, ssh_host, dataset, gpu_run_home, fault_row):
     pid = int((run_dir_remote / "watchdog.pid").read_text())
     os.kill(pid, getattr(signal, f"SIG{sig}"))
     code, out, err = finish(proc)
+    assert out.strip(), f"train printed no summary (exit {code}):\n{err[-3000:]}"
     summary = json.loads(out)
     log = (run_dir_remote / "watchdog.log").read_text()
     if sig == "KILL":

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import wait_for
-from tests.test_instance import REMOTE_RUNS, instance  # noqa: F401  (the fixture)
+from tests.test_instance import REMOTE_RUNS, Instance
 
 TUTORIAL = textwrap.dedent('''
     import argparse, os
@@ -71,6 +72,15 @@ RESUMABLE = textwrap.dedent('''
             sys.exit(0)
     print("finished at epoch", args.epochs, flush=True)
 ''')
+
+
+@pytest.fixture
+def autodl(tmp_path, gpu_run_home, cleanup) -> Instance:
+    """A container instance (the AutoDL look-alike of tests/test_instance.py) as host `autodl`."""
+    inst = Instance(tmp_path, gpu_run_home)
+    cleanup.container(inst.name)
+    inst.start()
+    return inst
 
 
 def make_project(work: Path, dataset: Path, script: str = TUTORIAL) -> None:
@@ -137,7 +147,8 @@ def test_tutorial_script_on_the_ssh_host(ssh_host, dataset, gpu_run_home):
 
 
 @pytest.mark.integration
-def test_stop_and_resume_a_script_on_the_instance(instance, dataset):
+def test_stop_and_resume_a_script_on_the_instance(autodl, dataset):
+    instance = autodl
     make_project(instance.work, dataset, RESUMABLE)
     command = ["--", "python", "train.py", "--epochs", "60"]
     started = train_json(instance.cli, "--host", "autodl", "--detach", *command)
@@ -314,3 +325,174 @@ def test_unknown_hub_weights_are_refused(cli):
     proc = cli("train", "--host", "local", "--hub-weights", "resnet19", "--", "python", "train.py")
     assert proc.returncode != 0 and "--hub-weights resnet19" in proc.stderr and "Traceback" not in proc.stderr
     assert not (cli.cwd / "runs").exists()
+
+
+SWEEP_SCRIPT = textwrap.dedent('''
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--tag")
+    args = parser.parse_args()
+    open("result.txt", "w").write(f"{args.lr} {args.tag}")
+    print("trained with lr", args.lr, flush=True)
+''')
+
+
+@pytest.mark.integration
+def test_sweep_of_a_script_fills_its_placeholders_on_one_machine(ssh_host, dataset, gpu_run_home):
+    from tests.test_sweep import count_stops, stops
+
+    counter = count_stops(ssh_host)
+    make_project(ssh_host.work, dataset, SWEEP_SCRIPT)
+    proc = ssh_host.cli("sweep", "--host", "t4-box", "--data", "./gender_dataset", "--set", "lr=0.1,0.2",
+                        "--set", "tag=a,b", "--json", "--", "python", "train.py", "--lr", "{lr}", "--tag", "{tag}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [p["status"] for p in result["points"]] == ["succeeded"] * 4
+    wrote = sorted((Path(ssh_host.cli.cwd) / "runs" / p["run_id"] / "work" / "result.txt").read_text()
+                   for p in result["points"])
+    assert wrote == ["0.1 a", "0.1 b", "0.2 a", "0.2 b"]
+    # One sync of the data and the code for the four points, and one stop after the last.
+    assert len(list((ssh_host.workdir / "data").iterdir())) == 1 and len(list((ssh_host.workdir / "code").iterdir())) == 1
+    assert stops(counter) == 1 and result["stop"]["ok"]
+    shares = sum(Decimal(str(p["cost"])) for p in result["points"])
+    assert shares == Decimal(str(result["cost"]["amount"]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "lr=1,2", "--", "python", "train.py", "--lr", "1"], "the command has no {lr} to fill"),
+    (["--set", "lr=1,2", "--", "python", "train.py", "--lr", "{lr}", "--bs", "{bs}"], "{bs} has no value"),
+    (["--set", "lr=1,1", "--", "python", "train.py", "--lr", "{lr}"], "names a value twice"),
+    (["--lr", "1,2", "--set", "lr=1,2", "--", "python", "train.py", "--lr", "{lr}"], "--lr is an option of the built-in"),
+])
+def test_bad_command_sweep_is_refused_in_one_line(cli, args, message):
+    (cli.cwd / "train.py").write_text("print('hi')\n")
+    proc = cli("sweep", "--host", "local", *args)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (cli.cwd / "runs").exists()
+
+
+def make_wheel(folder: Path, name: str = "gpurunprobe", version: str = "0.1") -> Path:
+    """A pure-Python wheel made here (no index, no build backend): what a student's
+    requirements.txt names, as the laptop's package index would serve it."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
+PACKAGES_SCRIPT = "import gpurunprobe, torch\nprint('probe', gpurunprobe.VERSION, 'torch', torch.__version__, flush=True)\n"
+
+
+def laptop_index(tmp_path: Path) -> dict:
+    """The laptop's package index: a folder with the wheel, and nothing from the internet."""
+    make_wheel(tmp_path / "index")
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "index")}
+
+
+@pytest.mark.integration
+def test_requirements_are_installed_once_on_a_docker_host_without_internet(ssh_host, tmp_path):
+    (ssh_host.work / "train.py").write_text(PACKAGES_SCRIPT)
+    (ssh_host.work / "requirements.txt").write_text("torch>=2\ngpurunprobe==0.1\n")
+    env = laptop_index(tmp_path)
+    cut = ["--host", "t4-box", "--json", "--", "python", "train.py"]
+    first = ssh_host.cli("train", *cut, env=env)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert "probe 0.1 torch" in (Path(summary["run_dir"]) / "train.log").read_text()
+    ssh_host.start_machine()
+    again = ssh_host.cli("train", *cut[:-4], "--", "python", "train.py", env=env, check=True)
+    assert "installed there already (nothing sent)" in again.stdout and "torch left out" in again.stdout
+
+
+@pytest.mark.integration
+def test_requirements_are_installed_once_on_a_container_instance(autodl, tmp_path):
+    instance = autodl
+    (instance.work / "train.py").write_text(PACKAGES_SCRIPT)
+    (instance.work / "requirements.txt").write_text("gpurunprobe\n")
+    env = laptop_index(tmp_path)
+    first = instance.cli("train", "--host", "autodl", "--json", "--", "python", "train.py", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "probe 0.1" in (Path(json.loads(first.stdout)["run_dir"]) / "train.log").read_text()
+    instance.start_again()
+    again = instance.cli("train", "--host", "autodl", "--", "python", "train.py", env=env, check=True)
+    assert "installed there already (nothing sent)" in again.stdout
+
+
+def test_requirements_the_laptop_cannot_resolve_are_one_line(cli, tmp_path, monkeypatch):
+    from gpu_run.packages import Requirements, download_wheels
+    from gpu_run.errors import ConfigError
+
+    monkeypatch.setenv("GPU_RUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(ConfigError, match="requirements.txt cannot be installed on the host .*no-such-package"):
+        download_wheels(Requirements(["no-such-package==9"], []), "3.13", "linux-x86_64", tmp_path)
+
+
+def test_requirements_leave_the_hosts_torch_alone(tmp_path):
+    from gpu_run.packages import read_requirements
+
+    (tmp_path / "requirements.txt").write_text("torch==2.5.1  # the CUDA build\ntorchvision\nnumpy>=1.24\n\n-f ./wheels\n")
+    req = read_requirements(tmp_path)
+    assert req is not None and req.lines == ["numpy>=1.24", "-f ./wheels"] and req.left_out == ["torch", "torchvision"]
+    assert req.key("3.13", "linux-x86_64") != req.key("3.11", "linux-x86_64")
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR...
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = torch.tensor([rank + 1.0])
+    dist.all_reduce(total)
+    print(f"rank {rank} of {world}: sum {total.item():g}", flush=True)
+    if rank == 0:
+        with open(os.path.join(os.environ["GPU_RUN_OUTPUT"], "ddp.txt"), "w") as f:
+            f.write(f"{world} {total.item():g}")
+    dist.destroy_process_group()
+''')
+
+
+@pytest.mark.integration
+def test_a_ddp_script_on_two_instances_through_torchrun(tmp_path, gpu_run_home, cleanup):
+    from tests.test_multinode import Pair
+
+    pair = Pair(tmp_path, gpu_run_home, cleanup)
+    (pair.work / "ddp.py").write_text(DDP_SCRIPT)
+    summary = train_json(pair.cli, "--host", "pair", "--", "python", "ddp.py")
+    assert summary["status"] == "succeeded", summary
+    assert (Path(summary["run_dir"]) / "ddp.txt").read_text() == "2 3"  # both ranks took part: 1 + 2
+    assert summary["stop"]["ok"] and not any(pair.running().values())
+
+
+def test_a_command_on_several_hosts_must_be_a_python_script(cli):
+    (cli.cwd / "gpu-run.toml").write_text(
+        '[hosts.a]\nssh = "a"\nstop_command = "none"\n[hosts.b]\nssh = "b"\nstop_command = "none"\n'
+        '[groups.ab]\nhosts = ["a", "b"]\n')
+    proc = cli("train", "--host", "ab", "--", "bash", "run.sh")
+    assert proc.returncode != 0 and "must be `python SCRIPT ...`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_node_is_given_the_address_the_others_reach_it_by():
+    from gpu_run.multinode.network import Route
+    from gpu_run.multinode.start import local_addr
+
+    first = Route(address="10.0.0.5", interface="eth0", source="10.0.0.5")
+    other = Route(address="10.0.0.5", interface="eth0", source="10.0.0.7")
+    assert local_addr("box-a.example", 0, first) == "10.0.0.5"
+    assert local_addr("box-a.example", 1, other) == "10.0.0.7"
+    assert local_addr("127.0.0.1", 1, other) == "127.0.0.2"  # nodes on one machine: loopback of their own

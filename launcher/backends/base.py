@@ -1,4 +1,4 @@
-"""What every backend (a place a trainer container or process runs) offers the pipeline."""
+"""What every backend (a place a job runs: a container or a process) offers the driver."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class Job:
     data_rel: str = ""
     seed_work_dir: str | None = None
     hub_weights: list[str] = field(default_factory=list)  # laptop files for TORCH_HOME/hub/checkpoints/
+    packages_dir: str = ""  # requirements.txt's packages, unpacked there (on the job's PYTHONPATH)
 
 
 def job_env(job: Job, data_dir: str, out_dir: str) -> dict[str, str]:
@@ -136,9 +137,17 @@ class Backend(ABC):
         """Where the trainer writes outputs, as its machine sees it (locally: the run folder itself)."""
         return str(local_run_dir)
 
+    def run_dir(self, run_id: str) -> str:
+        """Where the job's own files (pid, log, exit code, the watchdog's) are on its machine."""
+        return ""
+
     @abstractmethod
     def stage_code(self, project: "Project", ui: UI) -> str:
         """A user's project folder onto the machine (its mirror there, incremental); its path."""
+
+    @abstractmethod
+    def stage_packages(self, project: "Project", ui: UI) -> str:
+        """The project's requirements.txt installed for the job there ("" when it has none); its folder."""
 
     @abstractmethod
     def work_dir_for(self, run_id: str) -> str:

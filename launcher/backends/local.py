@@ -18,6 +18,7 @@ from gpu_run.errors import BackendError
 from gpu_run.host_text import split_output, split_text
 from gpu_run.local_shell import LocalShell
 from gpu_run.outputs import CommandOutputs
+from gpu_run.packages import stage_packages
 from gpu_run.project import Project
 from gpu_run.sync.ssh_tar import SyncStats, diff_manifests, local_manifest
 from gpu_run.runtimes.base import Runtime
@@ -79,8 +80,15 @@ class LocalBackend(Backend):
         ui.info(f"project copied: {sent} file(s) changed since the last run")
         return str(mirror)
 
+    def stage_packages(self, project: Project, ui: UI) -> str:
+        return stage_packages(self.shell, self.workdir, self.runtime, project.root,
+                              lambda local, there: shutil.copytree(local, there, dirs_exist_ok=True), ui)
+
     def work_dir_for(self, run_id: str) -> str:
         return f"{self._state_dir(run_id)}/work"
+
+    def run_dir(self, run_id: str) -> str:
+        return self._state_dir(run_id)
 
     def _state_dir(self, run_id: str) -> str:
         """Where the runtime keeps the job's pid, log and exit code (the run folder stays the user's)."""

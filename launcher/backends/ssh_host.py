@@ -20,6 +20,7 @@ from gpu_run.config import Host
 from gpu_run.errors import BackendError
 from gpu_run.host_text import split_output, split_text
 from gpu_run.outputs import CommandOutputs
+from gpu_run.packages import stage_packages
 from gpu_run.project import Project
 from gpu_run.remote import Remote, quote
 from gpu_run.runtimes.base import Runtime
@@ -95,6 +96,10 @@ class SshHostBackend(Backend):
         ui.info(f"project synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
                 f"{stats.deleted} deleted on the host")
         return code_dir
+
+    def stage_packages(self, project: Project, ui: UI) -> str:
+        return stage_packages(self.remote, self.workdir, self.runtime, project.root,
+                              lambda local, there: ssh_tar.push(self.remote, local, there), ui)
 
     def _s3sync(self, action: str, uri: str, host_dir: str) -> str:
         return self.runtime.s3sync_command(action, uri, host_dir, self.store.endpoint_url,
@@ -247,7 +252,10 @@ class SshHostBackend(Backend):
         code = self.runtime.exit_code(handle)
         if code == -1:  # ended without a code of its own (removed, killed): what the watchdog saw,
             status = self.watchdog_status(handle)  # which it records within a poll or two
-            return int(status["exit_code"]) if status else None
+            from gpu_run.watchdog.host import whole_number
+
+            # The host wrote that file: a value that is no number ("abc", none) is not known yet.
+            return whole_number(status.get("exit_code")) if status else None
         return code
 
     def is_running(self, handle: RunHandle) -> bool:
@@ -262,14 +270,17 @@ class SshHostBackend(Backend):
         raise AssertionError("unreachable")
 
     def stop(self, handle: RunHandle, timeout_s: int) -> None:
-        self.watchdog.hold(handle.run_id)  # this laptop pulls right after: keep the host up for it
+        self.watchdog.attach(handle.run_id)  # this laptop pulls right after: keep the host up for it
         self.runtime.stop(handle, timeout_s)
 
     def watchdog_status(self, handle: RunHandle) -> dict | None:
         return self.watchdog.status(handle.run_id)
 
     def ensure_watchdog(self, handle: RunHandle, ui: UI) -> None:
+        """The watchdog running (started again if it was killed), and this laptop's hold on the
+        stop from now until its pull: the job may end at any moment, the grace may be short."""
         self.watchdog.ensure(handle.run_id, ui)
+        self.watchdog.attach(handle.run_id)
 
     # Outputs and the end ----------------------------------------------------------------------
 
@@ -306,7 +317,7 @@ class SshHostBackend(Backend):
 
     def finish(self, handle: RunHandle, out_dir: Path, ui: UI) -> dict:
         run_id = handle.run_id
-        self._again_after_drops(lambda: self.watchdog.hold(run_id))
+        self._again_after_drops(lambda: self.watchdog.attach(run_id))
         self.pull(handle, out_dir, ui)
         # Read what the watchdog recorded first: once it hears the outputs are safe, it may take
         # the machine down at once. (The container stays for the watchdog to see end and remove.)
@@ -321,6 +332,7 @@ class SshHostBackend(Backend):
         return {"watchdog": status} if status else {}
 
     def abort(self, ui: UI, keep_alive: bool = False) -> StopResult:
+        self.watchdog.detach()
         run_id = getattr(self, "run_id", None)
         if run_id is not None:
             try:
@@ -343,6 +355,7 @@ class SshHostBackend(Backend):
         """Follow the watchdog's release of the host and confirm the stop (a cloud instance is
         stopped through its API, which says when it is)."""
         run_id = handle.run_id
+        self.watchdog.detach()  # whatever happened: the laptop no longer holds the stop
         if self.provider is not None:
             if handle.keep_alive:
                 return StopResult(True, "kept_alive", None, f"instance {self.provider.instance_id} is left running (--keep-alive)")

@@ -22,7 +22,7 @@ from gpu_run.money.cost import format_money
 from gpu_run.multinode.nodes import (Node, NodeBoard, group_host, in_parallel, nodes_cost, node_cost,
                                      record_node_stop, save_nodes)
 from gpu_run.providers.base import StopResult
-from gpu_run.run_end import Detached, record_end
+from gpu_run.run_end import Detached, is_command_run, record_end
 from gpu_run.ui import UI, TrainingDisplay
 
 POLL_S = 2  # how often every node's trainer is asked whether it still runs
@@ -305,7 +305,9 @@ def finish_nodes(run: RunRecord, nodes: list[Node], outcome: Outcome, ledger: Le
         release_all(nodes, board)
         ledger.end_phase(run.run_id, "stop", "ok" if all(not n.record.stop_open for n in nodes) else "failed")
     save_nodes(ledger, run.run_id, nodes)
-    missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
+    # Our trainer's outputs must all be here; a command's are whatever it wrote (its exit code decides).
+    missing = [] if is_command_run(run) else [p for p in ("checkpoints/last.pth", "metrics.jsonl")
+                                              if not (run_dir / p).is_file()]
     if status == "succeeded" and missing:
         status = "failed"
         ui.error(f"every node exited 0 but {', '.join(missing)} did not arrive in {run_dir}")

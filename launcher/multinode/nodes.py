@@ -77,6 +77,7 @@ class Node:
     data_dir: str = ""
     route: Route | None = None  # how it reaches the first node
     interface: str | None = None  # what NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME become there
+    code: tuple[str, str] = ("", "")  # a command's project mirror and packages folder there
 
     @property
     def name(self) -> str:

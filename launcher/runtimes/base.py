@@ -9,6 +9,9 @@ from gpu_run.config import Host
 from gpu_run.remote import Remote, quote
 from gpu_run.ui import UI
 
+# What reads the job's interpreter's wheel tags.
+PYTHON_TAGS = "import sys, sysconfig; print('%d.%d' % sys.version_info[:2], sysconfig.get_platform())"
+
 
 def env_file_text(env: dict[str, str]) -> bytes:
     """KEY=VALUE lines (`docker run --env-file`, or sourced by the process wrapper); the format
@@ -59,6 +62,14 @@ class Runtime(ABC):
                       f"ln -sf {quote([python])} {quote([bin_dir + '/python3'])}",
                       f"printf {quote([pip])} > {quote([bin_dir + '/pip'])}", f"chmod +x {quote([bin_dir + '/pip'])}"]
         return " && ".join(steps)
+
+    @abstractmethod
+    def python_tags(self) -> tuple[str, str]:
+        """(Python X.Y, sysconfig platform) of the interpreter the job runs in, for its wheels."""
+
+    @abstractmethod
+    def install_packages_command(self, wheels_dir: str, site_dir: str) -> str:
+        """A shell command unpacking the wheels in wheels_dir into site_dir with the job's interpreter."""
 
     @abstractmethod
     def describe(self) -> str:

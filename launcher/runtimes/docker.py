@@ -15,11 +15,13 @@ from gpu_run.config import Host
 from gpu_run.errors import BackendError
 from gpu_run.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
 from gpu_run.remote import Remote, quote
-from gpu_run.runtimes.base import Runtime
+from gpu_run.packages import INSTALL
+from gpu_run.runtimes.base import PYTHON_TAGS, Runtime
 from gpu_run.shipped import base_image_script
 from gpu_run.ui import UI
 
 RUN_LABEL = "gpu-run.run-id"
+PACKAGES_IN_CONTAINER = "/opt/gpu-run-pydeps"
 NO_GPU_DRIVER = "could not select device driver"
 
 
@@ -133,9 +135,24 @@ class DockerRuntime(Runtime):
             mounts += ["-v", f"{job.data_dir}:/data:ro"]
             if job.data_rel:
                 mounts += ["-v", f"{job.data_dir}:/work/{job.data_rel}:ro"]
-        for key, value in job_env(job, data_seen, "/out").items():
+        env = job_env(job, data_seen, "/out")
+        if job.packages_dir:  # requirements.txt's packages, read-only, first on the path
+            mounts += ["-v", f"{job.packages_dir}:{PACKAGES_IN_CONTAINER}:ro"]
+            env["PYTHONPATH"] = PACKAGES_IN_CONTAINER
+        for key, value in env.items():
             mounts += ["-e", f"{key}={value}"]
         return mounts, command_argv("python3", job)
+
+    def python_tags(self) -> tuple[str, str]:
+        out = self._docker("run", "--rm", "--entrypoint", "python3", self.image_tag or "", "-c", PYTHON_TAGS).stdout
+        version, platform = out.split()[-2:]
+        return version, platform
+
+    def install_packages_command(self, wheels_dir: str, site_dir: str) -> str:
+        parent, name = site_dir.rsplit("/", 1)
+        return quote(["docker", "run", "--rm", "--network", "none", "--user", self.uid_gid,
+                      "-v", f"{wheels_dir}:/wheels:ro", "-v", f"{parent}:/pydeps", "--entrypoint", "python3",
+                      self.image_tag or "", "-c", INSTALL, "/wheels", f"/pydeps/{name}"])
 
     def start(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None, ui: UI) -> dict:
         self.image_tag = prepared.image_tag
@@ -197,8 +214,16 @@ class DockerRuntime(Runtime):
             if "no such" in (r.stderr + r.stdout).lower():
                 return -1  # removed (by the watchdog, after the end): the caller asks the watchdog
             return None  # the engine does not answer (restarting): that is not the job's end
-        state, code = r.stdout.split()
-        return None if state in ("created", "running", "restarting") else int(code)
+        words = r.stdout.split()
+        # The host answers: "running" alone, "exited abc" or 10**400 is no news of the job's end,
+        # just as silence is not. An exit status fits in 32 bits (and so in the ledger).
+        if len(words) != 2 or words[0] in ("created", "running", "restarting"):
+            return None
+        try:
+            value = int(words[1])
+        except ValueError:
+            return None
+        return value if -2**31 <= value < 2**31 else None
 
     def stop(self, handle: RunHandle, timeout_s: int) -> None:
         self._docker("stop", "-t", str(timeout_s), handle.container, check=False, timeout_s=timeout_s + 60)

@@ -21,7 +21,8 @@ from gpu_run.config import Host
 from gpu_run.errors import BackendError
 from gpu_run.presets import PYTHON_CANDIDATES
 from gpu_run.remote import Remote, quote
-from gpu_run.runtimes.base import Runtime, env_file_text
+from gpu_run.packages import INSTALL
+from gpu_run.runtimes.base import PYTHON_TAGS, Runtime, env_file_text
 from gpu_run.shipped import trainer_files
 from gpu_run.ui import UI
 
@@ -138,6 +139,8 @@ class PythonRuntime(Runtime):
             cwd = job.work_dir
             data_seen = f"{job.work_dir}/{job.data_rel}" if job.data_rel else job.data_dir
             env.update(job_env(job, data_seen, job.out_dir))
+            if job.packages_dir:  # requirements.txt's packages, first on the path
+                env["PYTHONPATH"] = job.packages_dir
             # `python`, `python3` and `pip` inside the command's own scripts mean this interpreter too.
             env["PATH"] = f"{run_dir}/bin:$PATH"
         if job.gpus == 0 or prepared.device == "cpu":
@@ -162,6 +165,13 @@ class PythonRuntime(Runtime):
 
     def watch_settings(self, job: Job) -> dict[str, str]:
         return {"WATCH": "process"}
+
+    def python_tags(self) -> tuple[str, str]:
+        version, platform = self.remote.run([self.python, "-c", PYTHON_TAGS]).stdout.split()[-2:]
+        return version, platform
+
+    def install_packages_command(self, wheels_dir: str, site_dir: str) -> str:
+        return quote([self.python, "-c", INSTALL, wheels_dir, site_dir])
 
     @staticmethod
     def _alive(pid_file: str, run_dir: str) -> str:

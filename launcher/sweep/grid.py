@@ -4,6 +4,7 @@ file lists the points (or a grid) explicitly. Pure: no files but the one named, 
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -132,6 +133,52 @@ def build_points(given: dict[str, str | None], grid_file: Path | None = None) ->
     if len(unique) != len(points):
         raise ConfigError("the grid lists the same point twice; each point would run twice")
     return shared, points
+
+
+# `{name}` in a command's words: filled from the grid's --set values.
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def command_points(sets: tuple[str, ...], command: list[str]) -> list[dict]:
+    """`--set lr=1e-3,1e-2 --set seed=1,2` -> every combination (the first --set varies slowest),
+    each value a string for the command's placeholders. Every --set must be a placeholder of the
+    command (otherwise its points would be the same run twice), every placeholder must have one."""
+    wanted = [name for word in command for name in PLACEHOLDER.findall(word)]
+    lists: dict[str, list[str]] = {}
+    for given in sets:
+        key, sep, text = given.partition("=")
+        key = key.strip()
+        if not sep or not PLACEHOLDER.fullmatch("{" + key + "}"):
+            raise ConfigError(f"--set {given!r}: write it as NAME=V1,V2 (NAME as in {{NAME}} in the command)")
+        if key in lists:
+            raise ConfigError(f"--set {key} is given twice; give all its values in one --set {key}=a,b")
+        items = [item.strip() for item in text.split(",")]
+        if any(not item for item in items):
+            raise ConfigError(f"--set {given!r} has an empty item; write it as {key}=a,b,c")
+        if len(set(items)) != len(items):
+            raise ConfigError(f"--set {given!r} names a value twice; each point would run twice")
+        if key not in wanted:
+            raise ConfigError(f"--set {key}: the command has no {{{key}}} to fill; put {{{key}}} where the value goes, "
+                              f"e.g. -- python train.py --{key} {{{key}}}")
+        lists[key] = items
+    missing = [name for name in dict.fromkeys(wanted) if name not in lists]
+    if missing:
+        raise ConfigError(f"the command's {{{missing[0]}}} has no value; give it with --set {missing[0]}=a,b")
+    if not lists:
+        raise ConfigError("a sweep of your own command needs a grid: put {name} in the command and give "
+                          "--set name=a,b (e.g. -- python train.py --lr {lr} with --set lr=1e-3,1e-2)")
+    points = [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
+    if len(points) < 2:
+        raise ConfigError("a sweep needs at least two points: give a --set with two or more values")
+    if len(points) > MAX_POINTS:
+        raise ConfigError(f"the grid has {len(points)} points, more than {MAX_POINTS}; split the sweep")
+    return points
+
+
+def fill_command(command: list[str], point: dict) -> list[str]:
+    """The command of one point: each {name} replaced by its value (other braces left alone)."""
+    return [PLACEHOLDER.sub(lambda m: str(point[m.group(1)]) if m.group(1) in point else m.group(0), word)
+            for word in command]
 
 
 def label(point: dict) -> str:

@@ -17,9 +17,9 @@ from dataclasses import asdict, fields as dataclass_fields, replace
 from decimal import Decimal
 from pathlib import Path
 
-from gpu_run.backends import Backend, Job, backend_for_run, bring_up
+from gpu_run.backends import Backend, backend_for_run
 from gpu_run.backends.base import RunHandle
-from gpu_run.cache import cached_dataset, resolve_cache_size
+from gpu_run.cache import resolve_cache_size
 from gpu_run.config import Config, Host
 from gpu_run.dataset import DatasetInfo
 from gpu_run.deliverables.compare import run_row, write_comparison
@@ -29,15 +29,17 @@ from gpu_run.ledger import FINAL_STATUSES, Ledger, RunRecord, SweepRecord
 from gpu_run.money.budget import BUDGET_MARGIN_S, SETUP_ESTIMATE_S, budget_limit_s, measured_epoch_time
 from gpu_run.money.cost import cost_of, format_money
 from gpu_run.money.split import split_amount, split_seconds
-from gpu_run.pipeline import check_dataset, check_stop_setting, copy_resume_state, new_run_id, plan_record
+from gpu_run.driver import claim, connect, data_source, job_for, prepare, sync_code, sync_data
+from gpu_run.run_plan import RunPlan, check_command_job, check_dataset, check_stop_setting, new_run_id, open_run
+from gpu_run.project import Project
 from gpu_run.providers.base import StopResult
-from gpu_run.run_end import Detached, follow_to_end, handle_of, record_end, record_stop
+from gpu_run.run_end import Detached, follow_to_end, handle_of, is_command_run, record_end, record_stop
 from gpu_run.spec import TrainSpec, check_spec
-from gpu_run.sweep.grid import label
+from gpu_run.sweep.grid import fill_command, label
 from gpu_run.sweep.host import STOP_MARGIN_S, HostQueue, PointState, read_state, stop_queue
 from gpu_run.trainer import defaults as recipe
 from gpu_run.ui import UI
-from gpu_run.weights import resolve_weights, stage_weights
+from gpu_run.weights import Weights, resolve_weights, stage_weights
 
 POINT_START_S = 30  # a point's own start (the trainer's imports, the data loader), for the estimate
 POLL_S = 1.5  # how often the laptop asks the machine where the queue is
@@ -50,14 +52,17 @@ def new_sweep_id() -> str:
 
 def spec_record(spec: TrainSpec) -> dict:
     """The spec as the ledger keeps it: --env values may be secrets, so their names only."""
-    return {**asdict(spec), "data": str(spec.data), "runs_dir": str(spec.runs_dir), "extra_env": sorted(spec.extra_env)}
+    return {**asdict(spec), "data": str(spec.data) if spec.data is not None else None, "runs_dir": str(spec.runs_dir),
+            "extra_env": sorted(spec.extra_env), "project": str(spec.project) if spec.project else None}
 
 
 def spec_from_record(record: dict, env: dict[str, str]) -> TrainSpec:
     """The base spec back from the ledger (the sweep's own keys, such as parallel, left out)."""
     known = {f.name for f in dataclass_fields(TrainSpec)}
     values = {k: v for k, v in record.items() if k in known}
-    return TrainSpec(**{**values, "data": Path(record["data"]), "runs_dir": Path(record["runs_dir"]), "extra_env": env})
+    return TrainSpec(**{**values, "data": Path(record["data"]) if record.get("data") else None,
+                        "runs_dir": Path(record["runs_dir"]), "extra_env": env,
+                        "project": Path(record["project"]) if record.get("project") else None})
 
 
 def sweep_dir(spec: TrainSpec, sweep_id: str) -> Path:
@@ -70,7 +75,8 @@ def point_specs(base: TrainSpec, points: list[dict]) -> list[TrainSpec]:
     """Each point's spec, checked now: a bad value in one point refuses the sweep, not its third hour."""
     specs = []
     for point in points:
-        spec = replace(base, **point)
+        # A command's point fills its placeholders; our trainer's point sets its options.
+        spec = replace(base, command=fill_command(base.command, point)) if base.command is not None else replace(base, **point)
         try:
             check_spec(spec)
         except ConfigError as e:
@@ -88,10 +94,14 @@ def decide_cache(specs: list[TrainSpec], info: DatasetInfo, ui: UI) -> list[Trai
     return [replace(s, cache_size=size) for s in specs]
 
 
-def estimates(specs: list[TrainSpec], host: Host, info: DatasetInfo, ledger: Ledger) -> list[int]:
-    """Each point's seconds on the machine, from its --epoch-time or earlier runs (0: unknown)."""
+def estimates(specs: list[TrainSpec], host: Host, info: DatasetInfo | None, ledger: Ledger) -> list[int]:
+    """Each point's seconds on the machine, from its --epoch-time or earlier runs (0: unknown; a
+    command's points have no epochs we know of)."""
     out = []
     for spec in specs:
+        if spec.is_command or info is None:
+            out.append(0)
+            continue
         epoch_s = spec.epoch_time_s or measured_epoch_time(ledger, host.name, spec.model, info.dataset_id)
         out.append(int(spec.epochs * epoch_s + POINT_START_S) if epoch_s else 0)
     return out
@@ -141,8 +151,7 @@ def sweep(base: TrainSpec, points: list[dict], parallel: int, config: Config, le
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
     specs = point_specs(base, points)
     check_stop_setting(host, base.keep_alive, ui)
-    info = check_dataset(base.data, ui)
-    specs = decide_cache(specs, info, ui)
+    info, project, specs = check_inputs(base, specs, host, ledger, ui)
     sweep_id = new_sweep_id()
     ledger.create_sweep(sweep_id, host.name, spec_json=json.dumps(spec_record(base)), points_json=json.dumps(points),
                         rounds_json="[]", currency=host.currency)
@@ -150,7 +159,18 @@ def sweep(base: TrainSpec, points: list[dict], parallel: int, config: Config, le
     ui.info(f"sweep {sweep_id}: {len(points)} points on {host.name}"
             + (f", {parallel} side by side" if parallel > 1 else ", one after another"))
     return run_round(ledger.get_sweep(sweep_id), base, host, [(i, s, None) for i, s in enumerate(specs)],
-                     parallel, info, config, ledger, ui)
+                     parallel, info, config, ledger, ui, project)
+
+
+def check_inputs(base: TrainSpec, specs: list[TrainSpec], host: Host, ledger: Ledger,
+                 ui: UI) -> tuple[DatasetInfo | None, Project | None, list[TrainSpec]]:
+    """The dataset (and the cache size every point shares), or for a command its project and data,
+    checked as a single run's are."""
+    if base.is_command:
+        project, info = check_command_job(base)
+        return info, project, [replace(s, cache_size=0 if s.cache_size == "auto" else s.cache_size) for s in specs]
+    info = check_dataset(base.data, ui)
+    return info, None, decide_cache(specs, info, ui)
 
 
 def resume(sweep_id: str, config: Config, ledger: Ledger, ui: UI, env: dict[str, str], parallel: int | None = None,
@@ -174,17 +194,16 @@ def resume(sweep_id: str, config: Config, ledger: Ledger, ui: UI, env: dict[str,
     base = replace(base, budget=base.budget if budget is None else budget, detach=detach, force=force or base.force)
     parallel = parallel or int(sw.spec.get("parallel") or 1)
     specs = point_specs(base, [sw.points[i] for i in todo])
-    info = check_dataset(base.data, ui)
-    specs = decide_cache(specs, info, ui)
+    info, project, specs = check_inputs(base, specs, host, ledger, ui)
     items = []
     for i, spec in zip(todo, specs):
         previous = latest.get(i)
         cut = previous is not None and previous.status == "stopped" and \
-            (Path(previous.run_dir) / "checkpoints" / "last.pth").is_file()
+            (base.is_command or (Path(previous.run_dir) / "checkpoints" / "last.pth").is_file())
         items.append((i, spec, previous if cut else None))
     resumed = [str(i + 1) for i, _, p in items if p is not None]
     ui.info(f"sweep {sw.sweep_id}: {len(items)} point(s) left" + (f", point(s) {', '.join(resumed)} from last.pth" if resumed else ""))
-    return run_round(sw, base, host, items, parallel, info, config, ledger, ui)
+    return run_round(sw, base, host, items, parallel, info, config, ledger, ui, project)
 
 
 def latest_runs(ledger: Ledger, sw: SweepRecord) -> dict[int, RunRecord]:
@@ -204,7 +223,8 @@ def save_round(ledger: Ledger, sweep_id: str, number: int, **fields) -> dict:
 
 
 def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[int, TrainSpec, RunRecord | None]],
-              parallel: int, info: DatasetInfo, config: Config, ledger: Ledger, ui: UI) -> dict:
+              parallel: int, info: DatasetInfo | None, config: Config, ledger: Ledger, ui: UI,
+              project: Project | None = None) -> dict:
     if host.is_local:
         return run_locally(sw, host, items, config, ledger, ui)
     number = len(sw.rounds) + 1
@@ -212,24 +232,21 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
     specs = [spec for _, spec, _ in items]
     ests = estimates(specs, host, info, ledger)
     limit_s = check_sweep_budget(base, host, ests, parallel, ui)
-    weights = [resolve_weights(spec.weights, spec.model, ui, resuming=previous is not None) for _, spec, previous in items]
+    weights = [Weights("none") if project is not None else
+               resolve_weights(spec.weights, spec.model, ui, resuming=previous is not None) for _, spec, previous in items]
 
-    # The point runs, in the ledger before anything starts.
+    # The point runs, in the ledger before anything starts: each an ordinary run with its own plan.
+    plans = [RunPlan(spec=spec, host=host, info=info, project=project, weights=w, hub_files=[], budget_limit_s=limit_s,
+                     previous=previous) for (_, spec, previous), w in zip(items, weights)]
     runs: list[RunRecord] = []
     taken: set[str] = set()
-    for (index, spec, previous), w in zip(items, weights):
+    for (index, _spec, _previous), plan in zip(items, plans):
         run_id = new_run_id()
         while run_id in taken:
             run_id = new_run_id()
         taken.add(run_id)
-        run_dir = (spec.runs_dir / run_id).resolve()
-        run_dir.mkdir(parents=True)
-        resumed_from = copy_resume_state(previous, run_dir) if previous else None
-        plan = plan_record(replace(spec, resume=resumed_from), info, w, point=sw.points[index])
-        ledger.create_run(run_id, host.name, model=spec.model, data_path=str(info.root.resolve()), dataset_id=info.dataset_id,
-                          run_dir=str(run_dir), args_json=json.dumps(plan), currency=host.currency, resumed_from=resumed_from,
-                          sweep_id=sw.sweep_id, sweep_point=index, status="queued")
-        runs.append(ledger.get_run(run_id))
+        runs.append(open_run(plan, ledger, host.name, run_id=run_id, sweep_id=sw.sweep_id, sweep_point=index,
+                             status="queued", plan_extra={"point": sw.points[index]}))
     billed_from = None if host.is_free else time.time()
     save_round(ledger, sw.sweep_id, number, queue_id=queue_id, points=[r.run_id for r in runs], parallel=parallel,
                billed_from=billed_from, billed_to=None, stop=None, handle=None, intervals={},
@@ -239,37 +256,34 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
 
     backend: Backend | None = None
     try:
+        # The driver's setup stages, once for every point of the round.
         with ui.timed("connect"):
-            backend = bring_up(host, ui, base.accept_new_host_key)
-            backend.check_stop(base.keep_alive, ui)
-            backend.claim(queue_id, base.keep_alive)  # one lease for the whole round
+            backend = connect(host, base, ui)
+            claim(backend, base, queue_id, ui)  # one lease for the whole round
         ui.info(f"backend: {backend.describe()}")
         with ui.timed("build"):
-            prepared = backend.prepare(ui)
+            prepared = prepare(backend, ui)
         check_parallel(parallel, specs, backend, prepared.device)
-        data_root, data_id = info.root.resolve(), info.dataset_id
-        cache_size = specs[0].cache_size
-        if cache_size:
-            with ui.timed("cache"), ui.progress(f"resizing images to a short side of {cache_size} px", total=0) as update:
-                data_root = cached_dataset(data_root, cache_size, progress=update)
-            data_id = f"{data_id}-s{cache_size}"
+        source = data_source(plans[0], ui, cache_size=specs[0].cache_size)
         with ui.timed("sync"):
-            data_dir = backend.stage_data(data_root, data_id, ui)  # once for every point
+            data_dir = sync_data(backend, source, ui)
         save_round(ledger, sw.sweep_id, number, sync=getattr(backend, "synced", None))
+        code = sync_code(backend, plans[0], ui)  # once: each point copies the project's mirror
         queue = HostQueue(backend, queue_id)
         staged: dict[str, str] = {}
-        for slot, (run, (index, spec, previous), w, est) in enumerate(zip(runs, items, weights, ests)):
-            job = Job(run_id=run.run_id, trainer_args=replace(spec, resume=run.resumed_from).trainer_args(),
-                      data_dir=data_dir, out_dir=backend.out_dir_for(run.run_id, Path(run.run_dir)),
-                      weights=str(w.path) if w.path else "none", gpus=spec.gpus, env=dict(spec.extra_env),
-                      stop_timeout_s=spec.stop_timeout_s, keep_alive=spec.keep_alive, terminate=spec.terminate,
-                      seed_dir=run.run_dir if run.resumed_from else None,
-                      devices=devices_for(slot % parallel, spec.gpus, parallel, prepared.device))
+        for slot, (run, (index, spec, previous), plan, est) in enumerate(zip(runs, items, plans, ests)):
+            job = job_for(plan, backend, run.run_id, Path(run.run_dir), data_dir, code, 0,
+                          spec=replace(spec, resume=run.resumed_from), resumed=bool(run.resumed_from),
+                          devices=devices_for(slot % parallel, spec.gpus, parallel, prepared.device))
             backend.remote.run(["mkdir", "-p", job.out_dir])
-            if job.seed_dir:
-                from gpu_run.sync import ssh_tar
+            from gpu_run.sync import ssh_tar
 
+            if job.seed_dir:
                 ssh_tar.push(backend.remote, Path(job.seed_dir), job.out_dir)
+            if job.command is not None:  # the point's own copy of the project, made now: the queue only starts it
+                backend.remote.run(backend.runtime.workdir_command(job, backend.run_dir(run.run_id)))
+                if run.resumed_from and (Path(run.run_dir) / "work").is_dir():
+                    ssh_tar.push(backend.remote, Path(run.run_dir) / "work", job.work_dir, delete_extra=False)
             if job.weights not in ("none", "imagenet"):
                 if job.weights not in staged:
                     staged[job.weights] = stage_weights(backend.remote, backend.workdir, Path(job.weights), ui)
@@ -277,6 +291,7 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
             env_file = backend._write_env_file(job)  # private to the run's user until its start
             handle = queue.add_point(job, prepared, slot % parallel, est, env_file)
             handle.image_built = prepared.image_built
+            handle.work_dir = job.work_dir
             ledger.update_run(run.run_id, backend=backend.name, image_tag=prepared.image_tag, handle_json=handle.to_json())
         max_runtime = 0
         if limit_s:
@@ -428,6 +443,10 @@ def finish_point(run: RunRecord, point: PointState, total: int, position: int, h
     extra = {**backend.finish(handle_of(run), run_dir, ui), **sweep_info}
     status = status_of_run(point.exit_code, run_dir / "train.log")
     missing = [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
+    if is_command_run(run):  # the exit code decides; a point the queue cut is resumable
+        missing = []
+        if point.outcome in ("stopped", "max_runtime", "silent"):
+            status = "stopped"
     if status == "succeeded" and missing:
         status = "failed"
         ui.error(f"{name}: the trainer exited 0 but {', '.join(missing)} did not arrive in {run_dir}")
@@ -499,7 +518,7 @@ def write_summary(ledger: Ledger, run: RunRecord, summary: dict, **fields) -> No
 # Local host: no machine to share, the points run one after another through train ------------------
 
 def run_locally(sw: SweepRecord, host: Host, items, config: Config, ledger: Ledger, ui: UI) -> dict:
-    from gpu_run import pipeline
+    from gpu_run import driver
 
     number = len(sw.rounds) + 1
     save_round(ledger, sw.sweep_id, number, queue_id=None, points=[], parallel=1, billed_from=None, billed_to=None,
@@ -512,7 +531,7 @@ def run_locally(sw: SweepRecord, host: Host, items, config: Config, ledger: Ledg
         spec = replace(spec, resume=previous.run_id if previous else None, detach=False)
         before = {r.run_id for r in ledger.list_runs(host=host.name, limit=5)}
         try:
-            pipeline.train(spec, config, ledger, ui)
+            driver.train(spec, config, ledger, ui)
         finally:
             new = [r for r in ledger.list_runs(host=host.name, limit=5) if r.run_id not in before]
             for run in new:

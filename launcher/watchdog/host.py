@@ -7,7 +7,9 @@ host that still answers is not a stop, and no money is recorded as saved until o
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shlex
 import threading
 import time
@@ -31,9 +33,20 @@ LEASE_RENEW_S = 30  # the laptop renews its setup lease this often
 # A watchdog whose laptop has not renewed the setup lease this long releases the host (the laptop
 # died or went offline mid-setup). Tests set it lower (GPU_RUN_SETUP_IDLE_S).
 SETUP_IDLE_S = int(os.environ.get("GPU_RUN_SETUP_IDLE_S", "900"))
-# A laptop that starts pulling holds the stop this long past the grace (GPU_RUN_HOLD_S in tests).
-HOLD_S = int(os.environ.get("GPU_RUN_HOLD_S", "120"))  # a stop that failed this often is reported; the watchdog keeps trying
+# A laptop that follows, stops or pulls a run holds the stop past the grace; it renews its hold
+# every HOLD_RENEW_S while it works, so a hold older than HOLD_S means the laptop is gone
+# (GPU_RUN_HOLD_S in tests). Renewing from the start of the follow, not from the job's end, is what
+# keeps a busy laptop from losing the race against a short grace.
+HOLD_S = int(os.environ.get("GPU_RUN_HOLD_S", "60"))
+HOLD_RENEW_S = max(1.0, min(10.0, HOLD_S / 3))  # a stop that failed this often is reported; the watchdog keeps trying
 _DROPPED = (GpuRunError, paramiko.SSHException, OSError, EOFError)
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only, and few enough for an exit status
+
+
+def whole_number(text: str | None) -> int | None:
+    """A small whole number a host wrote (an exit code, an attempt count), or None for anything
+    else ("abc", "", "1e9", 10**400 digits): the host's files are data, and a traceback is no answer."""
+    return int(text) if text is not None and _WHOLE_NUMBER.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
@@ -46,9 +59,10 @@ class StopState:
 
     @property
     def attempt(self) -> int:
+        """How often the stop failed; 0 when the watchdog wrote no number (nothing to report yet)."""
         for word in self.detail.split():
             if word.startswith("attempt="):
-                return int(word.split("=", 1)[1])
+                return whole_number(word.split("=", 1)[1]) or 0
         return 0
 
 
@@ -59,6 +73,8 @@ def parse_stop_state(text: str) -> StopState | None:
     try:
         at = float(words[1]) if len(words) > 1 else None
     except ValueError:
+        at = None
+    if at is not None and not math.isfinite(at):  # "nan" and "inf" are floats too, and no time
         at = None
     return StopState(words[0], at, words[2] if len(words) > 2 else "")
 
@@ -107,7 +123,9 @@ class HostWatchdog:
         self.workdir = workdir
         self.host_name = host_name
         self.secrets_env = secrets_env or {}  # what the watchdog's upload needs (S3 keys for the host)
-        self._keeper: _LeaseKeeper | None = None
+        self._keeper: _Renewer | None = None
+        self._holder: _Renewer | None = None  # this laptop's hold on a run's stop, renewed
+        self._held = ""  # the run it holds
 
     def run_dir(self, run_id: str) -> str:
         return f"{self.workdir}/runs/{run_id}"
@@ -140,7 +158,7 @@ class HostWatchdog:
         self._write(f"{run_dir}/host.env", "".join(f"{k}={quote([v])}\n" for k, v in settings.items()).encode())
         self.touch(run_id)
         self._start(run_id, "watch")
-        self._keeper = _LeaseKeeper(self, run_id)
+        self._keeper = _Renewer(lambda: self.touch(run_id), LEASE_RENEW_S)
 
     def touch(self, run_id: str) -> None:
         self.remote.run(f"echo setup > {quote([self._file(run_id, 'lease')])}", timeout_s=30)
@@ -208,8 +226,24 @@ class HostWatchdog:
         """A laptop is about to pull: the watchdog waits a little past the grace for it."""
         self.remote.run(["touch", self._file(run_id, "hold")])
 
+    def attach(self, run_id: str) -> None:
+        """This laptop follows the run and will pull it: its hold, renewed in the background until
+        detach() (or until this process dies, which is how the watchdog learns the laptop is gone)."""
+        self.hold(run_id)
+        if self._holder is not None and self._held != run_id:
+            self.detach()
+        if self._holder is None:
+            self._holder, self._held = _Renewer(lambda: self.hold(run_id), HOLD_RENEW_S), run_id
+
+    def detach(self) -> None:
+        """The laptop is done with the run: its hold lapses, the watchdog may release the host."""
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.stop()
+
     def mark_pulled(self, run_id: str) -> None:
         """The outputs are safe on the laptop: the watchdog may stop the host now, not after the grace."""
+        self.detach()
         self.remote.run(["touch", self._file(run_id, "pulled")])
 
     # The end ---------------------------------------------------------------------------------------
@@ -278,21 +312,22 @@ class HostWatchdog:
             time.sleep(1)
 
 
-class _LeaseKeeper:
-    """Renews a run's setup lease in the background while the laptop syncs and builds (steps that
-    can take many minutes in one call); it dies with the laptop, which is the point."""
+class _Renewer:
+    """Renews something of the laptop's on the host in the background (the setup lease while it
+    syncs and builds, steps that can take many minutes in one call; the hold while it follows and
+    pulls); it dies with the laptop, which is the point."""
 
-    def __init__(self, watchdog: HostWatchdog, run_id: str):
+    def __init__(self, renew, every_s: float):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(watchdog, run_id), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(renew, every_s), daemon=True)
         self._thread.start()
 
-    def _run(self, watchdog: HostWatchdog, run_id: str) -> None:
-        while not self._stop.wait(LEASE_RENEW_S):
+    def _run(self, renew, every_s: float) -> None:
+        while not self._stop.wait(every_s):
             try:
-                watchdog.touch(run_id)
+                renew()
             except _DROPPED:
-                pass  # the setup step itself meets the dropped connection and says so
+                pass  # the laptop's own step meets the dropped connection and says so
 
     def stop(self) -> None:
         self._stop.set()
