@@ -106,17 +106,27 @@ def job_for(plan: RunPlan, backend: Backend, run_id: str, run_dir: Path, data_di
     )
 
 
+# The exit code of a run whose machine is not confirmed stopped, whatever failed first (cli.py's too).
+EXIT_NOT_STOPPED = 3
+
+
 def release_failed_setup(backend: Backend | None, host: Host, keep_alive: bool, ledger: Ledger, run_id: str,
-                         billed_from: float | None, ui: UI) -> None:
-    """Nothing runs yet: the machine must not stay up (and bill) because setup failed."""
+                         billed_from: float | None, ui: UI) -> bool:
+    """Nothing runs yet: the machine must not stay up (and bill) because setup failed. True when
+    its stop is confirmed (or nothing bills)."""
     if backend is not None:
         try:
-            record_stop(ledger, run_id, backend.abort(ui, keep_alive), billed_from)
+            result = backend.abort(ui, keep_alive)
         except Exception as abort_error:  # the setup's own error is the one to show
             ledger.update_run(run_id, stop_status="unconfirmed", stop_detail=str(abort_error))
-            ui.error(f"NOT STOPPED: could not release {host.name} after the failed setup ({abort_error})")
-    elif billed_from:
+            ui.error(f"NOT STOPPED: could not release {host.name} after the failed setup ({abort_error}); "
+                     f"`gpu-run stop {run_id}` tries again")
+            return False
+        record_stop(ledger, run_id, result, billed_from)
+        return result.ok
+    if billed_from:
         ledger.update_run(run_id, billed_to=time.time())  # never reached: nothing of ours runs there
+    return True
 
 
 # A run on one machine ----------------------------------------------------------------------------
@@ -168,7 +178,9 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         ledger.update_run(run_id, status="failed", ended_at=time.time())
         if isinstance(e, GpuRunError):
             ledger.end_phase(run_id, "train", "failed", str(e))
-        release_failed_setup(backend, host, plan.spec.keep_alive, ledger, run_id, billed_from, ui)
+        stopped = release_failed_setup(backend, host, plan.spec.keep_alive, ledger, run_id, billed_from, ui)
+        if not stopped and isinstance(e, GpuRunError):
+            e.exit_code = EXIT_NOT_STOPPED  # the machine may be billing: that outranks what failed first
         raise
 
     if plan.spec.detach:

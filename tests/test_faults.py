@@ -488,3 +488,29 @@ def test_a_failed_setup_never_stops_the_host_under_another_run(ssh_host, dataset
     assert left_up == 0 and ok
     fault_row("a second run's setup fails while the first trains", 0, left_up,
               billed_idle_s(ssh_host, running["run_id"]), ok)
+
+
+def test_a_failed_setup_whose_machine_does_not_stop_exits_3_and_stop_stops_it(ssh_host, dataset, gpu_run_home,
+                                                                             fault_row, cleanup):
+    """The attack: the setup fails after the claim (the dataset's folder on the host is taken by a
+    file) on a host whose stop command fails. train must say NOT STOPPED and exit 3 whatever failed
+    first, and the advised `gpu-run stop RUN` must find the machine (its handle is in the ledger
+    from the claim on) and stop it."""
+    text = (ssh_host.work / "gpu-run.toml").read_text()
+    (ssh_host.work / "gpu-run.toml").write_text("\n".join(
+        """stop_command = "sh -c 'echo no space left >&2; exit 1'\"""" if line.startswith("stop_command") else line
+        for line in text.splitlines()) + "\n")
+    cleanup.processes_naming(str(ssh_host.workdir / "runs"))  # the watchdog retries the broken stop forever
+    (ssh_host.workdir / "data").mkdir(parents=True)
+    (ssh_host.workdir / "data" / dataset_id(dataset)).write_text("a file where the dataset folder should go\n")
+    failed = cli(ssh_host, "train", *FAST, "--epochs", "1", "--data", str(dataset), check=False)
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    assert "NOT STOPPED" in failed.stderr and ssh_host.power.up
+    run_id = only_run(ssh_host)
+    row = ledger_row(gpu_run_home, run_id)
+    assert row["status"] == "failed" and row["billed_to"] is None and row["handle_json"]
+    ssh_host.write_config(grace_s=3)  # the user fixes the stop command
+    fixed = json.loads(cli(ssh_host, "stop", run_id, "--json").stdout)
+    assert fixed["stop"]["ok"] and not ssh_host.power.up
+    assert ledger_row(gpu_run_home, run_id)["billed_to"] is not None
+    fault_row("setup fails and the stop fails (exit 3, then gpu-run stop)", 0, 0, None, True)
