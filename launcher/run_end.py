@@ -126,8 +126,18 @@ def record_stop(ledger: Ledger, run_id: str, result: StopResult, billed_from: fl
     bills); a failed or unconfirmed stop leaves it open until `gpu-run stop RUN` confirms one."""
     fields: dict = {"stop_status": result.state, "stop_detail": result.detail}
     if billed_from is not None and result.ok:
-        fields["billed_to"] = result.at or time.time()
+        fields["billed_to"] = billed_end(ledger, run_id, result.at, billed_from)
     ledger.update_run(run_id, **fields)
+
+
+def billed_end(ledger: Ledger, run_id: str, host_said: float | None, billed_from: float) -> float:
+    """When the bill ends, on the laptop's clock: the stop time the host reported, but never later
+    than now (when the laptop learned of the stop: a host clock two hours ahead would otherwise
+    bill two hours), nor before the job's end as the laptop saw it (a clock behind)."""
+    now = time.time()
+    at = min(host_said, now) if host_said is not None else now
+    train_end = max((p.ended_at for p in ledger.phases(run_id) if p.phase == "train" and p.ended_at), default=None)
+    return max(at, train_end or billed_from, billed_from)
 
 def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended: float) -> dict:
     run_dir = Path(run.run_dir)

@@ -146,3 +146,25 @@ def test_image_tag_follows_content_and_base():
     assert image_tag(list(files), "gpu-run-base:cpu") == tag
     assert image_tag(files, "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime") != tag
     assert image_tag([files[0], ("trainer/train.py", b"print(2)")], "gpu-run-base:cpu") != tag
+
+
+def test_the_hosts_clock_never_sets_the_bill(tmp_path):
+    """A host whose clock runs two hours ahead reports its stop two hours late: the bill ends when
+    the laptop learned of the stop; a clock behind cannot end it before the job's end."""
+    import time
+
+    from gpu_run.ledger import Ledger
+    from gpu_run.providers.base import StopResult
+    from gpu_run.run_end import record_stop
+
+    ledger = Ledger(tmp_path / "runs.db")
+    start = time.time() - 20
+    for run_id, host_at in (("ahead", time.time() + 7200), ("behind", start - 3600)):
+        ledger.create_run(run_id, "box", billed_from=start)
+        ledger.start_phase(run_id, "train")
+        ledger.end_phase(run_id, "train", "ok")
+        record_stop(ledger, run_id, StopResult(True, "stopped", host_at, "stopped"), start)
+    ahead, behind = ledger.get_run("ahead"), ledger.get_run("behind")
+    assert start < ahead.billed_to <= time.time() and ahead.billed_to - start < 60
+    train_end = ledger.phases("behind")[0].ended_at
+    assert behind.billed_to == train_end

@@ -473,7 +473,8 @@ def close_round(ledger: Ledger, sweep_id: str, number: int, result: StopResult, 
     if rnd.get("billed_from") and result.ok:
         # A machine the watchdog had stopped before the laptop came back was billed until then.
         earlier = float(watchdog_stop[1]) if len(watchdog_stop) > 1 and watchdog_stop[0] == "stopped" else None
-        fields["billed_to"] = earlier or result.at or time.time()
+        # On the laptop's clock: never later than now, whatever the host's clock says.
+        fields["billed_to"] = max(min(earlier or result.at or time.time(), time.time()), rnd["billed_from"])
     rnd = save_round(ledger, sweep_id, number, **fields)
     for run in runs:
         record_stop(ledger, run.run_id, result, None)
