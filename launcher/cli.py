@@ -100,7 +100,9 @@ def print_summary(ui: UI, s: dict) -> None:
     if s.get("nodes"):
         ui.info(f"  nodes: {', '.join(s['nodes'])} (world size {s['world_size']}); each node's log in nodes/")
     cost = s["cost"]
-    ui.info(f"  cost: {cost['amount']:.2f} {cost['currency']} ({cost['billed_s']} s billed)")
+    open_bill = not (s.get("stop") or {}).get("ok", True)
+    ui.info(f"  cost: {cost['amount']:.2f} {cost['currency']} ({cost['billed_s']} s billed"
+            + (", so far: still billing until the machine is confirmed stopped)" if open_bill else ")"))
     if s["status"] == "stopped":
         ui.info(f"  stopped with a resumable last.pth: gpu-run train --resume {s['run_id']} ...")
     stop = s.get("stop") or {}
