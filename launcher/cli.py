@@ -908,6 +908,47 @@ def dashboard(port: int, open_browser: bool) -> None:
     serve(port, open_browser)
 
 
+# One example line at the end of each command's --help, as the best CLIs have (one place for all).
+EXAMPLES = {
+    "": "gpu-run train --host autodl --data ./gender_dataset --epochs 20",
+    "train": "gpu-run train --host autodl --data ./gender_dataset -- python train.py --data_dir ./gender_dataset",
+    "attach": "gpu-run attach 20261203-101500-ab12",
+    "stop": "gpu-run stop 20261203-101500-ab12",
+    "pull": "gpu-run pull 20261203-101500-ab12 --max-pull-mb 4096",
+    "logs": "gpu-run logs 20261203-101500-ab12 -f",
+    "status": "gpu-run status 20261203-101500-ab12",
+    "runs": "gpu-run runs --host autodl",
+    "cost": "gpu-run cost --csv > costs.csv",
+    "doctor": "gpu-run doctor autodl",
+    "hosts": "gpu-run hosts",
+    "hosts add": 'gpu-run hosts add autodl --ssh-command "ssh -p 38921 root@connect.westb.seetacloud.com" --preset autodl',
+    "plan": "gpu-run plan --data ./gender_dataset --epochs 20 --deadline 6h --budget 30",
+    "report": "gpu-run report 20261203-101500-ab12",
+    "compare": "gpu-run compare 20261203-101500-ab12 20261203-121500-cd34",
+    "predict": "gpu-run predict 20261203-101500-ab12 photo.jpg --export onnx",
+    "sweep": "gpu-run sweep --host autodl --data ./photos --model resnet18,resnet50 --lr 1e-3,1e-2",
+    "sweep status": "gpu-run sweep status sweep-20261203-101500-ab12",
+    "sweep list": "gpu-run sweep list",
+    "image build-base": "gpu-run image build-base",
+    "image": "gpu-run image build-base",
+    "demo-data": "gpu-run demo-data ./demo-data",
+    "dashboard": "gpu-run dashboard --open",
+}
+
+
+def add_examples(group: click.Group, prefix: str = "") -> None:
+    for name, command in group.commands.items():
+        key = f"{prefix} {name}".strip()
+        if key in EXAMPLES:
+            command.epilog = f"Example: {EXAMPLES[key]}"
+        if isinstance(command, click.Group):
+            add_examples(command, key)
+
+
+cli.epilog = f"Example: {EXAMPLES['']}"
+add_examples(cli)
+
+
 def main() -> None:
     cli(prog_name="gpu-run")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from gpu_run.errors import ConfigError
-from gpu_run.presets import PRESETS
+from gpu_run.platforms import PRESETS
 from gpu_run.money.prices import hourly_price
 
 CONFIG_FILENAME = "gpu-run.toml"
@@ -73,7 +73,7 @@ class Host:
     runtime: str = "auto"  # auto | docker | python
     python: str | None = None  # the interpreter for runtime python (default: probed)
     setup_command: str | None = None  # shell prelude before pip on the host (a mirror, a proxy)
-    preset: str | None = None  # a platform whose defaults fill this table (launcher/presets.py)
+    preset: str | None = None  # a platform whose defaults fill this table (launcher/platforms.py)
     # What the machine has, for `gpu-run plan` (else what `gpu-run doctor` found, or past runs say).
     gpu: str | None = None  # "RTX 4090", "T4", "A100 80GB PCIe"...; "none" for a CPU-only host
     vcpus: int | None = None  # CPU cores the trainer's data loader can use

@@ -34,7 +34,7 @@ import paramiko
 
 from gpu_run.config import CONFIG_FILENAME, LOCAL_HOST, _HOST_NAME, load_config, parse_hosts
 from gpu_run.errors import BackendError, ConfigError, Unreachable
-from gpu_run.presets import PRESETS
+from gpu_run.platforms import PRESETS
 from gpu_run.remote import CONNECT_TIMEOUT_S, Remote, SshTarget, fingerprint
 from gpu_run.ui import UI
 

@@ -168,3 +168,18 @@ def test_the_hosts_clock_never_sets_the_bill(tmp_path):
     assert start < ahead.billed_to <= time.time() and ahead.billed_to - start < 60
     train_end = ledger.phases("behind")[0].ended_at
     assert behind.billed_to == train_end
+
+
+def test_every_command_ends_its_help_with_an_example():
+    import click
+
+    from gpu_run.cli import cli
+
+    def walk(group: click.Group, prefix: str = "gpu-run"):
+        assert group.epilog and group.epilog.startswith("Example: gpu-run"), prefix
+        for name, command in group.commands.items():
+            assert command.epilog and command.epilog.startswith("Example: gpu-run"), f"{prefix} {name}"
+            if isinstance(command, click.Group):
+                walk(command, f"{prefix} {name}")
+
+    walk(cli)

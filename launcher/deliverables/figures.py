@@ -3,6 +3,7 @@ names (CJK included: matplotlib falls back per glyph along the font list), 300 d
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,10 @@ CJK_FILE_HINTS = ("cjk", "wqy", "simhei", "msyh", "pingfang", "sourcehan", "umin
 
 
 def setup_fonts() -> None:
+    # A CJK font with only a medium weight makes matplotlib say "findfont: Failed to find font
+    # weight normal ... now using 500" for every label: it draws the text all the same, and the
+    # user can do nothing about it.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     installed = {f.name for f in font_manager.fontManager.ttflist}
     if not any(name in installed for name in CJK_FONTS):
         # matplotlib's font cache predates a CJK font installed later: register such files now.

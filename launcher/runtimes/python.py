@@ -19,7 +19,7 @@ import tarfile
 from gpu_run.backends.base import Job, Prepared, RunHandle, command_argv, job_env, launcher_argv, trainer_argv
 from gpu_run.config import Host
 from gpu_run.errors import BackendError
-from gpu_run.presets import PYTHON_CANDIDATES
+from gpu_run.platforms import PYTHON_CANDIDATES
 from gpu_run.remote import Remote, quote
 from gpu_run.packages import INSTALL
 from gpu_run.runtimes.base import PYTHON_TAGS, Runtime, env_file_text
