@@ -20,6 +20,9 @@ command -v rsync >/dev/null || need+=(rsync)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 # A CJK font, so the report test can check that Chinese class names render.
 [ -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || need+=(fonts-wqy-zenhei)
+# Debian's headless browser and its driver, for the dashboard's browser tests (nothing downloaded then).
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "the test bed needs ${need[*]}: run as root or install them (apt-get install ${need[*]})" >&2
