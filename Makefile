@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DATA := build/demo-data
 
-.PHONY: install demo test test-unit testbed wheel-check benchmark faults clean
+.PHONY: install demo test test-unit lint testbed wheel-check benchmark faults clean
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ test: testbed
 # The unit tests, in seconds and without the test bed (no model training: that is `slow`).
 test-unit: install
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
+
+# Lint (ruff: tests and benchmarks too), the formatter's check, and the type check; each reads its
+# settings, and mypy its files, from pyproject.toml.
+lint: install
+	$(BIN)/ruff check launcher trainer tests benchmarks
+	$(BIN)/ruff format --check launcher trainer
+	$(BIN)/mypy
 
 # The wheel as a user installs it, in a fresh venv outside the checkout (and the launcher on Python 3.10).
 wheel-check: testbed

@@ -25,8 +25,23 @@ from gpu_run.spec import TrainSpec
 from gpu_run.ui import UI
 
 # Options of the built-in trainer: given with a command they would do nothing, so they are refused.
-_TRAINER_ONLY = ("model", "weights", "epochs", "batch_size", "lr", "step_size", "gamma", "image_size", "augment",
-                 "no_flip", "workers", "seed", "amp", "decode", "compile")
+_TRAINER_ONLY = (
+    "model",
+    "weights",
+    "epochs",
+    "batch_size",
+    "lr",
+    "step_size",
+    "gamma",
+    "image_size",
+    "augment",
+    "no_flip",
+    "workers",
+    "seed",
+    "amp",
+    "decode",
+    "compile",
+)
 
 
 @dataclass
@@ -42,8 +57,14 @@ class RunResult:
     summary: dict  # summary.json as written (empty for a detached run)
 
 
-def train(host: str = "local", data: str | Path | None = None, command: list[str] | None = None,
-          project: str | Path | None = None, quiet: bool = False, **options) -> RunResult:
+def train(
+    host: str = "local",
+    data: str | Path | None = None,
+    command: list[str] | None = None,
+    project: str | Path | None = None,
+    quiet: bool = False,
+    **options,
+) -> RunResult:
     """Launch a run and follow it to its end (or return at once with detach=True).
 
     `command` is the user's own job (run in a copy of `project`, default the current folder);
@@ -57,8 +78,10 @@ def train(host: str = "local", data: str | Path | None = None, command: list[str
             raise ConfigError("command must be a list of words, e.g. ['python', 'train.py', '--epochs', '20']")
         mixed = [name for name in _TRAINER_ONLY if name in options]
         if mixed:
-            raise ConfigError(f"{mixed[0]}= is an option of the built-in trainer and does nothing for your own "
-                              f"command; pass it to your script in command instead")
+            raise ConfigError(
+                f"{mixed[0]}= is an option of the built-in trainer and does nothing for your own "
+                f"command; pass it to your script in command instead"
+            )
     elif data is None:
         raise ConfigError("train() needs data= (an ImageFolder dataset) for the built-in trainer, or command=[...]")
     if "cache_size" in options:
@@ -67,14 +90,22 @@ def train(host: str = "local", data: str | Path | None = None, command: list[str
     for name in ("runs_dir",):
         if name in options:
             options[name] = Path(options[name])
-    spec = TrainSpec(host=host, data=Path(data) if data is not None else None, command=list(command) if command else None,  # type: ignore[arg-type]
-                     project=Path(project or Path.cwd()) if command is not None else None, extra_env=extra_env,
-                     **options)
+    spec = TrainSpec(
+        host=host,
+        data=Path(data) if data is not None else None,
+        command=list(command) if command else None,  # type: ignore[arg-type]
+        project=Path(project or Path.cwd()) if command is not None else None,
+        extra_env=extra_env,
+        **options,
+    )
     summary = driver.train(spec, load_config(), Ledger(ledger_path()), UI(quiet=quiet))
     cost = summary.get("cost") or {}
     return RunResult(
-        run_id=summary["run_id"], status=summary["status"], outputs=Path(summary["run_dir"]),
-        cost=cost.get("amount"), currency=cost.get("currency"),
+        run_id=summary["run_id"],
+        status=summary["status"],
+        outputs=Path(summary["run_dir"]),
+        cost=cost.get("amount"),
+        currency=cost.get("currency"),
         machine_stopped=bool((summary.get("stop") or {}).get("ok", summary["status"] == "detached")),
         summary=summary if "exit_code" in summary else {},
     )

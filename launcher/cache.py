@@ -19,10 +19,11 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Final, Literal
 
 from PIL import Image
 
@@ -74,7 +75,7 @@ def resize_one(args: tuple[str, str, int]) -> str | None:
         scale = size / min(w, h)
         target = (max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1 else (w, h)
         if im.size != target:
-            im = im.resize(target, Image.BICUBIC)
+            im = im.resize(target, Image.Resampling.BICUBIC)
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{dst}.tmp"
         im.save(tmp, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
@@ -91,8 +92,9 @@ def cache_root(source: Path, size: int) -> Path:
     return home_dir() / "cache" / f"{dataset_id(Path(source).resolve())}-s{size}"
 
 
-def cached_dataset(source: Path, size: int, progress: Callable[..., None] | None = None,
-                   workers: int | None = None) -> Path:
+def cached_dataset(
+    source: Path, size: int, progress: Callable[..., None] | None = None, workers: int | None = None
+) -> Path:
     """Bring the resized copy of `source` up to date and return its root."""
     source = Path(source).resolve()
     root = cache_root(source, size)
@@ -107,7 +109,7 @@ def cached_dataset(source: Path, size: int, progress: Callable[..., None] | None
         old = index.get(rel)
         if old and old.get("format") != COPY_FORMAT:
             old = None
-        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": COPY_FORMAT}
+        entry: dict[str, int | str] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": COPY_FORMAT}
         if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns and (root / rel).is_file():
             new_index[rel] = old
             continue
@@ -136,7 +138,7 @@ def cached_dataset(source: Path, size: int, progress: Callable[..., None] | None
 
 # --cache-size auto --------------------------------------------------------------------------------
 
-AUTO = "auto"
+AUTO: Final = "auto"
 # RandomResizedCrop's smallest crop, as a fraction of the image's area, per --augment recipe
 # (trainer/train.py build_transforms; tests/test_cache_auto.py checks these against the trainer's
 # own decode_short_side). "none" crops nothing: it reads what evaluation reads.
@@ -154,7 +156,9 @@ def parse_cache_size(text: str | int) -> int | Literal["auto"]:
         return AUTO
     if value.isdigit():  # no sign, no decimals: "-1", "1.5" and "" are refused below
         return int(value)
-    raise ConfigError(f"--cache-size must be 0 (no copy), a short side in pixels such as 256, or auto; got {str(text)!r}")
+    raise ConfigError(
+        f"--cache-size must be 0 (no copy), a short side in pixels such as 256, or auto; got {str(text)!r}"
+    )
 
 
 def eval_short_side(image_size: int) -> int:
@@ -243,18 +247,31 @@ class CacheAdvice:
         side, need = self.median_short_side, self.needed_short_side
         what = f"the {need} px that {self.image_size} px training with --augment {self.augment} reads"
         if not self.helps:
-            return (f"the images' median short side is {side} px, not over twice {what}: a resized copy "
-                    f"would save little, so --cache-size auto makes none")
+            return (
+                f"the images' median short side is {side} px, not over twice {what}: a resized copy "
+                f"would save little, so --cache-size auto makes none"
+            )
         gains = []
         if self.cached_bytes is not None:
-            gains.append(f"upload {_times(self.bytes_ratio)} the bytes ({_size_text(self.dataset_bytes)} -> "
-                         f"{_size_text(self.cached_bytes)})")
+            assert self.bytes_ratio is not None  # the copy's bytes are estimated from it
+            gains.append(
+                f"upload {_times(self.bytes_ratio)} the bytes ({_size_text(self.dataset_bytes)} -> "
+                f"{_size_text(self.cached_bytes)})"
+            )
         if self.decode_speedup is not None:
-            gains.append(f"decode {_times(self.decode_speedup)} faster "
-                         f"({self.decode_s_saved_per_epoch:.0f} core-s less per epoch)")
-        would = f": --cache-size {need} would {' and '.join(gains)}" if gains else f": --cache-size {need} would shrink them"
-        return (f"the images' median short side is {side} px, {_times(side / need)} {what}{would}; "
-                f"--cache-size auto does it")
+            gains.append(
+                f"decode {_times(self.decode_speedup)} faster "
+                f"({self.decode_s_saved_per_epoch:.0f} core-s less per epoch)"
+            )
+        would = (
+            f": --cache-size {need} would {' and '.join(gains)}"
+            if gains
+            else f": --cache-size {need} would shrink them"
+        )
+        return (
+            f"the images' median short side is {side} px, {_times(side / need)} {what}{would}; "
+            f"--cache-size auto does it"
+        )
 
 
 def dataset_images(root: Path) -> list[Path]:
@@ -276,8 +293,9 @@ def spread(items: list, n: int) -> list:
     return [items[int(i * step)] for i in range(n)]
 
 
-def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    w: int, h: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params, as a PIL box (left, top, right, bottom)."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -292,22 +310,21 @@ def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: ran
     return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
 
 
-def load_for_training(path: str | os.PathLike, image_size: int, augment: str, train: bool,
-                      rng: random.Random) -> bytes:
+def load_for_training(path: str | os.PathLike, image_size: int, augment: str, train: bool, rng: random.Random) -> bytes:
     """One sample through the trainer's data path without torch: open at the reduced scale the
     trainer asks for, RandomResizedCrop (train) or Resize + CentreCrop (eval) to image_size, and
     the pixels as one buffer (what ToTensor copies). The cost per image is what a loader worker pays."""
     if train and augment in CROP_SCALE:
         im = open_image(path, needed_short_side(image_size, augment))
-        box = random_resized_crop_box(*im.size, (CROP_SCALE[augment], 1.0), rng)
-        out = im.resize((image_size, image_size), Image.BILINEAR, box=box)
+        box = random_resized_crop_box(im.width, im.height, (CROP_SCALE[augment], 1.0), rng)
+        out = im.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
     else:
         side = eval_short_side(image_size)
         im = open_image(path, side)
         scale = side / min(im.size)
         w, h = round(im.width * scale), round(im.height * scale)
         left, top = (w - image_size) // 2, (h - image_size) // 2
-        out = im.resize((w, h), Image.BILINEAR).crop((left, top, left + image_size, top + image_size))
+        out = im.resize((w, h), Image.Resampling.BILINEAR).crop((left, top, left + image_size, top + image_size))
     return out.tobytes()
 
 
@@ -319,8 +336,13 @@ def _short_side(path: Path) -> int | None:
         return None
 
 
-def advise_cache(root: Path, image_size: int = defaults.IMAGE_SIZE, augment: str = defaults.AUGMENT,
-                 measure: bool = True, budget_s: float = DECODE_BUDGET_S) -> CacheAdvice:
+def advise_cache(
+    root: Path,
+    image_size: int = defaults.IMAGE_SIZE,
+    augment: str = defaults.AUGMENT,
+    measure: bool = True,
+    budget_s: float = DECODE_BUDGET_S,
+) -> CacheAdvice:
     """Sample the dataset and say whether a resized copy pays, at what size, and what it saves.
 
     The decision needs only image headers (milliseconds). With `measure`, and only when a copy
@@ -330,9 +352,14 @@ def advise_cache(root: Path, image_size: int = defaults.IMAGE_SIZE, augment: str
     images = dataset_images(root)
     dataset_bytes = sum(os.path.getsize(p) for p in images)
     sides = [s for s in map(_short_side, spread(images, HEADER_SAMPLE)) if s]
-    advice = CacheAdvice(image_size=image_size, augment=augment, images=len(images), dataset_bytes=dataset_bytes,
-                         median_short_side=int(statistics.median_low(sides)) if sides else 0,
-                         needed_short_side=needed_short_side(image_size, augment))
+    advice = CacheAdvice(
+        image_size=image_size,
+        augment=augment,
+        images=len(images),
+        dataset_bytes=dataset_bytes,
+        median_short_side=int(statistics.median_low(sides)) if sides else 0,
+        needed_short_side=needed_short_side(image_size, augment),
+    )
     if not (measure and advice.helps):
         return advice
     rng = random.Random(0)
@@ -365,12 +392,23 @@ def advise_cache(root: Path, image_size: int = defaults.IMAGE_SIZE, augment: str
             cached_bytes += os.path.getsize(copy)
     if not n:
         return advice
-    return replace(advice, sample_bytes=sample_bytes, sample_cached_bytes=cached_bytes, decode_s=decode_s / n,
-                   cached_decode_s=cached_s / n, make_s=make_s / n)
+    return replace(
+        advice,
+        sample_bytes=sample_bytes,
+        sample_cached_bytes=cached_bytes,
+        decode_s=decode_s / n,
+        cached_decode_s=cached_s / n,
+        make_s=make_s / n,
+    )
 
 
-def resolve_cache_size(value: int | str, root: Path, image_size: int = defaults.IMAGE_SIZE,
-                       augment: str = defaults.AUGMENT, measure: bool | None = None) -> tuple[int, CacheAdvice | None]:
+def resolve_cache_size(
+    value: int | str,
+    root: Path,
+    image_size: int = defaults.IMAGE_SIZE,
+    augment: str = defaults.AUGMENT,
+    measure: bool | None = None,
+) -> tuple[int, CacheAdvice | None]:
     """--cache-size as given (a number, or "auto") -> (the size to use, 0 for no copy; the advice
     when auto decided it, for its message). The decision reads headers only; the savings are
     measured (seconds) when `measure`, or by default only while the copy does not exist yet, so a

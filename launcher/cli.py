@@ -34,9 +34,7 @@ class GpuRunGroup(click.Group):
         try:
             return super().invoke(ctx)
         except Detached as d:
-            Console(stderr=True).print(
-                f"\nDetached from {d.run_id}; training goes on. Come back with: {d.hint}"
-            )
+            Console(stderr=True).print(f"\nDetached from {d.run_id}; training goes on. Come back with: {d.hint}")
             sys.exit(0)
         except GpuRunError as e:
             if debug:
@@ -89,35 +87,45 @@ def render_result(ui: UI, result: dict, as_json: bool) -> None:
 def print_summary(ui: UI, s: dict) -> None:
     best = f"{s['best_val_acc'] * 100:.1f}%" if s.get("best_val_acc") is not None else "-"
     ui.info("")
-    ui.info(f"run {s['run_id']}: {s['status']} (exit code {s['exit_code']}) on {s['host']} [{s['backend']}, {s['device']}]")
+    ui.info(
+        f"run {s['run_id']}: {s['status']} (exit code {s['exit_code']}) on {s['host']} [{s['backend']}, {s['device']}]"
+    )
     if (s.get("job") or {}).get("kind") == "command":
         metrics = f", epochs {s['epochs_completed']}, best val acc {best}" if s.get("epochs_completed") else ""
         ui.info(f"  command: {s['model']}{metrics}, {s['duration_s']:.1f}s")
     else:
-        ui.info(f"  model {s['model']}, epochs {s['epochs_completed']}/{s['epochs']}, best val acc {best}, "
-                f"{s['duration_s']:.1f}s")
+        ui.info(
+            f"  model {s['model']}, epochs {s['epochs_completed']}/{s['epochs']}, best val acc {best}, "
+            f"{s['duration_s']:.1f}s"
+        )
     ui.info(f"  outputs: {s['run_dir']}")
     if s.get("nodes"):
         ui.info(f"  nodes: {', '.join(s['nodes'])} (world size {s['world_size']}); each node's log in nodes/")
     cost = s["cost"]
     open_bill = not (s.get("stop") or {}).get("ok", True)
-    ui.info(f"  cost: {cost['amount']:.2f} {cost['currency']} ({cost['billed_s']} s billed"
-            + (", so far: still billing until the machine is confirmed stopped)" if open_bill else ")"))
+    ui.info(
+        f"  cost: {cost['amount']:.2f} {cost['currency']} ({cost['billed_s']} s billed"
+        + (", so far: still billing until the machine is confirmed stopped)" if open_bill else ")")
+    )
     if s["status"] == "stopped":
         ui.info(f"  stopped with a resumable last.pth: gpu-run train --resume {s['run_id']} ...")
     stop = s.get("stop") or {}
     if stop.get("state"):
         ui.info(f"  machine: {stop['state']} ({stop['detail']})")
     if stop and not stop.get("ok", True):
-        ui.error(f"the machine of run {s['run_id']} is NOT confirmed stopped and may still be billing: "
-                 f"{stop['detail']}. Check it in the provider's console; `gpu-run stop {s['run_id']}` tries again")
+        ui.error(
+            f"the machine of run {s['run_id']} is NOT confirmed stopped and may still be billing: "
+            f"{stop['detail']}. Check it in the provider's console; `gpu-run stop {s['run_id']}` tries again"
+        )
 
 
 def warn_not_stopped(records) -> None:
     """Runs whose machine may still be billing, said in red below any listing that shows them."""
     for r in records:
-        UI().error(f"run {r.run_id} on {r.host}: machine NOT confirmed stopped ({r.stop_detail}); "
-                   f"`gpu-run stop {r.run_id}` tries again")
+        UI().error(
+            f"run {r.run_id} on {r.host}: machine NOT confirmed stopped ({r.stop_detail}); "
+            f"`gpu-run stop {r.run_id}` tries again"
+        )
 
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -142,59 +150,151 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="local", show_default=True,
-              help="Host name from gpu-run.toml, or the built-in local; box-a,box-b (or a [groups.NAME]) trains one job on all of them.")
+@click.option(
+    "--host",
+    default="local",
+    show_default=True,
+    help="Host name from gpu-run.toml, or the built-in local; box-a,box-b (or a [groups.NAME]) trains one job on all of them.",
+)
 @click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
 @click.option("--model", default=recipe.MODEL, show_default=True, help="torchvision classification model.")
-@click.option("--weights", default=TrainSpec.weights, show_default=True,
-              help="imagenet (torchvision's pretrained file, fetched once on this machine and sent to the host), none (from scratch), or a .pth file.")
+@click.option(
+    "--weights",
+    default=TrainSpec.weights,
+    show_default=True,
+    help="imagenet (torchvision's pretrained file, fetched once on this machine and sent to the host), none (from scratch), or a .pth file.",
+)
 @click.option("--epochs", type=int, default=recipe.EPOCHS, show_default=True)
 @click.option("--batch-size", type=int, default=recipe.BATCH_SIZE, show_default=True)
 @click.option("--lr", type=float, default=recipe.LR, show_default=True)
-@click.option("--step-size", type=int, default=recipe.STEP_SIZE, show_default=True, help="Multiply the lr by --gamma every this many epochs.")
+@click.option(
+    "--step-size",
+    type=int,
+    default=recipe.STEP_SIZE,
+    show_default=True,
+    help="Multiply the lr by --gamma every this many epochs.",
+)
 @click.option("--gamma", type=float, default=recipe.GAMMA, show_default=True, help="LR decay factor.")
 @click.option("--image-size", type=int, default=recipe.IMAGE_SIZE, show_default=True)
-@click.option("--augment", type=click.Choice(["standard", "light", "none"]), default=None,
-              help="Training augmentation: standard (random crop, flip, colour jitter), light (milder crop and "
-                   "flip, for a short fine-tune on a small dataset) or none. Default: standard, or the resumed run's.")
-@click.option("--no-flip", is_flag=True,
-              help="No random horizontal flip (digits, text, X-rays: data whose orientation has a meaning). A resumed run keeps its choice.")
-@click.option("--workers", type=int, default=recipe.WORKERS, help="Data loader processes (default: from the host's cores).")
+@click.option(
+    "--augment",
+    type=click.Choice(["standard", "light", "none"]),
+    default=None,
+    help="Training augmentation: standard (random crop, flip, colour jitter), light (milder crop and "
+    "flip, for a short fine-tune on a small dataset) or none. Default: standard, or the resumed run's.",
+)
+@click.option(
+    "--no-flip",
+    is_flag=True,
+    help="No random horizontal flip (digits, text, X-rays: data whose orientation has a meaning). A resumed run keeps its choice.",
+)
+@click.option(
+    "--workers", type=int, default=recipe.WORKERS, help="Data loader processes (default: from the host's cores)."
+)
 @click.option("--seed", type=int, default=recipe.SEED, show_default=True)
-@click.option("--gpus", type=int, default=1, show_default=True, help="Processes/GPUs (per node); >1 runs DDP; 0 forces the CPU.")
+@click.option(
+    "--gpus", type=int, default=1, show_default=True, help="Processes/GPUs (per node); >1 runs DDP; 0 forces the CPU."
+)
 @click.option("--amp", type=click.Choice(["auto", "off"]), default=recipe.AMP, show_default=True)
-@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default=recipe.DECODE, show_default=True,
-              help="Where the host decodes JPEGs: on the GPU (nvjpeg) when auto measures it faster, or the CPU workers.")
+@click.option(
+    "--decode",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default=recipe.DECODE,
+    show_default=True,
+    help="Where the host decodes JPEGs: on the GPU (nvjpeg) when auto measures it faster, or the CPU workers.",
+)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--cache-size", default="auto", show_default=True, metavar="N|auto",
-              help="Train on a copy resized to short side N (made once, on this machine; 0: the originals). "
-                   "auto makes one, at the size training reads, when the images are much larger than that.")
+@click.option(
+    "--cache-size",
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="Train on a copy resized to short side N (made once, on this machine; 0: the originals). "
+    "auto makes one, at the size training reads, when the images are much larger than that.",
+)
 @click.option("--detach", is_flag=True, help="Start and return at once; follow later with `gpu-run attach`.")
 @click.option("--max-hours", type=float, default=0, help="Stop the job (and host) after this long; 0: no limit.")
 @click.option("--silence-minutes", type=float, default=0, help="Stop a job that logs nothing this long; 0: never.")
-@click.option("--stop-timeout", type=int, default=TrainSpec.stop_timeout_s, show_default=True,
-              help="Seconds the trainer gets to save last.pth when stopped before it is killed.")
-@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable).")
+@click.option(
+    "--stop-timeout",
+    type=int,
+    default=TrainSpec.stop_timeout_s,
+    show_default=True,
+    help="Seconds the trainer gets to save last.pth when stopped before it is killed.",
+)
+@click.option(
+    "--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable)."
+)
 @click.option("--keep-alive", is_flag=True, help="Do not run the host's stop command at the end.")
-@click.option("--terminate", is_flag=True, help="Cloud hosts: terminate the instance at the end instead of stopping it.")
+@click.option(
+    "--terminate", is_flag=True, help="Cloud hosts: terminate the instance at the end instead of stopping it."
+)
 @click.option("--budget", type=float, default=0, help="Most to spend, in the host's currency; the host enforces it.")
-@click.option("--epoch-time", type=float, default=0, help="Seconds per epoch, for the budget estimate (default: measured).")
+@click.option(
+    "--epoch-time", type=float, default=0, help="Seconds per epoch, for the budget estimate (default: measured)."
+)
 @click.option("--force", is_flag=True, help="Start even when the estimated cost is over --budget.")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
 @click.option("--resume", metavar="RUN", help="Continue a stopped run from its last.pth.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--hub-weights", default="", metavar="MODEL[,MODEL...]",
-              help="Your own command: torchvision ImageNet weights to find in TORCH_HOME on the host (sent from here once), "
-                   "e.g. resnet18,resnet50.")
-@click.option("--max-pull-mb", type=int, default=TrainSpec.max_pull_mb, show_default=True,
-              help="Your own command: the most its outputs may bring back; more stays on the host, said in one line.")
+@click.option(
+    "--hub-weights",
+    default="",
+    metavar="MODEL[,MODEL...]",
+    help="Your own command: torchvision ImageNet weights to find in TORCH_HOME on the host (sent from here once), "
+    "e.g. resnet18,resnet50.",
+)
+@click.option(
+    "--max-pull-mb",
+    type=int,
+    default=TrainSpec.max_pull_mb,
+    show_default=True,
+    help="Your own command: the most its outputs may bring back; more stays on the host, said in one line.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
 @json_option("Print the run summary as JSON, nothing else on stdout.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def train(ctx: click.Context, host, data, model, weights, epochs, batch_size, lr, step_size, gamma, image_size, augment, no_flip, workers, seed, gpus,
-          amp, decode, compile_, cache_size, detach, max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, budget, epoch_time, force, accept_new_host_key, resume,
-          hub_weights, max_pull_mb, runs_dir, verbose, as_json, command) -> None:
+def train(
+    ctx: click.Context,
+    host,
+    data,
+    model,
+    weights,
+    epochs,
+    batch_size,
+    lr,
+    step_size,
+    gamma,
+    image_size,
+    augment,
+    no_flip,
+    workers,
+    seed,
+    gpus,
+    amp,
+    decode,
+    compile_,
+    cache_size,
+    detach,
+    max_hours,
+    silence_minutes,
+    stop_timeout,
+    env_vars,
+    keep_alive,
+    terminate,
+    budget,
+    epoch_time,
+    force,
+    accept_new_host_key,
+    resume,
+    hub_weights,
+    max_pull_mb,
+    runs_dir,
+    verbose,
+    as_json,
+    command,
+) -> None:
     """Train on a host: check, build, run, follow, pull, record the cost. The job is the built-in
     trainer, or your own command after `--`, run in a copy of this folder on the host.
 
@@ -211,13 +311,41 @@ def train(ctx: click.Context, host, data, model, weights, epochs, batch_size, lr
     if job_command is not None and data is None and resume and ledger.get_run(resume).data_path:
         data = Path(ledger.get_run(resume).data_path)
     spec = TrainSpec(
-        host=host, data=data, model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
-        step_size=step_size, gamma=gamma, image_size=image_size, augment=augment, no_flip=no_flip, workers=workers, seed=seed, gpus=gpus, amp=amp, decode=decode,
-        compile=compile_, cache_size=parse_cache_size(cache_size), detach=detach, max_hours=max_hours, silence_minutes=silence_minutes,
-        stop_timeout_s=stop_timeout, keep_alive=keep_alive, terminate=terminate, budget=budget,
-        epoch_time_s=epoch_time, force=force, accept_new_host_key=accept_new_host_key,
-        runs_dir=runs_dir, resume=resume, extra_env=parse_env(env_vars),
-        command=job_command, project=Path.cwd() if job_command is not None else None, max_pull_mb=max_pull_mb,
+        host=host,
+        data=data,
+        model=model,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        step_size=step_size,
+        gamma=gamma,
+        image_size=image_size,
+        augment=augment,
+        no_flip=no_flip,
+        workers=workers,
+        seed=seed,
+        gpus=gpus,
+        amp=amp,
+        decode=decode,
+        compile=compile_,
+        cache_size=parse_cache_size(cache_size),
+        detach=detach,
+        max_hours=max_hours,
+        silence_minutes=silence_minutes,
+        stop_timeout_s=stop_timeout,
+        keep_alive=keep_alive,
+        terminate=terminate,
+        budget=budget,
+        epoch_time_s=epoch_time,
+        force=force,
+        accept_new_host_key=accept_new_host_key,
+        runs_dir=runs_dir,
+        resume=resume,
+        extra_env=parse_env(env_vars),
+        command=job_command,
+        project=Path.cwd() if job_command is not None else None,
+        max_pull_mb=max_pull_mb,
         hub_weights=[m.strip() for m in hub_weights.split(",") if m.strip()],
     )
     ui = UI(quiet=as_json, verbose=verbose)
@@ -233,8 +361,23 @@ def train(ctx: click.Context, host, data, model, weights, epochs, batch_size, lr
 
 
 # The built-in trainer's own options: they mean nothing to a command of the user's own.
-TRAINER_OPTIONS = ("model", "weights", "epochs", "batch_size", "lr", "step_size", "gamma", "image_size", "augment",
-                   "no_flip", "workers", "seed", "amp", "decode", "compile_")
+TRAINER_OPTIONS = (
+    "model",
+    "weights",
+    "epochs",
+    "batch_size",
+    "lr",
+    "step_size",
+    "gamma",
+    "image_size",
+    "augment",
+    "no_flip",
+    "workers",
+    "seed",
+    "amp",
+    "decode",
+    "compile_",
+)
 
 
 def command_of(ctx: click.Context, command: tuple[str, ...]) -> list[str] | None:
@@ -246,15 +389,19 @@ def command_of(ctx: click.Context, command: tuple[str, ...]) -> list[str] | None
             raise GpuRunError("nothing after --: give the command to run, e.g. -- python train.py --epochs 20")
         return None
     if not given_dashes:
-        raise GpuRunError(f"unexpected {command[0]!r}: put your own command after --, "
-                          f"e.g. gpu-run train --host HOST -- python train.py")
+        raise GpuRunError(
+            f"unexpected {command[0]!r}: put your own command after --, "
+            f"e.g. gpu-run train --host HOST -- python train.py"
+        )
     from click.core import ParameterSource
 
     mixed = [name for name in TRAINER_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
     if mixed:
         option = "--" + mixed[0].rstrip("_").replace("_", "-")
-        raise GpuRunError(f"{option} is an option of the built-in trainer and does nothing for your own command; "
-                          f"pass it to your script after -- instead")
+        raise GpuRunError(
+            f"{option} is an option of the built-in trainer and does nothing for your own command; "
+            f"pass it to your script after -- instead"
+        )
     return list(command)
 
 
@@ -272,15 +419,19 @@ class SweepGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--" in args:
             cut = args.index("--")
-            ctx.meta[SWEEP_COMMAND] = args[cut + 1:]
+            ctx.meta[SWEEP_COMMAND] = args[cut + 1 :]
             args = args[:cut]
         return super().parse_args(ctx, args)
 
 
 @cli.group(cls=SweepGroup, invoke_without_command=True)
-@click.option("--host", default="local", show_default=True, help="Host name from gpu-run.toml (one machine for every point).")
+@click.option(
+    "--host", default="local", show_default=True, help="Host name from gpu-run.toml (one machine for every point)."
+)
 @click.option("--data", type=click.Path(path_type=Path), help="ImageFolder dataset (train/<class>/, val/<class>/).")
-@click.option("--grid", "grid_file", type=click.Path(path_type=Path), help="A TOML file: [grid] lists, or [[points]] tables.")
+@click.option(
+    "--grid", "grid_file", type=click.Path(path_type=Path), help="A TOML file: [grid] lists, or [[points]] tables."
+)
 @grid_option("model", f"torchvision model(s) [default: {recipe.MODEL}].")
 @grid_option("weights", "imagenet | none | FILE.pth [default: imagenet].")
 @grid_option("lr", f"[default: {recipe.LR}]")
@@ -296,30 +447,77 @@ class SweepGroup(click.Group):
 @grid_option("decode", f"[default: {recipe.DECODE}]")
 @grid_option("workers", "Data loader processes [default: from the host's cores].")
 @click.option("--no-flip", is_flag=True, help="No horizontal flip in any point.")
-@click.option("--cache-size", default="auto", show_default=True, metavar="N|auto", help="As for train: one copy serves every point.")
+@click.option(
+    "--cache-size",
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="As for train: one copy serves every point.",
+)
 @click.option("--parallel", type=int, default=None, help="Points side by side, each on its own GPU(s) [default: 1].")
 @click.option("--budget", type=float, default=None, help="Most the whole sweep may spend, in the host's currency.")
-@click.option("--epoch-time", type=float, default=0, help="Seconds per epoch, for the budget estimate (default: measured).")
+@click.option(
+    "--epoch-time", type=float, default=0, help="Seconds per epoch, for the budget estimate (default: measured)."
+)
 @click.option("--force", is_flag=True, help="Start even when the budget holds none of the points by the estimates.")
 @click.option("--max-hours", type=float, default=0, help="Stop a point after this long; 0: no limit.")
 @click.option("--silence-minutes", type=float, default=0, help="Stop a point that logs nothing this long; 0: never.")
-@click.option("--stop-timeout", type=int, default=TrainSpec.stop_timeout_s, show_default=True,
-              help="Seconds a point gets to save last.pth when stopped.")
-@click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable).")
+@click.option(
+    "--stop-timeout",
+    type=int,
+    default=TrainSpec.stop_timeout_s,
+    show_default=True,
+    help="Seconds a point gets to save last.pth when stopped.",
+)
+@click.option(
+    "--env", "env_vars", multiple=True, metavar="KEY=VALUE", help="Environment variable for the trainer (repeatable)."
+)
 @click.option("--keep-alive", is_flag=True, help="Do not stop the host after the last point.")
-@click.option("--terminate", is_flag=True, help="Cloud hosts: terminate the instance at the end instead of stopping it.")
+@click.option(
+    "--terminate", is_flag=True, help="Cloud hosts: terminate the instance at the end instead of stopping it."
+)
 @click.option("--detach", is_flag=True, help="Start the queue and return; `gpu-run sweep --resume SWEEP` follows it.")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust and remember an SSH host key never seen before.")
-@click.option("--resume", "resume_id", metavar="SWEEP", help="Finish a sweep: pull what ran, then run only what is unfinished.")
+@click.option(
+    "--resume", "resume_id", metavar="SWEEP", help="Finish a sweep: pull what ran, then run only what is unfinished."
+)
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--set", "set_values", multiple=True, metavar="NAME=V1,V2",
-              help="Your own command: the values of its {NAME} placeholders, one point per combination (repeatable).")
+@click.option(
+    "--set",
+    "set_values",
+    multiple=True,
+    metavar="NAME=V1,V2",
+    help="Your own command: the values of its {NAME} placeholders, one point per combination (repeatable).",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Print how long each step took (on stderr).")
 @json_option("Print the sweep's result as JSON, nothing else on stdout.")
 @click.pass_context
-def sweep(ctx: click.Context, host, data, grid_file, no_flip, cache_size, parallel, budget, epoch_time, force, max_hours,
-          silence_minutes, stop_timeout, env_vars, keep_alive, terminate, detach, accept_new_host_key, resume_id,
-          runs_dir, set_values, verbose, as_json, **grid_values) -> None:
+def sweep(
+    ctx: click.Context,
+    host,
+    data,
+    grid_file,
+    no_flip,
+    cache_size,
+    parallel,
+    budget,
+    epoch_time,
+    force,
+    max_hours,
+    silence_minutes,
+    stop_timeout,
+    env_vars,
+    keep_alive,
+    terminate,
+    detach,
+    accept_new_host_key,
+    resume_id,
+    runs_dir,
+    set_values,
+    verbose,
+    as_json,
+    **grid_values,
+) -> None:
     """Train several points (a grid of train options) on one machine: one connect, sync and image
     build; the points queued on the host (the laptop may close); one stop after the last; each
     point's cost its share of the machine's; the comparison in runs/sweeps/<id>/. Or sweep your
@@ -334,10 +532,33 @@ def sweep(ctx: click.Context, host, data, grid_file, no_flip, cache_size, parall
         return
     command = tuple(ctx.meta.get(SWEEP_COMMAND, ()))
     if command or set_values or SWEEP_COMMAND in ctx.meta:
-        return sweep_command(ctx, command, set_values, host, data, grid_file, cache_size, parallel, budget, force,
-                             max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, detach,
-                             accept_new_host_key, resume_id, runs_dir, verbose, as_json, grid_values)
-    from gpu_run.sweep import grid, run as sweeps
+        return sweep_command(
+            ctx,
+            command,
+            set_values,
+            host,
+            data,
+            grid_file,
+            cache_size,
+            parallel,
+            budget,
+            force,
+            max_hours,
+            silence_minutes,
+            stop_timeout,
+            env_vars,
+            keep_alive,
+            terminate,
+            detach,
+            accept_new_host_key,
+            resume_id,
+            runs_dir,
+            verbose,
+            as_json,
+            grid_values,
+        )
+    from gpu_run.sweep import grid
+    from gpu_run.sweep import run as sweeps
 
     ui = UI(quiet=as_json, verbose=verbose)
     ledger, config = open_ledger(), load_config()
@@ -345,42 +566,107 @@ def sweep(ctx: click.Context, host, data, grid_file, no_flip, cache_size, parall
         given = [k for k, v in grid_values.items() if v is not None] + (["grid"] if grid_file else [])
         if given:
             raise GpuRunError(f"--resume runs the sweep's own points; leave out --{given[0].replace('_', '-')}")
-        result = sweeps.resume(resume_id, config, ledger, ui, parse_env(env_vars), parallel=parallel, budget=budget,
-                               detach=detach, force=force)
+        result = sweeps.resume(
+            resume_id,
+            config,
+            ledger,
+            ui,
+            parse_env(env_vars),
+            parallel=parallel,
+            budget=budget,
+            detach=detach,
+            force=force,
+        )
     else:
         if data is None:
             raise GpuRunError("missing --data DIR (a folder with train/<class>/ and val/<class>/)")
         shared, points = grid.build_points(grid_values, grid_file)
-        base = TrainSpec(host=host, data=data, **shared, no_flip=no_flip,
-                         cache_size=parse_cache_size(cache_size), detach=detach, max_hours=max_hours,
-                         silence_minutes=silence_minutes, stop_timeout_s=stop_timeout, keep_alive=keep_alive,
-                         terminate=terminate, budget=budget or 0.0, epoch_time_s=epoch_time, force=force,
-                         accept_new_host_key=accept_new_host_key, runs_dir=runs_dir, extra_env=parse_env(env_vars))
+        base = TrainSpec(
+            host=host,
+            data=data,
+            **shared,
+            no_flip=no_flip,
+            cache_size=parse_cache_size(cache_size),
+            detach=detach,
+            max_hours=max_hours,
+            silence_minutes=silence_minutes,
+            stop_timeout_s=stop_timeout,
+            keep_alive=keep_alive,
+            terminate=terminate,
+            budget=budget or 0.0,
+            epoch_time_s=epoch_time,
+            force=force,
+            accept_new_host_key=accept_new_host_key,
+            runs_dir=runs_dir,
+            extra_env=parse_env(env_vars),
+        )
         result = sweeps.sweep(base, points, parallel or 1, config, ledger, ui)
     render_sweep(ui, result, as_json)
 
 
-def sweep_command(ctx: click.Context, command, set_values, host, data, grid_file, cache_size, parallel, budget, force,
-                  max_hours, silence_minutes, stop_timeout, env_vars, keep_alive, terminate, detach,
-                  accept_new_host_key, resume_id, runs_dir, verbose, as_json, grid_values) -> None:
+def sweep_command(
+    ctx: click.Context,
+    command,
+    set_values,
+    host,
+    data,
+    grid_file,
+    cache_size,
+    parallel,
+    budget,
+    force,
+    max_hours,
+    silence_minutes,
+    stop_timeout,
+    env_vars,
+    keep_alive,
+    terminate,
+    detach,
+    accept_new_host_key,
+    resume_id,
+    runs_dir,
+    verbose,
+    as_json,
+    grid_values,
+) -> None:
     """`gpu-run sweep --set NAME=a,b -- COMMAND`: the points fill the command's placeholders."""
-    from gpu_run.sweep import grid, run as sweeps
+    from gpu_run.sweep import grid
+    from gpu_run.sweep import run as sweeps
 
     job_command = command_of(ctx, command)
     if job_command is None:
-        raise GpuRunError("--set fills the placeholders of your own command: give it after --, "
-                          "e.g. -- python train.py --lr {lr}")
+        raise GpuRunError(
+            "--set fills the placeholders of your own command: give it after --, e.g. -- python train.py --lr {lr}"
+        )
     given = [k for k, v in grid_values.items() if v is not None] + (["grid"] if grid_file else [])
     if given:
-        raise GpuRunError(f"--{given[0].replace('_', '-')} varies the built-in trainer; with your own command, "
-                          f"vary its arguments with --set NAME=a,b and {{NAME}} in the command")
+        raise GpuRunError(
+            f"--{given[0].replace('_', '-')} varies the built-in trainer; with your own command, "
+            f"vary its arguments with --set NAME=a,b and {{NAME}} in the command"
+        )
     if resume_id:
-        raise GpuRunError(f"`gpu-run sweep --resume {resume_id}` runs the sweep's own command again; leave out the command")
+        raise GpuRunError(
+            f"`gpu-run sweep --resume {resume_id}` runs the sweep's own command again; leave out the command"
+        )
     points = grid.command_points(tuple(set_values), job_command)
-    base = TrainSpec(host=host, data=data, cache_size=parse_cache_size(cache_size), detach=detach, max_hours=max_hours,
-                     silence_minutes=silence_minutes, stop_timeout_s=stop_timeout, keep_alive=keep_alive,
-                     terminate=terminate, budget=budget or 0.0, force=force, accept_new_host_key=accept_new_host_key,
-                     runs_dir=runs_dir, extra_env=parse_env(env_vars), command=job_command, project=Path.cwd())
+    base = TrainSpec(
+        host=host,
+        data=data,
+        cache_size=parse_cache_size(cache_size),
+        detach=detach,
+        max_hours=max_hours,
+        silence_minutes=silence_minutes,
+        stop_timeout_s=stop_timeout,
+        keep_alive=keep_alive,
+        terminate=terminate,
+        budget=budget or 0.0,
+        force=force,
+        accept_new_host_key=accept_new_host_key,
+        runs_dir=runs_dir,
+        extra_env=parse_env(env_vars),
+        command=job_command,
+        project=Path.cwd(),
+    )
     ui = UI(quiet=as_json, verbose=verbose)
     result = sweeps.sweep(base, points, parallel or 1, load_config(), open_ledger(), ui)
     render_sweep(ui, result, as_json)
@@ -406,21 +692,30 @@ def print_sweep(ui: UI, result: dict) -> None:
         table.add_column(column, justify="right")
     table.add_column("run", no_wrap=True)
     for p in result["points"]:
-        table.add_row(str(p["point"]), p["label"], p["status"],
-                      "-" if p.get("best_val_acc") is None else f"{p['best_val_acc'] * 100:.1f}%",
-                      "-" if p.get("images_per_s") is None else f"{p['images_per_s']:.1f}",
-                      "-" if p.get("epoch_time_s") is None else f"{p['epoch_time_s']:.1f}",
-                      "-" if p.get("cost") is None else f"{p['cost']:.2f}", p.get("run_id") or "-")
+        table.add_row(
+            str(p["point"]),
+            p["label"],
+            p["status"],
+            "-" if p.get("best_val_acc") is None else f"{p['best_val_acc'] * 100:.1f}%",
+            "-" if p.get("images_per_s") is None else f"{p['images_per_s']:.1f}",
+            "-" if p.get("epoch_time_s") is None else f"{p['epoch_time_s']:.1f}",
+            "-" if p.get("cost") is None else f"{p['cost']:.2f}",
+            p.get("run_id") or "-",
+        )
     ui.console.print(table)
-    ui.info(f"total: {result['cost']['amount']:.2f} {result['cost']['currency']}, the machine's billed time split between the points")
+    ui.info(
+        f"total: {result['cost']['amount']:.2f} {result['cost']['currency']}, the machine's billed time split between the points"
+    )
     if result.get("report"):
         ui.info(f"comparison: {result['report']['markdown']} and {result['report']['figure']}")
     unfinished = [p for p in result["points"] if p["status"] != "succeeded"]
     if unfinished and result["status"] != "running":
         ui.info(f"{len(unfinished)} point(s) unfinished: gpu-run sweep --resume {result['sweep_id']} runs them")
     if result.get("stop") and not result["stop"]["ok"]:
-        ui.error(f"the machine of sweep {result['sweep_id']} is NOT confirmed stopped and may still be billing: "
-                 f"{result['stop']['detail']}")
+        ui.error(
+            f"the machine of sweep {result['sweep_id']} is NOT confirmed stopped and may still be billing: "
+            f"{result['stop']['detail']}"
+        )
 
 
 @sweep.command("status")
@@ -454,8 +749,13 @@ def sweep_list(as_json: bool) -> None:
     table.add_column("cost", justify="right")
     for r in rows:
         done = sum(p["status"] == "succeeded" for p in r["points"])
-        table.add_row(r["sweep_id"], r["host"], r["status"], f"{done}/{len(r['points'])}",
-                      f"{r['cost']['amount']:.2f} {r['cost']['currency']}")
+        table.add_row(
+            r["sweep_id"],
+            r["host"],
+            r["status"],
+            f"{done}/{len(r['points'])}",
+            f"{r['cost']['amount']:.2f} {r['cost']['currency']}",
+        )
     UI().console.print(table)
 
 
@@ -501,8 +801,12 @@ def stop(target: str, terminate: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--max-pull-mb", type=int, default=None,
-              help="Your own command's run: raise the most its outputs may bring back (what the cap left on the host).")
+@click.option(
+    "--max-pull-mb",
+    type=int,
+    default=None,
+    help="Your own command's run: raise the most its outputs may bring back (what the cap left on the host).",
+)
 @json_option()
 def pull(run_id: str, max_pull_mb: int | None, as_json: bool) -> None:
     """Fetch a run's outputs into runs/<run-id>/ (each file transferred intact); finishes a run
@@ -536,8 +840,11 @@ def doctor(host_name: str, accept_new_host_key: bool, as_json: bool) -> None:
         table.add_column("result", overflow="fold")
         table.add_column("")
         for c in checks:
-            verdict = Text("ok", style="green") if c["ok"] else Text("problem" if c["required"] else "warning",
-                                                                   style="red" if c["required"] else "yellow")
+            verdict = (
+                Text("ok", style="green")
+                if c["ok"]
+                else Text("problem" if c["required"] else "warning", style="red" if c["required"] else "yellow")
+            )
             table.add_row(Text(c["check"]), Text(c["result"]), verdict)
         Console().print(table)
     if not all(c["ok"] for c in checks if c["required"]):
@@ -567,14 +874,19 @@ def status(run_id: str, as_json: bool) -> None:
         return
     console = Console(highlight=False)
     # Host names, trainer states and paths are the user's text: escaped, so a `[` is never markup.
-    console.print(f"run {escape(state['run_id'])} on {escape(state['host'])} \\[{escape(str(state['backend']))}]: "
-                  f"[bold]{escape(state['status'])}[/bold]")
+    console.print(
+        f"run {escape(state['run_id'])} on {escape(state['host'])} \\[{escape(str(state['backend']))}]: "
+        f"[bold]{escape(state['status'])}[/bold]"
+    )
     if "trainer" in state:
         console.print(f"  trainer: {state['trainer']}", markup=False)
     for node in state.get("nodes") or []:  # a multi-node run
         end = node.get("trainer") or (f"exit code {node['exit_code']}" if node["exit_code"] is not None else "-")
-        console.print(f"  node {node['node']} {node['host']}{' (rank 0)' if node['rank0'] else ''}: {end}; "
-                      f"machine {node['stop']['state'] or 'up'}", markup=False)
+        console.print(
+            f"  node {node['node']} {node['host']}{' (rank 0)' if node['rank0'] else ''}: {end}; "
+            f"machine {node['stop']['state'] or 'up'}",
+            markup=False,
+        )
     if state.get("best_val_acc") is not None:
         console.print(f"  best val acc {state['best_val_acc'] * 100:.1f}%")
     if "last_epoch" in state:
@@ -582,16 +894,23 @@ def status(run_id: str, as_json: bool) -> None:
         console.print(f"  last epoch {e['epoch']}: val acc {e['val_acc'] * 100:.1f}%, train loss {e['train_loss']:.4f}")
     table = listing("phase", "status", "started", "duration")
     for p in state["phases"]:
-        table.add_row(p["phase"], p["status"], when(p["started_at"]),
-                      f"{p['duration_s']:.1f}s" if p["duration_s"] is not None else "running")
+        table.add_row(
+            p["phase"],
+            p["status"],
+            when(p["started_at"]),
+            f"{p['duration_s']:.1f}s" if p["duration_s"] is not None else "running",
+        )
     console.print(table)
     console.print(f"  outputs: {state['run_dir']}", markup=False)
     stop = state.get("stop") or {}
     if stop.get("state"):
-        console.print(f"  machine: {stop['state']} ({stop['detail']})", markup=False,
-                      style=None if stop["ok"] else "bold red")
+        console.print(
+            f"  machine: {stop['state']} ({stop['detail']})", markup=False, style=None if stop["ok"] else "bold red"
+        )
     if stop and not stop["ok"]:
-        UI().error(f"the machine is NOT confirmed stopped and may still be billing; `gpu-run stop {state['run_id']}` tries again")
+        UI().error(
+            f"the machine is NOT confirmed stopped and may still be billing; `gpu-run stop {state['run_id']}` tries again"
+        )
 
 
 @cli.command()
@@ -602,13 +921,25 @@ def runs(host: str | None, limit: int, as_json: bool) -> None:
     """List recorded runs, newest first."""
     records = open_ledger().list_runs(host=host, limit=limit)
     if as_json:
-        print_json([
-            {"run_id": r.run_id, "host": r.host, "model": r.model, "status": r.status, "exit_code": r.exit_code,
-             "created_at": r.created_at, "ended_at": r.ended_at, "best_val_acc": r.best_val_acc,
-             "cost": r.cost_amount, "currency": r.currency, "run_dir": r.run_dir,
-             "stop": {"ok": not r.stop_failed, "state": r.stop_status, "detail": r.stop_detail}}
-            for r in records
-        ])
+        print_json(
+            [
+                {
+                    "run_id": r.run_id,
+                    "host": r.host,
+                    "model": r.model,
+                    "status": r.status,
+                    "exit_code": r.exit_code,
+                    "created_at": r.created_at,
+                    "ended_at": r.ended_at,
+                    "best_val_acc": r.best_val_acc,
+                    "cost": r.cost_amount,
+                    "currency": r.currency,
+                    "run_dir": r.run_dir,
+                    "stop": {"ok": not r.stop_failed, "state": r.stop_status, "detail": r.stop_detail},
+                }
+                for r in records
+            ]
+        )
         return
     console = Console()
     table = listing("run", "model", "status")
@@ -643,9 +974,15 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
         return
     config = load_config()
     rows = [
-        {"name": h.name, "kind": h.kind, "address": h.ssh or h.instance_id or "local Docker engine",
-         "price_per_hour": h.price_per_hour, "currency": h.currency, "billing": h.billing,
-         "stop_command": h.stop_command}
+        {
+            "name": h.name,
+            "kind": h.kind,
+            "address": h.ssh or h.instance_id or "local Docker engine",
+            "price_per_hour": h.price_per_hour,
+            "currency": h.currency,
+            "billing": h.billing,
+            "stop_command": h.stop_command,
+        }
         for h in config.hosts.values()
     ]
     if as_json:
@@ -655,30 +992,57 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
     for column in ("address", "price/hour", "billing", "stop command"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        table.add_row(*(Text(v) for v in (r["name"], r["kind"], r["address"], f"{r['price_per_hour']:.2f} {r['currency']}",
-                                          r["billing"], r["stop_command"] or "-")))
+        table.add_row(
+            *(
+                Text(v)
+                for v in (
+                    r["name"],
+                    r["kind"],
+                    r["address"],
+                    f"{r['price_per_hour']:.2f} {r['currency']}",
+                    r["billing"],
+                    r["stop_command"] or "-",
+                )
+            )
+        )
     Console().print(table)
     Console(stderr=True).print(f"config: {config.source or 'none (built-in local host only)'}", markup=False)
 
 
 @hosts.command("add")
 @click.argument("name")
-@click.option("--ssh-command", required=True, metavar='"ssh -p PORT user@host"',
-              help="The SSH command the rental console shows (AutoDL, vast.ai, RunPod).")
+@click.option(
+    "--ssh-command",
+    required=True,
+    metavar='"ssh -p PORT user@host"',
+    help="The SSH command the rental console shows (AutoDL, vast.ai, RunPod).",
+)
 @click.option("--preset", help="Platform defaults: autodl, runpod or vastai.")
 @click.option("--password-stdin", is_flag=True, help="Read the console's password from the first line of stdin.")
 @click.option("--accept-new-host-key", is_flag=True, help="Trust the host key without asking (compare it yourself).")
 @click.option("--price-per-hour", type=float, help="What the machine costs per hour, in the preset's currency.")
 @json_option("Print the new host as JSON, nothing else on stdout.")
-def hosts_add(name: str, ssh_command: str, preset: str | None, password_stdin: bool, accept_new_host_key: bool,
-              price_per_hour: float | None, as_json: bool) -> None:
+def hosts_add(
+    name: str,
+    ssh_command: str,
+    preset: str | None,
+    password_stdin: bool,
+    accept_new_host_key: bool,
+    price_per_hour: float | None,
+    as_json: bool,
+) -> None:
     """Add a rented host from its console's SSH command: install this laptop's key (asking for the
     password once), record its host key, append [hosts.NAME] to gpu-run.toml."""
     from gpu_run import onboard
 
     result = onboard.add_host(
-        name, ssh_command, preset=preset, price_per_hour=price_per_hour, accept_new_host_key=accept_new_host_key,
-        get_password=onboard.password_source(password_stdin), confirm_host_key=onboard.confirm_on_terminal,
+        name,
+        ssh_command,
+        preset=preset,
+        price_per_hour=price_per_hour,
+        accept_new_host_key=accept_new_host_key,
+        get_password=onboard.password_source(password_stdin),
+        confirm_host_key=onboard.confirm_on_terminal,
         ui=UI(quiet=as_json),
     )
     if as_json:
@@ -779,9 +1143,11 @@ def compare(run_ids: tuple[str, ...], out: Path | None, as_json: bool) -> None:
     for r in rows:  # what `gpu-run plan` said before the run, against what it took
         if r.get("estimated_total_s") and r.get("actual_total_s"):
             off = (r["estimated_total_s"] - r["actual_total_s"]) / r["actual_total_s"] * 100
-            UI().info(f"{r['run']}: planned {r['estimated_total_s']:.0f} s in all, took {r['actual_total_s']:.0f} s "
-                      f"({off:+.0f}%); an epoch {r.get('estimated_epoch_s') or 0:.1f} s planned, "
-                      f"{r.get('actual_epoch_s') or 0:.1f} s actual")
+            UI().info(
+                f"{r['run']}: planned {r['estimated_total_s']:.0f} s in all, took {r['actual_total_s']:.0f} s "
+                f"({off:+.0f}%); an epoch {r.get('estimated_epoch_s') or 0:.1f} s planned, "
+                f"{r.get('actual_epoch_s') or 0:.1f} s actual"
+            )
     UI().info(f"written: {files['markdown']}, {files['csv']}, {files['figure']}")
 
 
@@ -857,33 +1223,70 @@ def demo_data(path: Path, classes: int, train_per_class: int, val_per_class: int
 
 
 @cli.command("plan")
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="ImageFolder dataset (train/<class>/, val/<class>/).")
+@click.option(
+    "--data", type=click.Path(path_type=Path), required=True, help="ImageFolder dataset (train/<class>/, val/<class>/)."
+)
 @click.option("--epochs", type=int, default=recipe.EPOCHS, show_default=True)
 @click.option("--model", default=recipe.MODEL, show_default=True, help="torchvision classification model.")
 @click.option("--image-size", type=int, default=recipe.IMAGE_SIZE, show_default=True)
 @click.option("--batch-size", type=int, default=recipe.BATCH_SIZE, show_default=True)
-@click.option("--cache-size", default="auto", show_default=True, metavar="N|auto",
-              help="Plan for training on a copy resized to short side N (0: the originals), as train does; "
-                   "auto: a copy at the size training reads, when the images are much larger than that.")
-@click.option("--augment", type=click.Choice(["standard", "light", "none"]), default="standard", show_default=True,
-              help="The training augmentation (it sets how much of each image is decoded).")
+@click.option(
+    "--cache-size",
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="Plan for training on a copy resized to short side N (0: the originals), as train does; "
+    "auto: a copy at the size training reads, when the images are much larger than that.",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(["standard", "light", "none"]),
+    default="standard",
+    show_default=True,
+    help="The training augmentation (it sets how much of each image is decoded).",
+)
 @click.option("--deadline", metavar="DURATION", help="When the run must be done: 6h, 90m, 1h30m, 2d.")
 @click.option("--budget", type=float, help="Most to spend, in each host's own currency.")
-@click.option("--uplink", type=float, metavar="MBIT", help="Your upload speed in Mbit/s (default: measured by your last sync).")
+@click.option(
+    "--uplink", type=float, metavar="MBIT", help="Your upload speed in Mbit/s (default: measured by your last sync)."
+)
 @click.option("--host", "only_hosts", multiple=True, metavar="HOST", help="Plan for this host only (repeatable).")
 @click.option("--no-measure", is_flag=True, help="Do not time decoding or CPU training here (faster, fewer figures).")
 @json_option("Print the rows as JSON (each figure with its source), nothing else on stdout.")
-def plan_command(data, epochs, model, image_size, batch_size, cache_size, augment, deadline, budget, uplink,
-                 only_hosts, no_measure, as_json) -> None:
+def plan_command(
+    data,
+    epochs,
+    model,
+    image_size,
+    batch_size,
+    cache_size,
+    augment,
+    deadline,
+    budget,
+    uplink,
+    only_hosts,
+    no_measure,
+    as_json,
+) -> None:
     """Which host finishes before the deadline for the least money: time per epoch and in all, cost,
     and what limits each (GPU, the host's CPUs decoding images, or the upload)."""
     from gpu_run.cache import parse_cache_size
     from gpu_run.plan import gather, render
 
-    request = gather.PlanRequest(data=data, model=model, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                                 cache_size=parse_cache_size(cache_size), augment=augment, deadline=deadline, budget=budget,
-                                 uplink_mbit=uplink,
-                                 hosts=only_hosts, measure=not no_measure)
+    request = gather.PlanRequest(
+        data=data,
+        model=model,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        cache_size=parse_cache_size(cache_size),
+        augment=augment,
+        deadline=deadline,
+        budget=budget,
+        uplink_mbit=uplink,
+        hosts=only_hosts,
+        measure=not no_measure,
+    )
 
     def ask_uplink() -> float | None:  # asked once, when nothing measured it, and only of a person
         if as_json or not sys.stdin.isatty():

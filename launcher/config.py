@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10 (Ubuntu 22.04's python3): the same parser, from PyPI
@@ -20,8 +21,8 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from gpu_run.errors import ConfigError
-from gpu_run.platforms import PRESETS
 from gpu_run.money.prices import hourly_price
+from gpu_run.platforms import PRESETS
 
 CONFIG_FILENAME = "gpu-run.toml"
 BILLING_RULES = ("per_second", "per_minute", "per_hour")
@@ -130,9 +131,7 @@ class Config:
         except KeyError:
             known = ", ".join(sorted(self.hosts))
             where = f"in {self.source}" if self.source else f"(no {CONFIG_FILENAME} found)"
-            raise ConfigError(
-                f"unknown host {name!r}: known hosts are {known}; add [hosts.{name}] {where}"
-            ) from None
+            raise ConfigError(f"unknown host {name!r}: known hosts are {known}; add [hosts.{name}] {where}") from None
 
 
 def builtin_local_host() -> Host:
@@ -165,11 +164,11 @@ def parse_host(name: str, table: dict) -> Host:
     elif provider == "aws":
         kind = "aws"
     elif provider not in (None, "none"):
-        raise ConfigError(f"[hosts.{name}]: provider {provider!r} is not supported; use \"aws\" or leave it out")
+        raise ConfigError(f'[hosts.{name}]: provider {provider!r} is not supported; use "aws" or leave it out')
     elif "ssh" in values:
         kind = "ssh"
     else:
-        raise ConfigError(f"[hosts.{name}]: say how to reach it: ssh = \"alias\" or provider = \"aws\"")
+        raise ConfigError(f'[hosts.{name}]: say how to reach it: ssh = "alias" or provider = "aws"')
 
     # bool is an int in Python, and TOML allows nan and inf: both would pass a plain type check.
     for key in ("price_per_hour",):
@@ -181,30 +180,42 @@ def parse_host(name: str, table: dict) -> Host:
     for key in ("grace_s", "min_billed_s"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0):
             raise ConfigError(f"[hosts.{name}]: {key} must be a whole number of seconds >= 0, got {values[key]!r}")
-    if "vcpus" in values and (not isinstance(values["vcpus"], int) or isinstance(values["vcpus"], bool)
-                              or not 1 <= values["vcpus"] <= MAX_VCPUS):
-        raise ConfigError(f"[hosts.{name}]: vcpus must be a whole number of CPU cores from 1 to {MAX_VCPUS}, "
-                          f"got {values['vcpus']!r}")
+    if "vcpus" in values and (
+        not isinstance(values["vcpus"], int)
+        or isinstance(values["vcpus"], bool)
+        or not 1 <= values["vcpus"] <= MAX_VCPUS
+    ):
+        raise ConfigError(
+            f"[hosts.{name}]: vcpus must be a whole number of CPU cores from 1 to {MAX_VCPUS}, got {values['vcpus']!r}"
+        )
     if "gpu" in values and (not isinstance(values["gpu"], str) or not values["gpu"].strip()):
-        raise ConfigError(f"[hosts.{name}]: gpu must name the GPU model (gpu = \"RTX 4090\"), or be \"none\" for "
-                          f"a host without one; got {values['gpu']!r}")
+        raise ConfigError(
+            f'[hosts.{name}]: gpu must name the GPU model (gpu = "RTX 4090"), or be "none" for '
+            f"a host without one; got {values['gpu']!r}"
+        )
     if values.get("billing", "per_second") not in BILLING_RULES:
-        raise ConfigError(f"[hosts.{name}]: billing must be one of {', '.join(BILLING_RULES)}, got {values['billing']!r}")
+        raise ConfigError(
+            f"[hosts.{name}]: billing must be one of {', '.join(BILLING_RULES)}, got {values['billing']!r}"
+        )
     if values.get("sync", "ssh") not in ("ssh", "s3"):
-        raise ConfigError(f"[hosts.{name}]: sync must be \"ssh\" or \"s3\", got {values['sync']!r}")
+        raise ConfigError(f'[hosts.{name}]: sync must be "ssh" or "s3", got {values["sync"]!r}')
     if values.get("s3_host_credentials", "scoped") not in ("scoped", "laptop"):
-        raise ConfigError(f"[hosts.{name}]: s3_host_credentials must be \"scoped\" or \"laptop\", got {values['s3_host_credentials']!r}")
+        raise ConfigError(
+            f'[hosts.{name}]: s3_host_credentials must be "scoped" or "laptop", got {values["s3_host_credentials"]!r}'
+        )
     if values.get("runtime", "auto") not in RUNTIMES:
         raise ConfigError(f"[hosts.{name}]: runtime must be one of {', '.join(RUNTIMES)}, got {values['runtime']!r}")
     if values.get("sync") == "s3" and not values.get("bucket"):
-        raise ConfigError(f"[hosts.{name}]: sync = \"s3\" needs bucket = \"...\"")
+        raise ConfigError(f'[hosts.{name}]: sync = "s3" needs bucket = "..."')
     if kind == "aws":
         for key in ("instance_id", "region"):
             if not values.get(key):
-                raise ConfigError(f"[hosts.{name}]: provider = \"aws\" needs {key} = \"...\"")
+                raise ConfigError(f'[hosts.{name}]: provider = "aws" needs {key} = "..."')
         values.setdefault("min_billed_s", 60)  # EC2 Linux bills per second with a 60 s minimum
         if "price_per_hour" not in values:
-            price = hourly_price(values.get("instance_type", ""), values["region"]) if values.get("instance_type") else None
+            price = (
+                hourly_price(values.get("instance_type", ""), values["region"]) if values.get("instance_type") else None
+            )
             if price is None:
                 raise ConfigError(
                     f"[hosts.{name}]: no shipped price for instance_type {values.get('instance_type')!r} in "
@@ -234,11 +245,14 @@ def check_ssh_port(name: str, ssh: str | None) -> None:
 def parse_hosts(document: dict) -> dict[str, Host]:
     unknown = sorted(set(document) - {"hosts", "groups"})
     if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}] in {CONFIG_FILENAME}; only [hosts.NAME] and [groups.NAME] "
-                          f"tables are read")
+        raise ConfigError(
+            f"unknown section [{unknown[0]}] in {CONFIG_FILENAME}; only [hosts.NAME] and [groups.NAME] tables are read"
+        )
     tables = document.get("hosts", {})
     if not isinstance(tables, dict):
-        raise ConfigError(f"hosts in {CONFIG_FILENAME} must be tables: write [hosts.NAME] sections, not hosts = {tables!r}")
+        raise ConfigError(
+            f"hosts in {CONFIG_FILENAME} must be tables: write [hosts.NAME] sections, not hosts = {tables!r}"
+        )
     hosts = {LOCAL_HOST: builtin_local_host()}
     for name, table in tables.items():
         hosts[name] = parse_host(name, table)
@@ -254,21 +268,28 @@ def check_group(group: Group, hosts: dict[str, Host], where: str) -> None:
         raise ConfigError(f"{where}: a group needs two hosts or more; for one host, give its name alone")
     repeated = sorted({n for n in group.hosts if group.hosts.count(n) > 1})
     if repeated:
-        raise ConfigError(f"{where}: host {repeated[0]} is listed twice; each host is one node (--gpus sets the "
-                          f"processes on each)")
+        raise ConfigError(
+            f"{where}: host {repeated[0]} is listed twice; each host is one node (--gpus sets the processes on each)"
+        )
     unknown = [n for n in group.hosts if n not in hosts]
     if unknown:
         known = ", ".join(sorted(h for h in hosts if h != LOCAL_HOST)) or "none"
-        raise ConfigError(f"{where}: unknown host {unknown[0]!r} (known hosts: {known}); add [hosts.{unknown[0]}] "
-                          f"to {CONFIG_FILENAME}")
+        raise ConfigError(
+            f"{where}: unknown host {unknown[0]!r} (known hosts: {known}); add [hosts.{unknown[0]}] "
+            f"to {CONFIG_FILENAME}"
+        )
     local = [n for n in group.hosts if hosts[n].is_local]
     if local:
-        raise ConfigError(f"{where}: host {local[0]} is the local Docker engine; every node of a multi-node job is a "
-                          f"machine reached over SSH")
+        raise ConfigError(
+            f"{where}: host {local[0]} is the local Docker engine; every node of a multi-node job is a "
+            f"machine reached over SSH"
+        )
     currencies = sorted({hosts[n].currency for n in group.hosts})
     if len(currencies) > 1:
-        raise ConfigError(f"{where}: the hosts bill in {' and '.join(currencies)}; the nodes of one job must bill in "
-                          f"one currency, so that its cost adds up")
+        raise ConfigError(
+            f"{where}: the hosts bill in {' and '.join(currencies)}; the nodes of one job must bill in "
+            f"one currency, so that its cost adds up"
+        )
 
 
 def parse_group(name: str, table, hosts: dict[str, Host]) -> Group:
@@ -279,26 +300,33 @@ def parse_group(name: str, table, hosts: dict[str, Host]) -> Group:
     if name in hosts:
         raise ConfigError(f"{where}: {name} is also a host's name; give the group a name of its own")
     if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table of settings: hosts = [\"box-a\", \"box-b\"]")
+        raise ConfigError(f'{where} must be a table of settings: hosts = ["box-a", "box-b"]')
     unknown = sorted(set(table) - _GROUP_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(_GROUP_KEYS))}")
     names = table.get("hosts")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{where}: hosts must be a list of host names: hosts = [\"box-a\", \"box-b\"]")
+        raise ConfigError(f'{where}: hosts must be a list of host names: hosts = ["box-a", "box-b"]')
     port = table.get("rendezvous_port", RENDEZVOUS_PORT)
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise ConfigError(f"{where}: rendezvous_port must be a port number from 1 to 65535, got {port!r}")
     address = table.get("rendezvous_host")
-    if address is not None and (not isinstance(address, str) or not address.strip() or any(c in address for c in " /:")):
-        raise ConfigError(f"{where}: rendezvous_host must be the first node's address as the others reach it "
-                          f"(a host name or IPv4 address, no port), got {address!r}")
+    if address is not None and (
+        not isinstance(address, str) or not address.strip() or any(c in address for c in " /:")
+    ):
+        raise ConfigError(
+            f"{where}: rendezvous_host must be the first node's address as the others reach it "
+            f"(a host name or IPv4 address, no port), got {address!r}"
+        )
     ifname = table.get("nccl_socket_ifname")
     if ifname is not None and (not isinstance(ifname, str) or not _IFNAME.match(ifname)):
-        raise ConfigError(f"{where}: nccl_socket_ifname must name network interfaces as NCCL_SOCKET_IFNAME does "
-                          f"(eth0, or ens,eth, or ^docker), got {ifname!r}")
-    group = Group(name=name, hosts=tuple(names), rendezvous_host=address, rendezvous_port=port,
-                  nccl_socket_ifname=ifname)
+        raise ConfigError(
+            f"{where}: nccl_socket_ifname must name network interfaces as NCCL_SOCKET_IFNAME does "
+            f"(eth0, or ens,eth, or ^docker), got {ifname!r}"
+        )
+    group = Group(
+        name=name, hosts=tuple(names), rendezvous_host=address, rendezvous_port=port, nccl_socket_ifname=ifname
+    )
     check_group(group, hosts, where)
     return group
 
@@ -306,8 +334,9 @@ def parse_group(name: str, table, hosts: dict[str, Host]) -> Group:
 def parse_groups(document: dict, hosts: dict[str, Host]) -> dict[str, Group]:
     tables = document.get("groups", {})
     if not isinstance(tables, dict):
-        raise ConfigError(f"groups in {CONFIG_FILENAME} must be tables: write [groups.NAME] sections with "
-                          f"hosts = [...]")
+        raise ConfigError(
+            f"groups in {CONFIG_FILENAME} must be tables: write [groups.NAME] sections with hosts = [...]"
+        )
     return {name: parse_group(name, table, hosts) for name, table in tables.items()}
 
 

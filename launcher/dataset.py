@@ -12,14 +12,15 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
 from gpu_run.errors import ConfigError, DatasetError
 from gpu_run.paths import home_dir
+
 # The ImageFolder rules are the trainer's own, so the laptop counts exactly what the host trains on
 # (is_image_file and image_files are also imported from here by others).
 from gpu_run.trainer.imagefolder import IMAGE_EXTENSIONS, class_folders, image_files, is_hidden, is_image_file  # noqa: F401
@@ -90,18 +91,24 @@ def check_entry(root: str, dirpath: str, name: str, is_dir: bool) -> None:
             raise DatasetError(f"{rel} in {_shown(root)} {what}; remove it or replace it with the real file") from None
         target, real_root = os.path.realpath(full), os.path.realpath(root)
         if os.path.commonpath([target, real_root]) != real_root:
-            raise DatasetError(f"{rel} in {_shown(root)} is a symlink to {_shown(target)}, outside the dataset, "
-                               f"which the sync does not follow; replace it with a copy of the file or remove it")
+            raise DatasetError(
+                f"{rel} in {_shown(root)} is a symlink to {_shown(target)}, outside the dataset, "
+                f"which the sync does not follow; replace it with a copy of the file or remove it"
+            )
         if os.path.isabs(os.readlink(full)):
-            raise DatasetError(f"{rel} in {_shown(root)} is a symlink with an absolute target, which breaks on the "
-                               f"host; make it relative or replace it with a copy of the file")
+            raise DatasetError(
+                f"{rel} in {_shown(root)} is a symlink with an absolute target, which breaks on the "
+                f"host; make it relative or replace it with a copy of the file"
+            )
         return
     if is_dir:
         # Inside a class folder (split/class/NAME and deeper), where images are expected.
         if Path(name).suffix.lower() in IMAGE_EXTENSIONS and rel.count(os.sep) >= 2:
             raise DatasetError(f"{rel} in {_shown(root)} is a folder named like an image; rename or remove it")
         if not os.access(full, os.R_OK | os.X_OK):
-            raise DatasetError(f"folder {rel} in {_shown(root)} cannot be read; fix its permissions (chmod a+rx) or remove it")
+            raise DatasetError(
+                f"folder {rel} in {_shown(root)} cannot be read; fix its permissions (chmod a+rx) or remove it"
+            )
         return
     if not stat.S_ISREG(st.st_mode):
         # Reading a FIFO blocks forever; sockets and devices are not data either.
@@ -109,8 +116,9 @@ def check_entry(root: str, dirpath: str, name: str, is_dir: bool) -> None:
     try:
         os.close(os.open(full, os.O_RDONLY))
     except OSError as e:
-        raise DatasetError(f"{rel} in {_shown(root)} cannot be read ({e.strerror}); fix its permissions "
-                           f"(chmod a+r) or remove it") from None
+        raise DatasetError(
+            f"{rel} in {_shown(root)} cannot be read ({e.strerror}); fix its permissions (chmod a+r) or remove it"
+        ) from None
 
 
 def check_entries(root: Path) -> None:
@@ -126,7 +134,9 @@ def check_entries(root: Path) -> None:
 
 
 def _raise_walk_error(e: OSError) -> None:
-    raise DatasetError(f"cannot read folder {_shown(e.filename or '')} ({e.strerror}); fix its permissions or remove it")
+    raise DatasetError(
+        f"cannot read folder {_shown(e.filename or '')} ({e.strerror}); fix its permissions or remove it"
+    )
 
 
 def check_layout(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
@@ -140,14 +150,18 @@ def check_layout(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
-            raise DatasetError(f"dataset {root} has no {split}/ folder; expected {split}/<class>/<image> (ImageFolder layout)")
+            raise DatasetError(
+                f"dataset {root} has no {split}/ folder; expected {split}/<class>/<image> (ImageFolder layout)"
+            )
         classes = class_folders(split_dir)
         if not classes:
             raise DatasetError(f"{split_dir} has no class folders; put each class's images in {split}/<class>/")
         files[split] = {c: image_files(split_dir / c) for c in classes}
         for c, images in files[split].items():
             if not images:
-                raise DatasetError(f"class {c!r} in {split_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
+                raise DatasetError(
+                    f"class {c!r} in {split_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder"
+                )
     train_classes, val_classes = list(files["train"]), list(files["val"])
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
@@ -159,8 +173,10 @@ def check_layout(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]
             parts.append(f"only in val/: {', '.join(only_val)}")
         raise DatasetError(f"train/ and val/ must have the same class folders ({'; '.join(parts)})")
     if len(train_classes) < 2:
-        raise DatasetError(f"dataset {root} has one class ({train_classes[0]}); a classifier needs at least 2 classes: "
-                           f"add another class folder to train/ and val/")
+        raise DatasetError(
+            f"dataset {root} has one class ({train_classes[0]}); a classifier needs at least 2 classes: "
+            f"add another class folder to train/ and val/"
+        )
     return train_classes, files
 
 

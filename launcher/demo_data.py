@@ -55,6 +55,7 @@ def draw_pattern(pattern: str, size: int, rng: random.Random) -> Image.Image:
                 d.ellipse([x - r, y - r, x + r, y + r], fill=foreground)
     # Speckle noise so no two images are alike and JPEG sizes look like photos'.
     px = im.load()
+    assert px is not None  # a new image in memory always loads
     for _ in range(size * size // 12):
         x, y = rng.randrange(size), rng.randrange(size)
         px[x, y] = tuple(rng.randint(0, 255) for _ in range(3))

@@ -32,14 +32,22 @@ def stop_command_row(host: Host, remote) -> dict:
     if not command:
         if host.kind == "aws":
             return _row("stop command", "none: the instance is stopped through the EC2 API", True, required=False)
-        return _row("stop command", 'not set: nothing would stop this host. Set stop_command = "sudo shutdown -h now" '
-                    '(or what stops it), or stop_command = "none" if it is yours and never stops', False)
+        return _row(
+            "stop command",
+            'not set: nothing would stop this host. Set stop_command = "sudo shutdown -h now" '
+            '(or what stops it), or stop_command = "none" if it is yours and never stops',
+            False,
+        )
     if command == "none":
         return _row("stop command", "none: this host is never stopped (it is yours)", True, required=False)
     problem = stop_command_problem(remote, command)
     if problem:
         return _row("stop command", f"{command}: {problem}", False, required=host.kind != "aws")
-    return _row("stop command", f"{command} (the program is there" + (", sudo needs no password)" if command.startswith("sudo") else ")"), True)
+    return _row(
+        "stop command",
+        f"{command} (the program is there" + (", sudo needs no password)" if command.startswith("sudo") else ")"),
+        True,
+    )
 
 
 _FACTS_LOCK = threading.Lock()  # the hosts of a group are checked at once; their facts share one file
@@ -93,27 +101,59 @@ def host_rows(host: Host, accept_new_host_key: bool = False) -> tuple[list[dict]
         probed.runtime = "docker"
         rows.append(_row("runtime", f"docker: engine {version}", True))
         runtimes = remote.run(["docker", "info", "--format", "{{json .Runtimes}}"], check=False).stdout
-        rows.append(_row("nvidia runtime", "yes" if "nvidia" in runtimes else "no (training would run on the CPU)",
-                         "nvidia" in runtimes, required=False))
+        rows.append(
+            _row(
+                "nvidia runtime",
+                "yes" if "nvidia" in runtimes else "no (training would run on the CPU)",
+                "nvidia" in runtimes,
+                required=False,
+            )
+        )
     elif host.runtime == "docker":
         rows.append(_row("runtime", f"docker: no working engine ({why_not})", False))
     else:
         found = find_python(remote, host.python)
         if found is None:
-            rows.append(_row("runtime", f"no Docker ({why_not}) and no Python there imports torch and torchvision; "
-                             f"set python = \"/path/to/python\"", False))
+            rows.append(
+                _row(
+                    "runtime",
+                    f"no Docker ({why_not}) and no Python there imports torch and torchvision; "
+                    f'set python = "/path/to/python"',
+                    False,
+                )
+            )
         else:
             probed.runtime, probed.found = "python", found
-            cuda = f"CUDA {found['cuda_version']}, {found['gpus']} GPU(s)" if found["cuda"] else "no CUDA GPU (CPU only)"
-            rows.append(_row("runtime", f"python {found['python']} (torch {found['torch']}, torchvision "
-                             f"{found['torchvision']}, {cuda}); no Docker here: {why_not}", True))
+            cuda = (
+                f"CUDA {found['cuda_version']}, {found['gpus']} GPU(s)" if found["cuda"] else "no CUDA GPU (CPU only)"
+            )
+            rows.append(
+                _row(
+                    "runtime",
+                    f"python {found['python']} (torch {found['torch']}, torchvision "
+                    f"{found['torchvision']}, {cuda}); no Docker here: {why_not}",
+                    True,
+                )
+            )
     gpus = remote.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], check=False)
-    rows.append(_row("gpus", "; ".join(gpus.stdout.strip().splitlines()) if gpus.code == 0 else "none found",
-                     gpus.code == 0, required=False))
+    rows.append(
+        _row(
+            "gpus",
+            "; ".join(gpus.stdout.strip().splitlines()) if gpus.code == 0 else "none found",
+            gpus.code == 0,
+            required=False,
+        )
+    )
     nproc = remote.run(["nproc"], check=False).stdout.strip()
     vcpus = int(nproc) if nproc.isascii() and nproc.isdigit() else None  # "²" is a digit int() refuses
-    rows.append(_row("cpus", f"{vcpus} (the data loader's workers decode images on these)" if vcpus else "unknown",
-                     vcpus is not None, required=False))
+    rows.append(
+        _row(
+            "cpus",
+            f"{vcpus} (the data loader's workers decode images on these)" if vcpus else "unknown",
+            vcpus is not None,
+            required=False,
+        )
+    )
     # `gpu-run plan` estimates this host from what was found here.
     gpu_names = [line.split(",")[0].strip() for line in gpus.stdout.strip().splitlines()] if gpus.code == 0 else []
     with _FACTS_LOCK:
@@ -125,12 +165,23 @@ def host_rows(host: Host, accept_new_host_key: bool = False) -> tuple[list[dict]
     except (IndexError, ValueError):
         rows.append(_row("free disk", f"unknown ({df.stderr.strip()})", False))
     rsync = remote.run(["sh", "-c", "command -v rsync"], check=False)
-    rows.append(_row("rsync", rsync.stdout.strip() or "not installed (not needed: gpu-run syncs with tar)",
-                     True, required=False))
+    rows.append(
+        _row(
+            "rsync", rsync.stdout.strip() or "not installed (not needed: gpu-run syncs with tar)", True, required=False
+        )
+    )
     rows.append(stop_command_row(host, remote))
     rearm = reboot_rearm(remote)
-    rows.append(_row("reboot re-arm", rearm or "none (no crontab on the host): a reboot mid-run ends the job, and "
-                     "the run's watchdog is gone with it; `gpu-run attach` starts it again", bool(rearm), required=False))
+    rows.append(
+        _row(
+            "reboot re-arm",
+            rearm
+            or "none (no crontab on the host): a reboot mid-run ends the job, and "
+            "the run's watchdog is gone with it; `gpu-run attach` starts it again",
+            bool(rearm),
+            required=False,
+        )
+    )
     rows.append(clock_row(remote))
     return rows, probed
 
@@ -147,13 +198,18 @@ def clock_row(remote: Remote) -> dict:
     except ValueError:  # the host's answer is no number
         remote_now = math.nan
     if not math.isfinite(remote_now):
-        return _row("clock offset", "the host's clock could not be read (`date +%s.%N` gave no number of seconds)",
-                    False, required=False)
+        return _row(
+            "clock offset",
+            "the host's clock could not be read (`date +%s.%N` gave no number of seconds)",
+            False,
+            required=False,
+        )
     offset = remote_now - (before + after) / 2
     return _row("clock offset", f"{offset:+.2f} s", abs(offset) < 30, required=False)
 
 
 # A group of hosts ----------------------------------------------------------------------------------
+
 
 def check_group(group: Group, config: Config, accept_new_host_key: bool = False) -> list[dict]:
     """Every host's checks (at once), each row named by its host, then the group's own."""
@@ -181,8 +237,15 @@ def check_group(group: Group, config: Config, accept_new_host_key: bool = False)
 
 def group_rows(group: Group, hosts: list[Host], probes: dict[str, Probed]) -> list[dict]:
     first = hosts[0].name
-    rows = [_row("nodes", f"{len(hosts)}: {', '.join(group.hosts)}; {first} hosts the rendezvous (torchrun's c10d "
-                 f"store) on port {group.rendezvous_port}", True, required=False)]
+    rows = [
+        _row(
+            "nodes",
+            f"{len(hosts)}: {', '.join(group.hosts)}; {first} hosts the rendezvous (torchrun's c10d "
+            f"store) on port {group.rendezvous_port}",
+            True,
+            required=False,
+        )
+    ]
     rows.append(versions_row(hosts, probes))
     missing = [h.name for h in hosts if h.name not in probes]
     if first not in probes:
@@ -190,9 +253,16 @@ def group_rows(group: Group, hosts: list[Host], probes: dict[str, Probed]) -> li
         return rows
     address = group.rendezvous_host or probes[first].remote.target.hostname
     if is_loopback(address):
-        rows.append(_row("rendezvous address", f"{address} is loopback: only nodes on the same machine as {first} can "
-                         f"reach it; set rendezvous_host in [groups.{group.name}] to the address the others reach "
-                         f"{first} on", True, required=False))
+        rows.append(
+            _row(
+                "rendezvous address",
+                f"{address} is loopback: only nodes on the same machine as {first} can "
+                f"reach it; set rendezvous_host in [groups.{group.name}] to the address the others reach "
+                f"{first} on",
+                True,
+                required=False,
+            )
+        )
     pythons = {name: (p.found or {}).get("python") for name, p in probes.items()}
     others = {h.name: probes[h.name].remote for h in hosts[1:] if h.name in probes}
     reached = check_port(first, probes[first].remote, others, address, group.rendezvous_port, pythons)
@@ -201,11 +271,22 @@ def group_rows(group: Group, hosts: list[Host], probes: dict[str, Probed]) -> li
         rows.append(_row("rendezvous port", reached[""], False, required="not checked" not in reached[""]))
     elif any(why != "ok" for why in reached.values()):
         bad = "; ".join(f"{name}: {why}" for name, why in reached.items() if why != "ok")
-        rows.append(_row("rendezvous port", f"{bad}; open port {group.rendezvous_port} on {first} to the other "
-                         f"nodes (or set rendezvous_host to an address they reach)", False))
+        rows.append(
+            _row(
+                "rendezvous port",
+                f"{bad}; open port {group.rendezvous_port} on {first} to the other "
+                f"nodes (or set rendezvous_host to an address they reach)",
+                False,
+            )
+        )
     elif reached:
-        rows.append(_row("rendezvous port", f"{', '.join(reached)} reach{'es' if len(reached) == 1 else ''} {port} "
-                         f"on {first}", True))
+        rows.append(
+            _row(
+                "rendezvous port",
+                f"{', '.join(reached)} reach{'es' if len(reached) == 1 else ''} {port} on {first}",
+                True,
+            )
+        )
     if missing:
         rows.append(_row("rendezvous port", f"not checked from {', '.join(missing)}: cannot be reached", False))
     routes = {}
@@ -216,6 +297,12 @@ def group_rows(group: Group, hosts: list[Host], probes: dict[str, Probed]) -> li
     return rows
 
 
+def _found(probed: Probed) -> dict:
+    """What find_python found on a node whose runtime is python."""
+    assert probed.found is not None  # set with runtime "python"
+    return probed.found
+
+
 def versions_row(hosts: list[Host], probes: dict[str, Probed]) -> dict:
     """The same torch and CUDA everywhere: ranks built differently disagree on what they exchange."""
     runtimes = {name: p.runtime for name, p in probes.items()}
@@ -224,19 +311,36 @@ def versions_row(hosts: list[Host], probes: dict[str, Probed]) -> dict:
     if set(runtimes.values()) == {"docker"}:
         bases = {h.base_image for h in hosts}
         if len(bases) > 1:
-            return _row("torch versions", f"the hosts set different base_image ({', '.join(str(b) for b in bases)}): "
-                        f"their images' torch and CUDA may differ; give them one base_image", False)
-        return _row("torch versions", "docker on every node: one image from the same recipe and base, so the same "
-                    "torch and CUDA by construction", True)
+            return _row(
+                "torch versions",
+                f"the hosts set different base_image ({', '.join(str(b) for b in bases)}): "
+                f"their images' torch and CUDA may differ; give them one base_image",
+                False,
+            )
+        return _row(
+            "torch versions",
+            "docker on every node: one image from the same recipe and base, so the same torch and CUDA by construction",
+            True,
+        )
     if set(runtimes.values()) == {"python"}:
-        seen = {name: (p.found["torch"], p.found.get("cuda_version")) for name, p in probes.items()}
+        seen = {name: (_found(p)["torch"], _found(p).get("cuda_version")) for name, p in probes.items()}
         shown = ", ".join(f"{name} torch {t} / CUDA {c or 'none'}" for name, (t, c) in seen.items())
         if len(set(seen.values())) > 1:
-            return _row("torch versions", f"{shown}: the nodes must run the same torch and CUDA; choose the same "
-                        f"image on every rented machine (or set python = to one that matches)", False)
+            return _row(
+                "torch versions",
+                f"{shown}: the nodes must run the same torch and CUDA; choose the same "
+                f"image on every rented machine (or set python = to one that matches)",
+                False,
+            )
         torch_v, cuda_v = next(iter(seen.values()))
         return _row("torch versions", f"torch {torch_v}, CUDA {cuda_v or 'none'} on every node", True)
-    shown = ", ".join(f"{n} {'our image' if r == 'docker' else 'its own Python, torch ' + probes[n].found['torch']}"
-                      for n, r in runtimes.items())
-    return _row("torch versions", f"mixed runtimes ({shown}): cannot compare; make sure the image's torch and CUDA "
-                "match the others'", False, required=False)
+    shown = ", ".join(
+        f"{n} {'our image' if r == 'docker' else 'its own Python, torch ' + _found(probes[n])['torch']}"
+        for n, r in runtimes.items()
+    )
+    return _row(
+        "torch versions",
+        f"mixed runtimes ({shown}): cannot compare; make sure the image's torch and CUDA match the others'",
+        False,
+        required=False,
+    )

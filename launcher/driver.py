@@ -33,8 +33,8 @@ from gpu_run.run_plan import RunPlan, open_run, plan_run, seed_dir_of
 from gpu_run.spec import TrainSpec
 from gpu_run.ui import UI
 
-
 # The stages, each for one machine ----------------------------------------------------------------
+
 
 def connect(host: Host, spec: TrainSpec, ui: UI) -> Backend:
     """The machine reached: started first where its provider can (an EC2 instance bills from then
@@ -83,26 +83,45 @@ def sync_code(backend: Backend, plan: RunPlan, ui: UI) -> tuple[str, str]:
     return backend.stage_code(plan.project, ui), backend.stage_packages(plan.project, ui)
 
 
-def job_for(plan: RunPlan, backend: Backend, run_id: str, run_dir: Path, data_dir: str, code: tuple[str, str],
-            max_runtime_s: int, spec: TrainSpec | None = None, resumed: bool = False, **more) -> Job:
+def job_for(
+    plan: RunPlan,
+    backend: Backend,
+    run_id: str,
+    run_dir: Path,
+    data_dir: str,
+    code: tuple[str, str],
+    max_runtime_s: int,
+    spec: TrainSpec | None = None,
+    resumed: bool = False,
+    **more,
+) -> Job:
     """The job the machine starts: our trainer with the spec's recipe, or the command in its own
     copy of the project. `spec` is the run's own when it is not the plan's (a sweep's point)."""
     spec = spec or plan.spec
     command = plan.project is not None
     seed_work = run_dir / "work"
     return Job(
-        run_id=run_id, trainer_args=spec.trainer_args(), data_dir=data_dir,
+        run_id=run_id,
+        trainer_args=spec.trainer_args(),
+        data_dir=data_dir,
         out_dir=backend.out_dir_for(run_id, run_dir),
         weights=str(plan.weights.path) if plan.weights.path else "none",
-        gpus=spec.gpus, env=dict(spec.extra_env), max_runtime_s=max_runtime_s,
-        silence_s=int(spec.silence_minutes * 60), stop_timeout_s=spec.stop_timeout_s,
-        keep_alive=spec.keep_alive, terminate=spec.terminate,
+        gpus=spec.gpus,
+        env=dict(spec.extra_env),
+        max_runtime_s=max_runtime_s,
+        silence_s=int(spec.silence_minutes * 60),
+        stop_timeout_s=spec.stop_timeout_s,
+        keep_alive=spec.keep_alive,
+        terminate=spec.terminate,
         seed_dir=(str(run_dir / ".gpu-run" / "seed-out") if command else str(run_dir)) if resumed else None,
-        command=list(spec.command or []) if command else None, code_dir=code[0], packages_dir=code[1],
+        command=list(spec.command or []) if command else None,
+        code_dir=code[0],
+        packages_dir=code[1],
         work_dir=backend.work_dir_for(run_id) if command else "",
         data_rel=(plan.project.data_rel or "") if plan.project is not None else "",
         seed_work_dir=str(seed_work) if command and resumed and seed_work.is_dir() else None,
-        hub_weights=list(plan.hub_files), **more,
+        hub_weights=list(plan.hub_files),
+        **more,
     )
 
 
@@ -110,8 +129,15 @@ def job_for(plan: RunPlan, backend: Backend, run_id: str, run_dir: Path, data_di
 EXIT_NOT_STOPPED = 3
 
 
-def release_failed_setup(backend: Backend | None, host: Host, keep_alive: bool, ledger: Ledger, run_id: str,
-                         billed_from: float | None, ui: UI) -> bool:
+def release_failed_setup(
+    backend: Backend | None,
+    host: Host,
+    keep_alive: bool,
+    ledger: Ledger,
+    run_id: str,
+    billed_from: float | None,
+    ui: UI,
+) -> bool:
     """Nothing runs yet: the machine must not stay up (and bill) because setup failed. True when
     its stop is confirmed (or nothing bills)."""
     if backend is not None:
@@ -119,8 +145,10 @@ def release_failed_setup(backend: Backend | None, host: Host, keep_alive: bool, 
             result = backend.abort(ui, keep_alive)
         except Exception as abort_error:  # the setup's own error is the one to show
             ledger.update_run(run_id, stop_status="unconfirmed", stop_detail=str(abort_error))
-            ui.error(f"NOT STOPPED: could not release {host.name} after the failed setup ({abort_error}); "
-                     f"`gpu-run stop {run_id}` tries again")
+            ui.error(
+                f"NOT STOPPED: could not release {host.name} after the failed setup ({abort_error}); "
+                f"`gpu-run stop {run_id}` tries again"
+            )
             return False
         record_stop(ledger, run_id, result, billed_from)
         return result.ok
@@ -130,6 +158,7 @@ def release_failed_setup(backend: Backend | None, host: Host, keep_alive: bool, 
 
 
 # A run on one machine ----------------------------------------------------------------------------
+
 
 def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
     group = config.group(spec.host)
@@ -152,7 +181,9 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
             claim(backend, plan.spec, run_id, ui)
         ledger.update_run(run_id, backend=backend.name)
         if not host.is_local:  # held from here: `gpu-run stop RUN` after a failed setup finds it by this
-            ledger.update_run(run_id, handle_json=RunHandle(backend=backend.name, run_dir=backend.run_dir(run_id)).to_json())
+            ledger.update_run(
+                run_id, handle_json=RunHandle(backend=backend.name, run_dir=backend.run_dir(run_id)).to_json()
+            )
         ui.info(f"backend: {backend.describe()}")
         with ledger.phase(run_id, "build"), ui.timed("build"):
             prepared = prepare(backend, ui)
@@ -166,9 +197,16 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
         if plan.project is not None:
             with ledger.phase(run_id, "code"), ui.timed("code"):
                 code = sync_code(backend, plan, ui)
-        job = job_for(plan, backend, run_id, run_dir, data_dir, code,
-                      watchdog_max_runtime_s(plan.spec, host, plan.budget_limit_s, billed_from),
-                      resumed=seed_dir_of(plan, run) is not None)
+        job = job_for(
+            plan,
+            backend,
+            run_id,
+            run_dir,
+            data_dir,
+            code,
+            watchdog_max_runtime_s(plan.spec, host, plan.budget_limit_s, billed_from),
+            resumed=seed_dir_of(plan, run) is not None,
+        )
         ledger.start_phase(run_id, "train")
         with ui.timed("trainer started"):
             handle = backend.start(job, prepared, ui)
@@ -193,9 +231,13 @@ def train(spec: TrainSpec, config: Config, ledger: Ledger, ui: UI) -> dict:
 def announce(plan: RunPlan, run_id: str, where: str, run_dir: Path, ui: UI) -> None:
     """The run's first line: what runs where, and where its outputs land."""
     if plan.project is not None:
-        ui.info(f"run {run_id} on host {where}: {plan.job_label} in {plan.project.root} "
-                f"({len(plan.project.manifest)} files, {plan.project.bytes / 1e6:.1f} MB of code) -> {run_dir}")
+        ui.info(
+            f"run {run_id} on host {where}: {plan.job_label} in {plan.project.root} "
+            f"({len(plan.project.manifest)} files, {plan.project.bytes / 1e6:.1f} MB of code) -> {run_dir}"
+        )
     elif plan.info is not None:
         info = plan.info
-        ui.info(f"run {run_id} on host {where}: {plan.spec.model}, {len(info.classes)} classes, "
-                f"{info.num_train} train / {info.num_val} val images -> {run_dir}")
+        ui.info(
+            f"run {run_id} on host {where}: {plan.spec.model}, {len(info.classes)} classes, "
+            f"{info.num_train} train / {info.num_val} val images -> {run_dir}"
+        )

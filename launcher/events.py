@@ -84,8 +84,12 @@ def read_metrics_lenient(text: str, numbers: tuple[str, ...] = ()) -> tuple[list
             skipped += 1
             continue
         epoch = record.get("epoch") if isinstance(record, dict) else None
-        if not (isinstance(epoch, int) and _plottable(epoch) and epoch >= 0
-                and all(_plottable(record.get(key)) for key in numbers)):
+        if not (
+            isinstance(epoch, int)
+            and _plottable(epoch)
+            and epoch >= 0
+            and all(_plottable(record.get(key)) for key in numbers)
+        ):
             skipped += 1
             continue
         by_epoch[epoch] = record

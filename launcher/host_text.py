@@ -11,7 +11,7 @@ yielded with its trailing "\\r", so a view can show it as one line that changes.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC (ESC P/X/^/_ ... ST), any other
 # ESC + one character, and the 8-bit forms of CSI and of the string sequences.
@@ -44,7 +44,7 @@ def split_output(read: Callable[[int], bytes], chunk: int = 1 << 16) -> Iterator
         for end in _BREAK.finditer(pending):
             if end.group() == b"\r" and end.end() == len(pending):
                 break  # is it "\r\n"? the next chunk says
-            text = pending[start:end.start()].decode("utf-8", "replace")
+            text = pending[start : end.start()].decode("utf-8", "replace")
             yield text + "\r" if end.group() == b"\r" else text
             start = end.end()
         pending = pending[start:]

@@ -72,8 +72,9 @@ def build_cpu_base(ui: UI, docker_host: str | None = None) -> None:
     if docker_host:
         env["DOCKER_HOST"] = docker_host
     with ui.spinner(f"building the offline CPU base image {CPU_BASE_IMAGE} (debootstrap, about 2 minutes)"):
-        proc = subprocess.run(["bash", "-s", CPU_BASE_IMAGE], input=base_image_script().decode(), env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["bash", "-s", CPU_BASE_IMAGE], input=base_image_script().decode(), env=env, capture_output=True, text=True
+        )
     if proc.returncode != 0:
         last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise BackendError(
@@ -87,7 +88,11 @@ def connect(base_url: str | None = None, timeout_s: int = 10) -> docker.DockerCl
     """A Docker SDK client whose engine answered a ping, or None when there is no engine (used to
     build the offline base image; runs drive the engine with its CLI, as on a rented host)."""
     try:
-        client = docker.DockerClient(base_url=base_url, timeout=timeout_s) if base_url else docker.from_env(timeout=timeout_s)
+        client = (
+            docker.DockerClient(base_url=base_url, timeout=timeout_s)
+            if base_url
+            else docker.from_env(timeout=timeout_s)
+        )
         client.ping()
         return client
     except (docker.errors.DockerException, OSError):

@@ -6,10 +6,10 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from gpu_run.errors import GpuRunError, RunNotFound
 
@@ -233,7 +233,9 @@ class Ledger:
             )
 
     def get_run(self, run_id: str) -> RunRecord:
-        row = self._db.execute(f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        row = self._db.execute(
+            f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE run_id = ?", [run_id]
+        ).fetchone()
         if row is None:
             if not run_id:
                 raise RunNotFound("the run id is empty; `gpu-run runs` lists the run ids")
@@ -262,8 +264,9 @@ class Ledger:
         return [RunRecord(*r) for r in self._db.execute(sql, params).fetchall()]
 
     def sweep_runs(self, sweep_id: str) -> list[RunRecord]:
-        rows = self._db.execute(f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE sweep_id = ? "
-                                "ORDER BY created_at", [sweep_id]).fetchall()
+        rows = self._db.execute(
+            f"SELECT run_id, {', '.join(RUN_FIELDS)} FROM runs WHERE sweep_id = ? ORDER BY created_at", [sweep_id]
+        ).fetchall()
         return [RunRecord(*r) for r in rows]
 
     # sweeps -----------------------------------------------------------------------------------
@@ -273,16 +276,20 @@ class Ledger:
         fields.setdefault("created_at", time.time())
         cols = ["sweep_id", "host", *fields]
         with self._tx() as db:
-            db.execute(f"INSERT INTO sweeps ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-                       [sweep_id, host, *fields.values()])
+            db.execute(
+                f"INSERT INTO sweeps ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [sweep_id, host, *fields.values()],
+            )
 
     def update_sweep(self, sweep_id: str, **fields) -> None:
         bad = set(fields) - set(SWEEP_FIELDS)
         if bad:
             raise ValueError(f"unknown sweep fields {sorted(bad)}")
         with self._tx() as db:
-            db.execute(f"UPDATE sweeps SET {', '.join(f'{k} = ?' for k in fields)} WHERE sweep_id = ?",
-                       [*fields.values(), sweep_id])
+            db.execute(
+                f"UPDATE sweeps SET {', '.join(f'{k} = ?' for k in fields)} WHERE sweep_id = ?",
+                [*fields.values(), sweep_id],
+            )
 
     def get_sweep(self, sweep_id: str) -> SweepRecord:
         sql = f"SELECT sweep_id, {', '.join(SWEEP_FIELDS)} FROM sweeps WHERE sweep_id LIKE ? ESCAPE '\\' ORDER BY created_at"
@@ -311,8 +318,9 @@ class Ledger:
             )
         return at
 
-    def end_phase(self, run_id: str, phase: str, status: str = "ok", detail: str | None = None,
-                  at: float | None = None) -> None:
+    def end_phase(
+        self, run_id: str, phase: str, status: str = "ok", detail: str | None = None, at: float | None = None
+    ) -> None:
         at = time.time() if at is None else at
         with self._tx() as db:
             db.execute(

@@ -42,12 +42,23 @@ class LocalShell:
 
     target = LocalTarget()
 
-    def run(self, command: list[str] | str, input: bytes | None = None, check: bool = True,
-            timeout_s: float | None = 300, env: dict[str, str] | None = None) -> Result:
+    def run(
+        self,
+        command: list[str] | str,
+        input: bytes | None = None,
+        check: bool = True,
+        timeout_s: float | None = 300,
+        env: dict[str, str] | None = None,
+    ) -> Result:
         cmd = command if isinstance(command, str) else quote(command)
         try:
-            proc = subprocess.run(["sh", "-c", cmd], input=input or b"", capture_output=True, timeout=timeout_s,
-                                  env={**os.environ, **(env or {})})
+            proc = subprocess.run(
+                ["sh", "-c", cmd],
+                input=input or b"",
+                capture_output=True,
+                timeout=timeout_s,
+                env={**os.environ, **(env or {})},
+            )
         except subprocess.TimeoutExpired:
             raise BackendError(f"`{cmd[:120]}` did not finish within {timeout_s:.0f}s") from None
         result = Result(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
@@ -61,8 +72,11 @@ class LocalShell:
 
     def open(self, command: list[str] | str, timeout_s: float | None = None) -> _Stream:
         cmd = command if isinstance(command, str) else quote(command)
-        return _Stream(subprocess.Popen(["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL))
+        return _Stream(
+            subprocess.Popen(
+                ["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        )
 
     def home(self) -> str:
         return os.path.expanduser("~")

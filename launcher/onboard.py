@@ -21,18 +21,19 @@ import re
 import shlex
 import socket
 import sys
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10 (Ubuntu 22.04's python3): the same parser, from PyPI
     import tomli as tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import click
 import paramiko
 
-from gpu_run.config import CONFIG_FILENAME, LOCAL_HOST, _HOST_NAME, load_config, parse_hosts
+from gpu_run.config import _HOST_NAME, CONFIG_FILENAME, LOCAL_HOST, load_config, parse_hosts
 from gpu_run.errors import BackendError, ConfigError, Unreachable
 from gpu_run.platforms import PRESETS
 from gpu_run.remote import CONNECT_TIMEOUT_S, Remote, SshTarget, fingerprint
@@ -87,7 +88,7 @@ def parse_ssh_command(text: str) -> SshCommand:
             while j < len(word):
                 letter = word[j]
                 if letter in _OPTIONS_WITH_VALUE:
-                    value = word[j + 1:]
+                    value = word[j + 1 :]
                     if not value:
                         i += 1
                         if i >= len(words):
@@ -129,11 +130,14 @@ def parse_ssh_command(text: str) -> SshCommand:
         raise ConfigError(f"--ssh-command: say who logs in (user@{host}, or -l USER); {hint}")
     port_text = port_text or "22"
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"--ssh-command: port {port_text!r} is not a port (1 to 65535); copy -p PORT from the console")
+        raise ConfigError(
+            f"--ssh-command: port {port_text!r} is not a port (1 to 65535); copy -p PORT from the console"
+        )
     return SshCommand(user=user, host=host, port=int(port_text), key_file=key_file)
 
 
 # gpu-run.toml --------------------------------------------------------------------------------------
+
 
 def config_path() -> Path:
     """Where `hosts add` writes: $GPU_RUN_CONFIG (created when missing), else ./gpu-run.toml."""
@@ -143,7 +147,9 @@ def config_path() -> Path:
 
 def check_host_name(name: str) -> None:
     if not _HOST_NAME.match(name):
-        raise ConfigError(f"host name {name!r}: use letters, digits, '-', '_' and '.' only (and start with a letter or digit)")
+        raise ConfigError(
+            f"host name {name!r}: use letters, digits, '-', '_' and '.' only (and start with a letter or digit)"
+        )
     if name == LOCAL_HOST:
         raise ConfigError(f"{LOCAL_HOST!r} is the built-in local host; give the rented machine another name")
 
@@ -201,19 +207,27 @@ def append_host(path: Path, table: str) -> None:
     existing = _read_config_text(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(_joined(existing, table)[len(existing):])
+        f.write(_joined(existing, table)[len(existing) :])
     load_config()
 
 
 def preset_summary(preset: str) -> str:
     values = PRESETS[preset]
-    shown = [f"{label} {values[key]}" for key, label in
-             (("workdir", "workdir"), ("stop_command", "stop command"), ("billing", "billing"), ("currency", "currency"))
-             if key in values]
+    shown = [
+        f"{label} {values[key]}"
+        for key, label in (
+            ("workdir", "workdir"),
+            ("stop_command", "stop command"),
+            ("billing", "billing"),
+            ("currency", "currency"),
+        )
+        if key in values
+    ]
     return f"preset {preset} fills: " + ", ".join(shown)
 
 
 # The laptop's key ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LaptopKey:
@@ -235,11 +249,15 @@ def laptop_key(key_file: str | None) -> LaptopKey:
         path = Path(DEFAULT_KEY).expanduser()
         if not path.exists() and Path(f"{path}.pub").exists():
             # Creating the key would mean overwriting that .pub: never.
-            raise ConfigError(f"{path}.pub exists without its private key {path}; move it away, or pass your key with -i")
+            raise ConfigError(
+                f"{path}.pub exists without its private key {path}; move it away, or pass your key with -i"
+            )
         return LaptopKey(path, DEFAULT_KEY, path.exists())
     path = Path(key_file).expanduser().absolute()
     if not path.is_file():
-        raise ConfigError(f"--ssh-command names the key {key_file}, which is not a file; give the path of the private key with -i")
+        raise ConfigError(
+            f"--ssh-command names the key {key_file}, which is not a file; give the path of the private key with -i"
+        )
     return LaptopKey(path, _config_value(path), True)
 
 
@@ -276,8 +294,9 @@ def create_laptop_key(path: Path) -> str:
         path.parent.mkdir(mode=0o700, parents=True)
         path.parent.chmod(0o700)  # whatever the umask said
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     line = f"{public} gpu-run@{socket.gethostname()}"
     for target, data, mode in ((path, private, 0o600), (pub, (line + "\n").encode(), 0o644)):
@@ -288,6 +307,7 @@ def create_laptop_key(path: Path) -> str:
 
 
 # Host keys -----------------------------------------------------------------------------------------
+
 
 def known_hosts_path() -> Path:
     return Path.home() / ".ssh" / "known_hosts"
@@ -308,8 +328,10 @@ def probe_host_key(target: SshTarget, known: dict[str, paramiko.PKey]) -> parami
     try:
         sock = socket.create_connection((target.hostname, target.port), timeout=CONNECT_TIMEOUT_S)
     except OSError as e:
-        raise Unreachable(f"cannot reach {target.display}: {e.strerror or e}; check the address and that the "
-                          f"instance is running in the console") from None
+        raise Unreachable(
+            f"cannot reach {target.display}: {e.strerror or e}; check the address and that the "
+            f"instance is running in the console"
+        ) from None
     transport = paramiko.Transport(sock)
     try:
         transport.banner_timeout = CONNECT_TIMEOUT_S
@@ -325,8 +347,10 @@ def probe_host_key(target: SshTarget, known: dict[str, paramiko.PKey]) -> parami
         transport.start_client(timeout=CONNECT_TIMEOUT_S)
         return transport.get_remote_server_key()
     except (OSError, EOFError, paramiko.SSHException) as e:
-        raise Unreachable(f"no SSH server answered on {target.display} ({str(e) or type(e).__name__}); check the "
-                          f"port in the console's SSH command") from None
+        raise Unreachable(
+            f"no SSH server answered on {target.display} ({str(e) or type(e).__name__}); check the "
+            f"port in the console's SSH command"
+        ) from None
     finally:
         transport.close()
 
@@ -357,17 +381,28 @@ def record_host_key(known_hosts: Path, name: str, key: paramiko.PKey) -> None:
 
 # Logins --------------------------------------------------------------------------------------------
 
-def login(target: SshTarget, host_key: paramiko.PKey, password: str | None = None,
-          key_file: Path | None = None) -> paramiko.SSHClient:
+
+def login(
+    target: SshTarget, host_key: paramiko.PKey, password: str | None = None, key_file: Path | None = None
+) -> paramiko.SSHClient:
     """One login with exactly the password or the key given (no agent, no ~/.ssh guessing), to the
     host whose key was agreed to: another key now is refused (BadHostKeyException)."""
     client = paramiko.SSHClient()
     client.get_host_keys().add(target.known_hosts_name, host_key.get_name(), host_key)
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     try:
-        client.connect(target.hostname, port=target.port, username=target.user, password=password,
-                       key_filename=str(key_file) if key_file else None, look_for_keys=False, allow_agent=False,
-                       timeout=CONNECT_TIMEOUT_S, banner_timeout=CONNECT_TIMEOUT_S, auth_timeout=CONNECT_TIMEOUT_S)
+        client.connect(
+            target.hostname,
+            port=target.port,
+            username=target.user,
+            password=password,
+            key_filename=str(key_file) if key_file else None,
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=CONNECT_TIMEOUT_S,
+            banner_timeout=CONNECT_TIMEOUT_S,
+            auth_timeout=CONNECT_TIMEOUT_S,
+        )
     except BaseException:
         client.close()
         raise
@@ -392,25 +427,33 @@ def password_login(target: SshTarget, host_key: paramiko.PKey, password: str) ->
             f"your public key in the platform's console and pass the key with -i in --ssh-command"
         ) from None
     except paramiko.AuthenticationException:
-        raise BackendError(f"the password was refused by {target.display}; copy it again from the console "
-                           f"(and check the user in --ssh-command)") from None
+        raise BackendError(
+            f"the password was refused by {target.display}; copy it again from the console "
+            f"(and check the user in --ssh-command)"
+        ) from None
     except paramiko.BadHostKeyException as e:
-        raise BackendError(f"the host key of {target.known_hosts_name} changed between two connections (now "
-                           f"{fingerprint(e.key)}); refusing to send the password") from None
+        raise BackendError(
+            f"the host key of {target.known_hosts_name} changed between two connections (now "
+            f"{fingerprint(e.key)}); refusing to send the password"
+        ) from None
     except (OSError, paramiko.SSHException) as e:
-        raise Unreachable(f"cannot log in to {target.display}: {getattr(e, 'strerror', None) or e}; check that "
-                          f"the instance is running") from None
+        raise Unreachable(
+            f"cannot log in to {target.display}: {getattr(e, 'strerror', None) or e}; check that "
+            f"the instance is running"
+        ) from None
 
 
 def install_key_script(public_line: str) -> str:
     """Append the key to authorized_keys once, with the modes sshd insists on. A file whose last line
     has no newline gets one first, or our key would be glued onto that line."""
     key = shlex.quote(public_line)
-    script = ("umask 077; mkdir -p ~/.ssh; touch ~/.ssh/authorized_keys; chmod 700 ~/.ssh; "
-              "chmod 600 ~/.ssh/authorized_keys; "
-              'if [ -s ~/.ssh/authorized_keys ] && [ -n "$(tail -c 1 ~/.ssh/authorized_keys)" ]; then '
-              "echo >> ~/.ssh/authorized_keys; fi; "
-              f"grep -qxF {key} ~/.ssh/authorized_keys || printf '%s\\n' {key} >> ~/.ssh/authorized_keys")
+    script = (
+        "umask 077; mkdir -p ~/.ssh; touch ~/.ssh/authorized_keys; chmod 700 ~/.ssh; "
+        "chmod 600 ~/.ssh/authorized_keys; "
+        'if [ -s ~/.ssh/authorized_keys ] && [ -n "$(tail -c 1 ~/.ssh/authorized_keys)" ]; then '
+        "echo >> ~/.ssh/authorized_keys; fi; "
+        f"grep -qxF {key} ~/.ssh/authorized_keys || printf '%s\\n' {key} >> ~/.ssh/authorized_keys"
+    )
     # Through sh, whatever the login shell is (the script is POSIX).
     return f"sh -c {shlex.quote(script)}"
 
@@ -439,6 +482,7 @@ def verify_key_login(target: SshTarget) -> None:
 
 # The whole command ---------------------------------------------------------------------------------
 
+
 def password_source(from_stdin: bool) -> Callable[[str], str]:
     """How add_host gets the password. --password-stdin reads its line now, before anything else
     reads stdin (a host-key answer comes on the next line); otherwise a hidden prompt, asked only
@@ -450,7 +494,9 @@ def password_source(from_stdin: bool) -> Callable[[str], str]:
     def given(_where: str) -> str:
         # Asked for only when the key does not log in by itself: then an empty stdin is an error.
         if not password:
-            raise ConfigError("--password-stdin: no password on stdin; pipe the console's password into gpu-run hosts add")
+            raise ConfigError(
+                "--password-stdin: no password on stdin; pipe the console's password into gpu-run hosts add"
+            )
         return password
 
     return given
@@ -465,9 +511,17 @@ def confirm_on_terminal(shown: str) -> bool:
         return False
 
 
-def add_host(name: str, ssh_command: str, *, preset: str | None, price_per_hour: float | None,
-             accept_new_host_key: bool, get_password: Callable[[str], str], confirm_host_key: Callable[[str], bool],
-             ui: UI) -> dict:
+def add_host(
+    name: str,
+    ssh_command: str,
+    *,
+    preset: str | None,
+    price_per_hour: float | None,
+    accept_new_host_key: bool,
+    get_password: Callable[[str], str],
+    confirm_host_key: Callable[[str], bool],
+    ui: UI,
+) -> dict:
     """Onboard one host (see the module docstring); returns what --json prints."""
     check_host_name(name)
     if preset is not None and preset not in PRESETS:
@@ -482,8 +536,14 @@ def add_host(name: str, ssh_command: str, *, preset: str | None, price_per_hour:
     public_line = public_key_line(key.path) if key.exists else None
 
     known_hosts = known_hosts_path()
-    target = SshTarget(alias=name, hostname=command.host, port=command.port, user=command.user,
-                       key_files=(str(key.path),), known_hosts=str(known_hosts))
+    target = SshTarget(
+        alias=name,
+        hostname=command.host,
+        port=command.port,
+        user=command.user,
+        key_files=(str(key.path),),
+        known_hosts=str(known_hosts),
+    )
     known = known_host_keys(known_hosts, target.known_hosts_name)
     host_key = probe_host_key(target, known)
     new_key = host_key_is_new(target, host_key, known)
@@ -492,8 +552,10 @@ def add_host(name: str, ssh_command: str, *, preset: str | None, price_per_hour:
         if accept_new_host_key:
             ui.info(f"{shown} (accepted: --accept-new-host-key)")
         elif not confirm_host_key(shown):
-            raise ConfigError(f"host key of {command.host}:{command.port} not accepted; nothing was written. "
-                              f"Compare the fingerprint with the console and run hosts add again")
+            raise ConfigError(
+                f"host key of {command.host}:{command.port} not accepted; nothing was written. "
+                f"Compare the fingerprint with the console and run hosts add again"
+            )
     else:
         ui.info(f"{shown} (already in {known_hosts})")
 
@@ -527,5 +589,10 @@ def add_host(name: str, ssh_command: str, *, preset: str | None, price_per_hour:
     if price_per_hour is None:
         ui.info(f"no price_per_hour: runs on {name} are costed at 0; add price_per_hour = ... to [hosts.{name}]")
     ui.info(f"next: gpu-run doctor {name}")
-    return {"host": name, "ssh": command.ssh, "key": key.config_value, "fingerprint": fingerprint(host_key),
-            "config": str(path)}
+    return {
+        "host": name,
+        "ssh": command.ssh,
+        "key": key.config_value,
+        "fingerprint": fingerprint(host_key),
+        "config": str(path),
+    }

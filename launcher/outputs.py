@@ -81,16 +81,26 @@ class CommandOutputs:
     def report(self, out: SyncStats, work: SyncStats, ui: UI) -> SyncStats:
         """One line of what came, and a warning for what did not."""
         files, size = out.files_sent + work.files_sent, out.bytes_sent + work.bytes_sent
-        ui.info(f"pulled {files} file(s), {size / 1e6:.1f} MB ({work.files_sent} changed in the working directory, "
-                f"into {self.work_dir}); each transferred intact (sha256)")
+        ui.info(
+            f"pulled {files} file(s), {size / 1e6:.1f} MB ({work.files_sent} changed in the working directory, "
+            f"into {self.work_dir}); each transferred intact (sha256)"
+        )
         if self.refused:
-            ui.warn(f"left out {len(self.refused)} file(s) the host put where the laptop writes its own "
-                    f"({', '.join(sorted(set(self.refused))[:3])})")
+            ui.warn(
+                f"left out {len(self.refused)} file(s) the host put where the laptop writes its own "
+                f"({', '.join(sorted(set(self.refused))[:3])})"
+            )
         left = out.left_behind + work.left_behind
         if left:
             left_mb = (out.left_behind_bytes + work.left_behind_bytes) / 1e6
-            ui.warn(f"{len(left)} file(s), {left_mb:.0f} MB, stay on the host: over this run's pull cap of "
-                    f"{self.max_pull_mb} MB ({', '.join(left[:3])}); "
-                    f"`gpu-run pull {self.run_dir.name} --max-pull-mb N` fetches them while the machine is up")
-        return SyncStats(files_sent=files, bytes_sent=size, left_behind=left,
-                         left_behind_bytes=out.left_behind_bytes + work.left_behind_bytes)
+            ui.warn(
+                f"{len(left)} file(s), {left_mb:.0f} MB, stay on the host: over this run's pull cap of "
+                f"{self.max_pull_mb} MB ({', '.join(left[:3])}); "
+                f"`gpu-run pull {self.run_dir.name} --max-pull-mb N` fetches them while the machine is up"
+            )
+        return SyncStats(
+            files_sent=files,
+            bytes_sent=size,
+            left_behind=left,
+            left_behind_bytes=out.left_behind_bytes + work.left_behind_bytes,
+        )

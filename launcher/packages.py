@@ -93,8 +93,10 @@ def pip_platforms(platform: str) -> list[str]:
     """pip's --platform tags for a host's sysconfig platform (linux-x86_64 -> the manylinux tags)."""
     if platform.startswith("linux-"):
         arch = platform.split("-", 1)[1]
-        return [f"manylinux_2_{minor}_{arch}" for minor in (17, 28, 31, 34)] + [f"manylinux2014_{arch}",
-                                                                                f"linux_{arch}"]
+        return [f"manylinux_2_{minor}_{arch}" for minor in (17, 28, 31, 34)] + [
+            f"manylinux2014_{arch}",
+            f"linux_{arch}",
+        ]
     return [platform.replace("-", "_").replace(".", "_")]
 
 
@@ -109,19 +111,40 @@ def download_wheels(req: Requirements, python_version: str, platform: str, proje
     listed = dest / "requirements.txt"
     listed.write_text("\n".join(req.lines) + "\n")
     major, minor = python_version.split(".")[:2]
-    argv = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q", "-r", str(listed),
-            "-d", str(dest), "--only-binary=:all:", "--python-version", f"{major}.{minor}",
-            "--implementation", "cp", *[a for tag in pip_platforms(platform) for a in ("--platform", tag)]]
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "-q",
+        "-r",
+        str(listed),
+        "-d",
+        str(dest),
+        "--only-binary=:all:",
+        "--python-version",
+        f"{major}.{minor}",
+        "--implementation",
+        "cp",
+        *[a for tag in pip_platforms(platform) for a in ("--platform", tag)],
+    ]
     try:
         proc = subprocess.run(argv, cwd=project_root, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"pip did not finish resolving {REQUIREMENTS} in {PIP_TIMEOUT_S} s; check the laptop's "
-                          f"package index (PIP_INDEX_URL) or trim the file") from None
+        raise ConfigError(
+            f"pip did not finish resolving {REQUIREMENTS} in {PIP_TIMEOUT_S} s; check the laptop's "
+            f"package index (PIP_INDEX_URL) or trim the file"
+        ) from None
     if proc.returncode != 0:
         said = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
-        reason = next((line for line in said if line.startswith("ERROR")), said[-1] if said else f"exit {proc.returncode}")
-        raise ConfigError(f"{REQUIREMENTS} cannot be installed on the host (Python {major}.{minor}, {platform}): "
-                          f"{reason.removeprefix('ERROR: ')}; fix the file or the laptop's package index")
+        reason = next(
+            (line for line in said if line.startswith("ERROR")), said[-1] if said else f"exit {proc.returncode}"
+        )
+        raise ConfigError(
+            f"{REQUIREMENTS} cannot be installed on the host (Python {major}.{minor}, {platform}): "
+            f"{reason.removeprefix('ERROR: ')}; fix the file or the laptop's package index"
+        )
     (dest / ".complete").write_text("")
     return dest
 

@@ -26,7 +26,9 @@ def home_dir() -> Path:
     except FileExistsError:
         pass  # another gpu-run process made it first
     except OSError as e:
-        raise ConfigError(f"cannot create {where}: {e.strerror}; point GPU_RUN_HOME at a folder you can write") from None
+        raise ConfigError(
+            f"cannot create {where}: {e.strerror}; point GPU_RUN_HOME at a folder you can write"
+        ) from None
     return path
 
 

@@ -21,8 +21,7 @@ from gpu_run.errors import ConfigError
 from gpu_run.sync.ssh_tar import Manifest, local_manifest
 
 # Never sent, wherever they are in the project: what a run wrote, environments, caches, VCS.
-ALWAYS_IGNORED = ("runs", "__pycache__", "node_modules", "wandb", "mlruns", "lightning_logs",
-                  "*.egg-info", "*.pyc")
+ALWAYS_IGNORED = ("runs", "__pycache__", "node_modules", "wandb", "mlruns", "lightning_logs", "*.egg-info", "*.pyc")
 IGNORE_FILES = (".gitignore", ".gpu-runignore")
 # A project bigger than this is almost always a dataset given as code: said before anything starts.
 PROJECT_LIMIT_BYTES = 300 * 1000 * 1000
@@ -90,8 +89,10 @@ def data_inside(root: Path, data: Path | None) -> str | None:
         return None
     project, folder = root.resolve(), data.resolve()
     if folder == project:
-        raise ConfigError(f"--data {data} is the project folder itself; pass the dataset's own folder "
-                          f"(e.g. --data ./dataset), which is sent once and appears at the same path")
+        raise ConfigError(
+            f"--data {data} is the project folder itself; pass the dataset's own folder "
+            f"(e.g. --data ./dataset), which is sent once and appears at the same path"
+        )
     try:
         return folder.relative_to(project).as_posix()
     except ValueError:
@@ -108,15 +109,19 @@ def scan_project(root: Path, data: Path | None) -> Project:
     if data_rel:
         left_out.add(data_rel)
     manifest = {
-        rel: meta for rel, meta in everything.items()
-        if not is_ignored(rel, patterns) and not any(rel == d or rel.startswith(d + "/") for d in left_out if d)
+        rel: meta
+        for rel, meta in everything.items()
+        if not is_ignored(rel, patterns)
+        and not any(rel == d or rel.startswith(d + "/") for d in left_out if d)
         and "pyvenv.cfg" != rel
     }
     project = Project(root=root, manifest=manifest, data_rel=data_rel)
     if project.bytes > PROJECT_LIMIT_BYTES:
-        raise ConfigError(f"the project folder {root} would send {project.bytes / 1e6:.0f} MB of code "
-                          f"({biggest_folders(manifest)}); did you mean --data? Pass the dataset as --data DIR, "
-                          f"or name what to leave out in .gpu-runignore")
+        raise ConfigError(
+            f"the project folder {root} would send {project.bytes / 1e6:.0f} MB of code "
+            f"({biggest_folders(manifest)}); did you mean --data? Pass the dataset as --data DIR, "
+            f"or name what to leave out in .gpu-runignore"
+        )
     return project
 
 
@@ -138,8 +143,10 @@ def check_command(command: list[str], root: Path) -> None:
     if re.fullmatch(r"python[0-9.]*", program) and len(command) > 1 and not command[1].startswith("-"):
         script = Path(command[1])
         if script.is_absolute() or not (root / script).is_file():
-            raise ConfigError(f"{command[1]} is not in the project folder {root}; run gpu-run from the folder that "
-                              f"holds it (that folder is what is sent to the host)")
+            raise ConfigError(
+                f"{command[1]} is not in the project folder {root}; run gpu-run from the folder that "
+                f"holds it (that folder is what is sent to the host)"
+            )
 
 
 def changed_files(sent: Manifest, now: Manifest) -> list[str]:

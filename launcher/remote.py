@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,9 @@ class SshTarget:
 _USER_HOST_PORT = re.compile(r"^(?:(?P<user>[^@]+)@)?(?P<host>\[[^\]]+\]|[^:]+)(?::(?P<port>\d+))?$")
 
 
-def resolve_target(spec: str, user: str | None = None, key_file: str | None = None,
-                   ssh_config_path: Path | None = None) -> SshTarget:
+def resolve_target(
+    spec: str, user: str | None = None, key_file: str | None = None, ssh_config_path: Path | None = None
+) -> SshTarget:
     """An ~/.ssh/config alias, or user@host[:port]; explicit user/key override ssh_config."""
     config_path = ssh_config_path or Path.home() / ".ssh" / "config"
     config = paramiko.SSHConfig()
@@ -64,14 +64,20 @@ def resolve_target(spec: str, user: str | None = None, key_file: str | None = No
     port_text = str(m.group("port") or entry.get("port", 22))
     # Out of range, socket.connect raises OverflowError, not an error a user can read.
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise BackendError(f"SSH address {spec!r} has port {port_text}; a port is 1 to 65535 (check ssh = or ~/.ssh/config)")
+        raise BackendError(
+            f"SSH address {spec!r} has port {port_text}; a port is 1 to 65535 (check ssh = or ~/.ssh/config)"
+        )
     port = int(port_text)
     login = user or m.group("user") or entry.get("user") or os.environ.get("USER") or "root"
     keys = [key_file] if key_file else entry.get("identityfile", [])
     known = entry.get("userknownhostsfile", "~/.ssh/known_hosts").split()[0]
     return SshTarget(
-        alias=spec, hostname=hostname, port=port, user=login,
-        key_files=tuple(os.path.expanduser(k) for k in keys), known_hosts=os.path.expanduser(known),
+        alias=spec,
+        hostname=hostname,
+        port=port,
+        user=login,
+        key_files=tuple(os.path.expanduser(k) for k in keys),
+        known_hosts=os.path.expanduser(known),
     )
 
 
@@ -137,9 +143,15 @@ class Remote:
         client.set_missing_host_key_policy(_AcceptNew(t.known_hosts) if self.accept_new_host_key else _RefuseUnknown())
         try:
             client.connect(
-                t.hostname, port=t.port, username=t.user, key_filename=list(t.key_files) or None,
-                timeout=CONNECT_TIMEOUT_S, banner_timeout=CONNECT_TIMEOUT_S, auth_timeout=CONNECT_TIMEOUT_S,
-                allow_agent=not t.key_files, look_for_keys=not t.key_files,
+                t.hostname,
+                port=t.port,
+                username=t.user,
+                key_filename=list(t.key_files) or None,  # type: ignore[arg-type]  # paramiko takes a list too
+                timeout=CONNECT_TIMEOUT_S,
+                banner_timeout=CONNECT_TIMEOUT_S,
+                auth_timeout=CONNECT_TIMEOUT_S,
+                allow_agent=not t.key_files,
+                look_for_keys=not t.key_files,
             )
         except UnknownHostKey as e:
             client.close()
@@ -156,12 +168,18 @@ class Remote:
         except paramiko.AuthenticationException:
             client.close()
             keys = ", ".join(t.key_files) or "your default keys and agent"
-            raise BackendError(f"SSH login to {t.display} was refused for {keys}; check the user and ssh_key / IdentityFile") from None
-        except (OSError, socket.timeout, paramiko.SSHException) as e:
+            raise BackendError(
+                f"SSH login to {t.display} was refused for {keys}; check the user and ssh_key / IdentityFile"
+            ) from None
+        except (TimeoutError, OSError, paramiko.SSHException) as e:
             client.close()
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise Unreachable(f"cannot reach {t.alias} ({t.display}): {reason}; check the address and that the machine is running") from None
-        client.get_transport().set_keepalive(KEEPALIVE_S)
+            raise Unreachable(
+                f"cannot reach {t.alias} ({t.display}): {reason}; check the address and that the machine is running"
+            ) from None
+        transport = client.get_transport()
+        assert transport is not None  # connect() returned: it has one
+        transport.set_keepalive(KEEPALIVE_S)
         self._client = client
         return client
 
@@ -175,13 +193,16 @@ class Remote:
     def open(self, command: list[str] | str, timeout_s: float | None = None) -> paramiko.Channel:
         """Start a command; a list is quoted, a string is a shell script built from quote() pieces."""
         cmd = command if isinstance(command, str) else quote(command)
-        channel = self.connect().get_transport().open_session(timeout=CONNECT_TIMEOUT_S)
+        transport = self.connect().get_transport()
+        assert transport is not None  # connect() returns a client whose transport is active
+        channel = transport.open_session(timeout=CONNECT_TIMEOUT_S)
         channel.settimeout(timeout_s)
         channel.exec_command(cmd)
         return channel
 
-    def run(self, command: list[str] | str, input: bytes | None = None, check: bool = True,
-            timeout_s: float | None = 300) -> Result:
+    def run(
+        self, command: list[str] | str, input: bytes | None = None, check: bool = True, timeout_s: float | None = 300
+    ) -> Result:
         channel = self.open(command, timeout_s)
         if input is not None:
             channel.sendall(input)
@@ -227,9 +248,23 @@ class Remote:
         if ssh is None:
             return None
         t = self.target
-        argv = [ssh, "-p", str(t.port), "-l", t.user, "-o", f"UserKnownHostsFile={t.known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
-                "-o", f"ServerAliveInterval={KEEPALIVE_S}"]
+        argv = [
+            ssh,
+            "-p",
+            str(t.port),
+            "-l",
+            t.user,
+            "-o",
+            f"UserKnownHostsFile={t.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+            "-o",
+            f"ServerAliveInterval={KEEPALIVE_S}",
+        ]
         for key in t.key_files:
             argv += ["-i", key, "-o", "IdentitiesOnly=yes"]
         return argv + [t.hostname]

@@ -28,6 +28,7 @@ def reconnect(run_id: str, config: Config, ledger: Ledger, ui: UI) -> tuple[RunR
         return run, host, None
     return run, host, backend_for_run(host, handle_of(run), ui)
 
+
 def settle_abandoned_setup(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
     """The laptop died while preparing the run (no trainer started). The host's watchdog releases
     the machine once the laptop goes quiet; record the run as failed and confirm that stop."""
@@ -42,6 +43,7 @@ def settle_abandoned_setup(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -
         result = StopResult(True, "stopped", time.time(), f"{host.name} is down ({e})")
     record_stop(ledger, run.run_id, result, run.billed_from)
     return {"run_id": run.run_id, "status": "failed", "run_dir": run.run_dir, "stop": result.as_dict()}
+
 
 def handed_over(action: str, run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict | None:
     """attach/stop/pull on a run that is not one machine's own: a sweep's point (its machine is
@@ -59,6 +61,7 @@ def handed_over(action: str, run: RunRecord, config: Config, ledger: Ledger, ui:
         return by_action[action](run, config, ledger, ui)
     return None
 
+
 def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     run = ledger.get_run(run_id)
     handed = handed_over("attach", run, config, ledger, ui)
@@ -70,6 +73,7 @@ def attach(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     if backend is None:
         return run.summary or {"run_id": run.run_id, "status": run.status}
     return follow_and_finish(run, host, backend, ledger, ui)
+
 
 def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     """Ask the trainer to stop (it writes last.pth), then pull and record, as at a normal end.
@@ -87,9 +91,11 @@ def stop(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
         backend.stop(handle_of(run), stop_timeout_of(run))
         exit_code = backend.wait(handle_of(run))
     # Keep the log as it was at the end, as a followed run would have.
-    (Path(run.run_dir) / "train.log").write_text("".join(line if line.endswith("\r") else line + "\n"
-                                                             for line in backend.read_logs(handle_of(run))))
+    (Path(run.run_dir) / "train.log").write_text(
+        "".join(line if line.endswith("\r") else line + "\n" for line in backend.read_logs(handle_of(run)))
+    )
     return finish_run(run, host, backend, exit_code, ledger, ui, stop_asked=True)
+
 
 def stop_timeout_of(run: RunRecord) -> int:
     """The --stop-timeout the run was started with: what its trainer was promised to save last.pth."""
@@ -112,8 +118,10 @@ def retry_stop(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
     summary = run.summary
     if not summary:  # a run whose setup failed has no summary: say what its machine did
         return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir, "stop": result.as_dict()}
-    return record_end(run, host, summary["status"], summary.get("exit_code"), run.ended_at or time.time(), ledger,
-                      extra=summary)
+    return record_end(
+        run, host, summary["status"], summary.get("exit_code"), run.ended_at or time.time(), ledger, extra=summary
+    )
+
 
 def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     """Fetch what the run has produced; a run whose trainer ended is finished as at a normal end.
@@ -136,6 +144,7 @@ def pull(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
             return finish_run(run, host, backend, code, ledger, ui)
     backend.pull(handle_of(run), Path(run.run_dir), ui)
     return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir}
+
 
 def pull_from_s3(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
     from gpu_run.sync.s3 import S3Store
@@ -160,13 +169,25 @@ def pull_from_s3(run: RunRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
 def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
     run = ledger.get_run(run_id)
     state = {
-        "run_id": run.run_id, "host": run.host, "backend": run.backend, "model": run.model,
-        "status": run.status, "exit_code": run.exit_code, "best_val_acc": run.best_val_acc,
-        "created_at": run.created_at, "ended_at": run.ended_at, "run_dir": run.run_dir,
+        "run_id": run.run_id,
+        "host": run.host,
+        "backend": run.backend,
+        "model": run.model,
+        "status": run.status,
+        "exit_code": run.exit_code,
+        "best_val_acc": run.best_val_acc,
+        "created_at": run.created_at,
+        "ended_at": run.ended_at,
+        "run_dir": run.run_dir,
         "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail},
         "phases": [
-            {"phase": p.phase, "status": p.status, "started_at": p.started_at, "ended_at": p.ended_at,
-             "duration_s": p.duration_s}
+            {
+                "phase": p.phase,
+                "status": p.status,
+                "started_at": p.started_at,
+                "ended_at": p.ended_at,
+                "duration_s": p.duration_s,
+            }
             for p in ledger.phases(run.run_id)
         ],
     }
@@ -188,6 +209,7 @@ def live_status(run_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
             if metrics:
                 state["last_epoch"] = metrics[-1]
     return state
+
 
 def log_lines(run_id: str, follow: bool, config: Config, ledger: Ledger, ui: UI):
     """The run's log: from the backend while the run is live, else the saved train.log."""

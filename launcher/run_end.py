@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gpu_run.backends import Backend, RunHandle
 from gpu_run.config import Host
@@ -28,6 +28,7 @@ class Detached(Exception):
         self.run_id = run_id
         self.hint = hint or f"gpu-run attach {run_id}"  # how to come back
 
+
 def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, ui: UI) -> dict:
     """Show the live display until the trainer ends, then pull, record and summarise.
 
@@ -36,8 +37,17 @@ def follow_and_finish(run: RunRecord, host: Host, backend: Backend, ledger: Ledg
     exit_code = follow_to_end(run, host, backend, ledger, ui)
     return finish_run(run, host, backend, exit_code, ledger, ui)
 
-def follow_to_end(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, ui: UI, hint: str | None = None,
-                  watched: RunHandle | None = None, cost: Callable[[], str] | None = None) -> int:
+
+def follow_to_end(
+    run: RunRecord,
+    host: Host,
+    backend: Backend,
+    ledger: Ledger,
+    ui: UI,
+    hint: str | None = None,
+    watched: RunHandle | None = None,
+    cost: Callable[[], str] | None = None,
+) -> int:
     """The live display (train.log kept in the run folder) until the trainer ends; its exit code.
     A sweep's point passes its queue's handle as `watched` (the watchdog there holds the machine)
     and the sweep's cost so far as `cost`."""
@@ -72,13 +82,15 @@ def follow_to_end(run: RunRecord, host: Host, backend: Backend, ledger: Ledger, 
         ledger.update_run(run.run_id, status="detached")
         raise
 
+
 def is_command_run(run: RunRecord) -> bool:
     """A run of the user's own command (not our trainer)."""
     return run.args.get("command") is not None
 
 
-def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI,
-               stop_asked: bool = False) -> dict:
+def finish_run(
+    run: RunRecord, host: Host, backend: Backend, exit_code: int, ledger: Ledger, ui: UI, stop_asked: bool = False
+) -> dict:
     """`stop_asked`: `gpu-run stop` ended the job, so a user's command that exits on the SIGTERM
     counts as stopped (resumable with --resume), whatever exit code its signal handling gives."""
     run_dir = Path(run.run_dir)
@@ -102,24 +114,42 @@ def finish_run(run: RunRecord, host: Host, backend: Backend, exit_code: int, led
     return record_end(run, host, status, exit_code, ended, ledger, extra=ended_info)
 
 
-def record_end(run: RunRecord, host: Host, status: str, exit_code: int | None, ended: float, ledger: Ledger,
-               extra: dict | None = None, override: dict | None = None) -> dict:
+def record_end(
+    run: RunRecord,
+    host: Host,
+    status: str,
+    exit_code: int | None,
+    ended: float,
+    ledger: Ledger,
+    extra: dict | None = None,
+    override: dict | None = None,
+) -> dict:
     """Write a run's end: summary.json in its folder and the ledger's row, from the ledger as it is
     now. Called again when something about an ended run changes (a stop confirmed later); `extra`
     carries what only the end knew (the watchdog's record, where the outputs came from), and
     `override` what a multi-node run counts its own way (its nodes, the cost summed over them)."""
-    summary = {**(extra or {}), **build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended),
-               **(override or {})}
+    summary = {
+        **(extra or {}),
+        **build_summary(ledger.get_run(run.run_id), host, status, exit_code, ended),
+        **(override or {}),
+    }
     (Path(run.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ledger.update_run(
-        run.run_id, status=status, exit_code=exit_code, ended_at=ended, summary_json=json.dumps(summary),
-        best_val_acc=summary["best_val_acc"], cost_amount=summary["cost"]["amount"],
+        run.run_id,
+        status=status,
+        exit_code=exit_code,
+        ended_at=ended,
+        summary_json=json.dumps(summary),
+        best_val_acc=summary["best_val_acc"],
+        cost_amount=summary["cost"]["amount"],
     )
     return summary
+
 
 def handle_of(run: RunRecord) -> RunHandle:
     """The run's handle from the ledger (an empty one for a run that never started its trainer)."""
     return RunHandle.from_json(run.handle_json) or RunHandle()
+
 
 def record_stop(ledger: Ledger, run_id: str, result: StopResult, billed_from: float | None) -> None:
     """The machine's end, in the ledger: billing closes only on a confirmed stop (or when nothing
@@ -139,7 +169,8 @@ def billed_end(ledger: Ledger, run_id: str, host_said: float | None, billed_from
     train_end = max((p.ended_at for p in ledger.phases(run_id) if p.phase == "train" and p.ended_at), default=None)
     return max(at, train_end or billed_from, billed_from)
 
-def build_summary(run: RunRecord, host: Host, status: str, exit_code: int, ended: float) -> dict:
+
+def build_summary(run: RunRecord, host: Host, status: str, exit_code: int | None, ended: float) -> dict:
     run_dir = Path(run.run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     try:

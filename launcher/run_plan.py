@@ -54,15 +54,23 @@ class RunPlan:
         (tokens): their names only."""
         spec, info = self.spec, self.info
         record = {
-            "spec": {**asdict(spec), "data": str(info.root.resolve()) if info else None, "runs_dir": str(spec.runs_dir),
-                     "extra_env": sorted(spec.extra_env), "project": str(spec.project) if spec.project else None},
+            "spec": {
+                **asdict(spec),
+                "data": str(info.root.resolve()) if info else None,
+                "runs_dir": str(spec.runs_dir),
+                "extra_env": sorted(spec.extra_env),
+                "project": str(spec.project) if spec.project else None,
+            },
             "weights": self.weights.record(),
             "classes": info.classes if info else [],
             "dataset": {"train_images": info.num_train, "val_images": info.num_val, "unreadable": len(info.unreadable)}
-            if info and info.counts.get("train") is not None and self.project is None else {},
+            if info and info.counts.get("train") is not None and self.project is None
+            else {},
         }
         if self.project is not None:
-            record.update(command=list(spec.command or []), project=str(self.project.root), data_rel=self.project.data_rel)
+            record.update(
+                command=list(spec.command or []), project=str(self.project.root), data_rel=self.project.data_rel
+            )
         return {**record, **more}
 
 
@@ -71,6 +79,7 @@ def new_run_id() -> str:
 
 
 # The checks ------------------------------------------------------------------------------------
+
 
 def plan_run(spec: TrainSpec, host: Host, ledger: Ledger, ui: UI, machines: list[Host] | None = None) -> RunPlan:
     """Every check a run makes before it spends money, in one place. `machines` are the hosts it
@@ -89,12 +98,22 @@ def plan_run(spec: TrainSpec, host: Host, ledger: Ledger, ui: UI, machines: list
             weights, hub_files = Weights("none"), hub_weight_files(spec.hub_weights, ui)
         else:
             if spec.hub_weights:
-                raise ConfigError("--hub-weights is for your own command (after --); the built-in trainer takes --weights")
+                raise ConfigError(
+                    "--hub-weights is for your own command (after --); the built-in trainer takes --weights"
+                )
             limit_s = check_budget(spec, host, info, ledger, ui)
             # The weights file is on the laptop (downloaded into its cache once) before anything starts.
             weights, hub_files = resolve_weights(spec.weights, spec.model, ui, resuming=bool(spec.resume)), []
-    return RunPlan(spec=spec, host=host, info=info, project=project, weights=weights, hub_files=hub_files,
-                   budget_limit_s=limit_s, previous=previous)
+    return RunPlan(
+        spec=spec,
+        host=host,
+        info=info,
+        project=project,
+        weights=weights,
+        hub_files=hub_files,
+        budget_limit_s=limit_s,
+        previous=previous,
+    )
 
 
 def check_inputs(spec: TrainSpec, ledger: Ledger, ui: UI) -> tuple[DatasetInfo | None, Project | None, TrainSpec]:
@@ -144,8 +163,10 @@ def check_stop_setting(host: Host, keep_alive: bool, ui: UI) -> None:
             f"and never stops, in [hosts.{host.name}]"
         )
     if host.stop_command == "none" and not host.is_free:
-        ui.warn(f"host {host.name} is never stopped (stop_command = none): it bills {host.price_per_hour} "
-                f"{host.currency} an hour after this run too")
+        ui.warn(
+            f"host {host.name} is never stopped (stop_command = none): it bills {host.price_per_hour} "
+            f"{host.currency} an hour after this run too"
+        )
 
 
 def decide_cache(spec: TrainSpec, info: DatasetInfo, ui: UI) -> TrainSpec:
@@ -163,8 +184,10 @@ def hub_weight_files(models: list[str], ui: UI) -> list[str]:
     files = []
     for model in models:
         if not IMAGENET_WEIGHTS.get(model):
-            raise ConfigError(f"--hub-weights {model}: torchvision has no ImageNet weights of that name; choose from "
-                              f"{', '.join(sorted(m for m, url in IMAGENET_WEIGHTS.items() if url))}")
+            raise ConfigError(
+                f"--hub-weights {model}: torchvision has no ImageNet weights of that name; choose from "
+                f"{', '.join(sorted(m for m, url in IMAGENET_WEIGHTS.items() if url))}"
+            )
         files.append(str(imagenet_weights(model, ui)))
     return files
 
@@ -175,15 +198,20 @@ def resume_source(ledger: Ledger, spec: TrainSpec) -> RunRecord:
     previous = ledger.get_run(spec.resume or "")
     if spec.is_command:
         if not previous.run_dir or not Path(previous.run_dir).is_dir() or previous.args.get("command") is None:
-            raise ConfigError(f"run {previous.run_id} is not a run of your own command with pulled outputs; "
-                              f"--resume with a command continues such a run (`gpu-run pull {previous.run_id}` first)")
+            raise ConfigError(
+                f"run {previous.run_id} is not a run of your own command with pulled outputs; "
+                f"--resume with a command continues such a run (`gpu-run pull {previous.run_id}` first)"
+            )
         return previous
     if not previous.run_dir or not (Path(previous.run_dir) / "checkpoints" / "last.pth").is_file():
-        raise ConfigError(f"run {previous.run_id} has no checkpoints/last.pth to resume from; `gpu-run pull {previous.run_id}` first")
+        raise ConfigError(
+            f"run {previous.run_id} has no checkpoints/last.pth to resume from; `gpu-run pull {previous.run_id}` first"
+        )
     return previous
 
 
 # The run opened ---------------------------------------------------------------------------------
+
 
 def open_run(plan: RunPlan, ledger: Ledger, host_name: str, run_id: str | None = None, **fields) -> RunRecord:
     """The run's folder and its ledger row, before anything starts on a machine: a resumed run's
@@ -204,9 +232,16 @@ def open_run(plan: RunPlan, ledger: Ledger, host_name: str, run_id: str | None =
     if resumed_from and "spec" in record:
         record["spec"]["resume"] = resumed_from
     ledger.create_run(
-        run_id, host_name, model=plan.job_label, data_path=str(plan.info.root.resolve()) if plan.info else None,
-        dataset_id=plan.info.dataset_id if plan.info else None, run_dir=str(run_dir), args_json=json.dumps(record),
-        currency=plan.host.currency, resumed_from=resumed_from, **fields,
+        run_id,
+        host_name,
+        model=plan.job_label,
+        data_path=str(plan.info.root.resolve()) if plan.info else None,
+        dataset_id=plan.info.dataset_id if plan.info else None,
+        run_dir=str(run_dir),
+        args_json=json.dumps(record),
+        currency=plan.host.currency,
+        resumed_from=resumed_from,
+        **fields,
     )
     return ledger.get_run(run_id)
 

@@ -14,9 +14,9 @@ def trainer_files() -> list[tuple[str, bytes]]:
 
 
 def dockerfile() -> bytes:
-    return resources.files("gpu_run").joinpath("docker", "Dockerfile").read_bytes()
+    return (resources.files("gpu_run") / "docker" / "Dockerfile").read_bytes()
 
 
 def base_image_script() -> bytes:
     """launcher/docker/build-base-cpu.sh: debootstrap + docker import, run with `bash -s TAG` on its stdin."""
-    return resources.files("gpu_run").joinpath("docker", "build-base-cpu.sh").read_bytes()
+    return (resources.files("gpu_run") / "docker" / "build-base-cpu.sh").read_bytes()

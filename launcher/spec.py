@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from gpu_run.backends.base import STOP_TIMEOUT_S
 from gpu_run.errors import ConfigError
@@ -45,7 +46,7 @@ class TrainSpec:
     compile: bool = False
     # "auto": a copy resized to what training reads when the images are much larger (decided from
     # their headers); N > 0: a copy at short side N (made once, on the laptop); 0: the originals.
-    cache_size: int | str = "auto"
+    cache_size: int | Literal["auto"] = "auto"
     detach: bool = False
     max_hours: float = 0.0  # 0: no limit; enforced by the watchdog on the host
     silence_minutes: float = 0.0  # 0: no limit; a job that logs nothing this long is stopped
@@ -74,10 +75,28 @@ class TrainSpec:
 
     def trainer_args(self) -> list[str]:
         args = [
-            "--model", self.model, "--epochs", str(self.epochs), "--batch-size", str(self.batch_size),
-            "--lr", str(self.lr), "--step-size", str(self.step_size), "--gamma", str(self.gamma),
-            "--image-size", str(self.image_size), "--workers", str(self.workers), "--seed", str(self.seed),
-            "--amp", self.amp, "--decode", self.decode,
+            "--model",
+            self.model,
+            "--epochs",
+            str(self.epochs),
+            "--batch-size",
+            str(self.batch_size),
+            "--lr",
+            str(self.lr),
+            "--step-size",
+            str(self.step_size),
+            "--gamma",
+            str(self.gamma),
+            "--image-size",
+            str(self.image_size),
+            "--workers",
+            str(self.workers),
+            "--seed",
+            str(self.seed),
+            "--amp",
+            self.amp,
+            "--decode",
+            self.decode,
         ]
         # Passed only when chosen: the trainer then takes a resumed run's recipe from its last.pth.
         if self.augment:
@@ -89,6 +108,7 @@ class TrainSpec:
         if self.resume:
             args.append("--resume")
         return args
+
 
 # Bounds past which a value is a typo, not a plan: refused here, before the machine is up, rather
 # than failing there (int(1e308 * 3600) raises) or being enforced as something else.
@@ -106,11 +126,14 @@ def check_limit(option: str, value: float, unit_s: int, unit: str) -> None:
         return
     if value * unit_s < MIN_LIMIT_S:
         least = math.ceil(MIN_LIMIT_S / unit_s * 10_000) / 10_000  # rounded up, so that it passes
-        raise ConfigError(f"{option} {value:g} is {value * unit_s:.2g} s, too short for the watchdog to enforce; "
-                          f"pass at least {least:g} ({MIN_LIMIT_S} s), or 0 for no limit")
+        raise ConfigError(
+            f"{option} {value:g} is {value * unit_s:.2g} s, too short for the watchdog to enforce; "
+            f"pass at least {least:g} ({MIN_LIMIT_S} s), or 0 for no limit"
+        )
     if value * unit_s > YEAR_S:
-        raise ConfigError(f"{option} {value:g} is more than a year; pass at most {YEAR_S // unit_s} {unit}, "
-                          f"or 0 for no limit")
+        raise ConfigError(
+            f"{option} {value:g} is more than a year; pass at most {YEAR_S // unit_s} {unit}, or 0 for no limit"
+        )
 
 
 def check_env(env: dict[str, str]) -> None:
@@ -119,19 +142,28 @@ def check_env(env: dict[str, str]) -> None:
     The env file has no quoting for line breaks, and no process can get a NUL."""
     for key, value in env.items():
         if not ENV_NAME.fullmatch(key):
-            raise ConfigError(f"--env {key!r}: not an environment variable name; use letters, digits and _, "
-                              f"not starting with a digit (--env MY_VAR=value)")
+            raise ConfigError(
+                f"--env {key!r}: not an environment variable name; use letters, digits and _, "
+                f"not starting with a digit (--env MY_VAR=value)"
+            )
         if "\n" in value or "\r" in value or "\0" in value:
-            raise ConfigError(f"--env {key}=...: the value holds a line break or NUL, which cannot be passed "
-                              f"to the trainer; put it in a file in the dataset folder instead")
+            raise ConfigError(
+                f"--env {key}=...: the value holds a line break or NUL, which cannot be passed "
+                f"to the trainer; put it in a file in the dataset folder instead"
+            )
 
 
 def check_spec(spec: TrainSpec) -> None:
     """Command-line values that cannot work, caught before anything starts."""
     # nan passes every comparison below (nan < 0 is False), so it is refused first.
-    for name, option in (("lr", "--lr"), ("gamma", "--gamma"), ("max_hours", "--max-hours"),
-                         ("silence_minutes", "--silence-minutes"), ("budget", "--budget"),
-                         ("epoch_time_s", "--epoch-time")):
+    for name, option in (
+        ("lr", "--lr"),
+        ("gamma", "--gamma"),
+        ("max_hours", "--max-hours"),
+        ("silence_minutes", "--silence-minutes"),
+        ("budget", "--budget"),
+        ("epoch_time_s", "--epoch-time"),
+    ):
         if not math.isfinite(getattr(spec, name)):
             raise ConfigError(f"{option} must be a finite number, got {getattr(spec, name)}")
     for name in ("epochs", "batch_size", "step_size"):
@@ -142,24 +174,36 @@ def check_spec(spec: TrainSpec) -> None:
     if spec.budget < 0 or spec.epoch_time_s < 0:
         raise ConfigError("--budget and --epoch-time must be 0 (none) or more")
     if spec.budget > MAX_BUDGET:
-        raise ConfigError(f"--budget {spec.budget:g} is over {MAX_BUDGET:g}; pass at most {MAX_BUDGET} "
-                          f"(in the host's currency), or 0 for none")
+        raise ConfigError(
+            f"--budget {spec.budget:g} is over {MAX_BUDGET:g}; pass at most {MAX_BUDGET} "
+            f"(in the host's currency), or 0 for none"
+        )
     if spec.epoch_time_s > YEAR_S:
-        raise ConfigError(f"--epoch-time {spec.epoch_time_s:g} is more than a year; pass at most {YEAR_S} seconds, "
-                          f"or 0 to estimate it from earlier runs")
+        raise ConfigError(
+            f"--epoch-time {spec.epoch_time_s:g} is more than a year; pass at most {YEAR_S} seconds, "
+            f"or 0 to estimate it from earlier runs"
+        )
     if not 1 <= spec.stop_timeout_s <= MAX_STOP_TIMEOUT_S:
-        raise ConfigError(f"--stop-timeout must be between 1 and {MAX_STOP_TIMEOUT_S} seconds, got {spec.stop_timeout_s}")
+        raise ConfigError(
+            f"--stop-timeout must be between 1 and {MAX_STOP_TIMEOUT_S} seconds, got {spec.stop_timeout_s}"
+        )
     if spec.workers < -1:
-        raise ConfigError(f"--workers must be -1 (from the host's cores), 0 (in the main process) or more, got {spec.workers}")
+        raise ConfigError(
+            f"--workers must be -1 (from the host's cores), 0 (in the main process) or more, got {spec.workers}"
+        )
     if spec.workers > MAX_WORKERS:
-        raise ConfigError(f"--workers {spec.workers} is more than {MAX_WORKERS}; pass at most {MAX_WORKERS}, "
-                          f"or -1 to pick from the host's cores")
+        raise ConfigError(
+            f"--workers {spec.workers} is more than {MAX_WORKERS}; pass at most {MAX_WORKERS}, "
+            f"or -1 to pick from the host's cores"
+        )
     if not 0 <= spec.seed < 2**32:
         raise ConfigError(f"--seed must be between 0 and {2**32 - 1}, got {spec.seed}")
     if spec.cache_size != "auto" and spec.cache_size < 0:
         raise ConfigError(f"--cache-size must be 0 (no cache) or a size in pixels, got {spec.cache_size}")
     if spec.cache_size != "auto" and spec.cache_size and spec.cache_size < spec.image_size:
-        raise ConfigError(f"--cache-size {spec.cache_size} is smaller than --image-size {spec.image_size}; use at least the image size")
+        raise ConfigError(
+            f"--cache-size {spec.cache_size} is smaller than --image-size {spec.image_size}; use at least the image size"
+        )
     if spec.image_size < 32:
         raise ConfigError(f"--image-size must be at least 32 pixels, got {spec.image_size}")
     if spec.lr <= 0:
@@ -171,13 +215,16 @@ def check_spec(spec: TrainSpec) -> None:
     if spec.gpus < 0:
         raise ConfigError(f"--gpus must be 0 (CPU) or more, got {spec.gpus}")
     if spec.gpus > MAX_GPUS:
-        raise ConfigError(f"--gpus {spec.gpus} is more than {MAX_GPUS}, more than one host has; "
-                          f"pass at most {MAX_GPUS} (the GPUs of each host)")
+        raise ConfigError(
+            f"--gpus {spec.gpus} is more than {MAX_GPUS}, more than one host has; "
+            f"pass at most {MAX_GPUS} (the GPUs of each host)"
+        )
     check_env(spec.extra_env)
     if spec.model not in CLASSIFICATION_MODELS:
         raise ConfigError(f"unknown --model {spec.model!r}; choose one of: {', '.join(CLASSIFICATION_MODELS)}")
     check_weights(spec.weights, spec.model)  # the file, or torchvision weights for the model (no network)
     check_runs_dir(spec.runs_dir)
+
 
 def check_runs_dir(runs_dir: Path) -> None:
     """--runs-dir must be a folder this user can create run folders in; found out now, not after the run."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -15,6 +16,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -44,8 +46,9 @@ class _PlainStatus:
 def listing(*key_columns: str, title: str | None = None) -> Table:
     """A table for listings that fits an 80-column terminal: no vertical rules, and the columns
     that identify a row (run ids, models, statuses) never wrap or shorten; the others wrap."""
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True,
-                  title=title)
+    table = Table(
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True, title=title
+    )
     for name in key_columns:
         table.add_column(name, no_wrap=True)
     return table
@@ -73,7 +76,8 @@ class UI:
         finally:
             if self.verbose:
                 Console(stderr=True, highlight=False).print(
-                    f"[dim]time {time.perf_counter() - start:7.3f} s  {escape(step)}[/dim]", soft_wrap=True)
+                    f"[dim]time {time.perf_counter() - start:7.3f} s  {escape(step)}[/dim]", soft_wrap=True
+                )
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -103,13 +107,19 @@ class UI:
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
         if unit == "bytes":
-            columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+            columns = [
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+            ]
         columns.append(TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
             task = progress.add_task(escape(description), total=total)
 
             def update(completed: int | None = None, total: int | None = None, advance: int = 0) -> None:
-                kwargs = {}
+                kwargs: dict[str, Any] = {}
                 if completed is not None:
                     kwargs["completed"] = completed
                 if total is not None:
@@ -134,14 +144,20 @@ class TrainingDisplay:
         self.cost_so_far = cost_so_far or (lambda: "")
         self.command = command
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.steps_per_epoch = 0
         self.epochs = 0
 
-    def __enter__(self) -> "TrainingDisplay":
+    def __enter__(self) -> TrainingDisplay:
         if not self.ui.quiet and self.command is not None:
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                     TextColumn("{task.fields[cost]}"), console=self.ui.console, transient=True)
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[cost]}"),
+                console=self.ui.console,
+                transient=True,
+            )
             self.progress.start()
             self.task = self.progress.add_task(escape(safe(self.command))[:120], total=None, cost=self.cost_so_far())
         elif not self.ui.quiet:
@@ -200,8 +216,15 @@ class TrainingDisplay:
             total = max(1, self.epochs * self.steps_per_epoch)
             done = (e["start_epoch"] - 1) * self.steps_per_epoch
             self.task = self.progress.add_task(
-                "train", total=total, completed=done, epoch=f"{e['start_epoch']}/{self.epochs}",
-                step="-", loss="-", acc="-", speed="-", cost=self.cost_so_far(),
+                "train",
+                total=total,
+                completed=done,
+                epoch=f"{e['start_epoch']}/{self.epochs}",
+                step="-",
+                loss="-",
+                acc="-",
+                speed="-",
+                cost=self.cost_so_far(),
             )
 
     def _update(self, **fields) -> None:
@@ -229,8 +252,11 @@ class TrainingDisplay:
         self._update(completed=e["epoch"] * self.steps_per_epoch)
 
     def _on_oom(self, e: dict) -> None:
-        self._print(f"CUDA out of memory: micro-batch now {e['micro_batch']} "
-                    f"({e['accumulation_steps']} accumulation steps), training goes on", style="yellow")
+        self._print(
+            f"CUDA out of memory: micro-batch now {e['micro_batch']} "
+            f"({e['accumulation_steps']} accumulation steps), training goes on",
+            style="yellow",
+        )
 
     def _on_skipped_image(self, e: dict) -> None:
         self._print(f"skipped unreadable image {e['path']}", style="yellow")

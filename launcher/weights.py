@@ -47,16 +47,21 @@ class Weights:
 
     def record(self) -> dict:
         """For the run's plan and summary.json."""
-        return {"source": self.source, "file": self.path.name if self.path else None,
-                "path": str(self.path) if self.path else None, "sha256": self.sha256}
+        return {
+            "source": self.source,
+            "file": self.path.name if self.path else None,
+            "path": str(self.path) if self.path else None,
+            "sha256": self.sha256,
+        }
 
 
 def imagenet_url(model: str) -> str:
     """The URL of torchvision's default (ImageNet) weights for a model; a one-line error if it has none."""
     url = IMAGENET_WEIGHTS.get(model)
     if not url:
-        raise ConfigError(f"--weights imagenet: torchvision has no pretrained weights for {model}; "
-                          f"use --weights none or a .pth file")
+        raise ConfigError(
+            f"--weights imagenet: torchvision has no pretrained weights for {model}; use --weights none or a .pth file"
+        )
     return url
 
 
@@ -83,7 +88,8 @@ def user_torch_hub() -> Path:
     """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub,
     else ~/.cache/torch/hub."""
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch"
+    )
     return Path(torch_home).expanduser() / "hub"
 
 
@@ -160,21 +166,29 @@ def check_state_dict_file(path: str, size: int, mtime_ns: int) -> None:
     except OSError as e:
         raise ConfigError(f"cannot be read ({e.strerror or e}); pass a file you can read") from None
     except pickle.UnpicklingError:
-        raise ConfigError("holds more than tensors (a whole model, saved with torch.save(model)?) or is not a "
-                          "torch.save file; pass one saved with torch.save(model.state_dict(), PATH)") from None
+        raise ConfigError(
+            "holds more than tensors (a whole model, saved with torch.save(model)?) or is not a "
+            "torch.save file; pass one saved with torch.save(model.state_dict(), PATH)"
+        ) from None
     except Exception as e:  # truncated, or not a torch.save file at all: torch's own text is pages long
-        raise ConfigError(f"is not a PyTorch state_dict file, or is cut short ({type(e).__name__}); "
-                          f"pass a file saved with torch.save(model.state_dict(), PATH)") from None
+        raise ConfigError(
+            f"is not a PyTorch state_dict file, or is cut short ({type(e).__name__}); "
+            f"pass a file saved with torch.save(model.state_dict(), PATH)"
+        ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a gpu-run checkpoint (last.pth, best.pth)
     if not isinstance(state, dict):
-        raise ConfigError(f"holds a {type(state).__name__}, not a state_dict; "
-                          f"pass a file saved with torch.save(model.state_dict(), PATH)")
+        raise ConfigError(
+            f"holds a {type(state).__name__}, not a state_dict; "
+            f"pass a file saved with torch.save(model.state_dict(), PATH)"
+        )
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((k for k, v in state.items() if isinstance(v, dict)), None)
         if inner is not None:
-            raise ConfigError(f"holds no tensors itself, only a dict under {inner!r}, which the trainer does not "
-                              f"look in; save that dict alone: torch.save(checkpoint[{inner!r}], PATH)")
+            raise ConfigError(
+                f"holds no tensors itself, only a dict under {inner!r}, which the trainer does not "
+                f"look in; save that dict alone: torch.save(checkpoint[{inner!r}], PATH)"
+            )
         raise ConfigError("holds no tensors; pass a file saved with torch.save(model.state_dict(), PATH)")
 
 
@@ -232,12 +246,22 @@ def stage_weights(remote, workdir: str, local_file: Path, ui=None) -> str:
             ui.info(f"weights already on {host} ({local_file.name})")
         return target
     temp = f"{target}.partial-{secrets.token_hex(4)}"
-    spinner = ui.spinner(f"uploading weights {local_file.name} ({size / 1e6:.1f} MB) to {host}") if ui is not None else nullcontext()
+    spinner = (
+        ui.spinner(f"uploading weights {local_file.name} ({size / 1e6:.1f} MB) to {host}")
+        if ui is not None
+        else nullcontext()
+    )
     with spinner:
-        result = remote.run(["sh", "-c", _RECEIVE, "sh", temp, target, str(size), digest],
-                            input=local_file.read_bytes(), check=False, timeout_s=UPLOAD_TIMEOUT_S)
+        result = remote.run(
+            ["sh", "-c", _RECEIVE, "sh", temp, target, str(size), digest],
+            input=local_file.read_bytes(),
+            check=False,
+            timeout_s=UPLOAD_TIMEOUT_S,
+        )
     if result.code != 0:
-        said = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip()) or f"exit code {result.code}"
+        said = (
+            "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip()) or f"exit code {result.code}"
+        )
         raise BackendError(f"could not put the weights file {local_file.name} on {host}: {said}")
     if ui is not None:
         ui.info(f"uploaded weights {local_file.name} to {host}")

@@ -232,7 +232,7 @@ class HostPower:
                 continue
             try:
                 client, _ = self._listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             with self._lock:

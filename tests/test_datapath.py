@@ -11,11 +11,21 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
+import gpu_run.trainer.train as train_module
 from gpu_run.dataset import validate_dataset
 from gpu_run.trainer.imagefolder import class_folders, image_files, is_image_file, open_image
-import gpu_run.trainer.train as train_module
-from gpu_run.trainer.train import (JpegBytes, SafeImageFolder, build_transforms, collate_skipping, decode_short_side,
-                                   gpu_batch, list_samples, measure_decode, pick_decode, upright)
+from gpu_run.trainer.train import (
+    JpegBytes,
+    SafeImageFolder,
+    build_transforms,
+    collate_skipping,
+    decode_short_side,
+    gpu_batch,
+    list_samples,
+    measure_decode,
+    pick_decode,
+    upright,
+)
 from tests.conftest import events, trainer
 
 EXIF_ORIENTATION = 0x0112

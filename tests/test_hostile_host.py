@@ -26,10 +26,10 @@ import pytest
 
 from gpu_run.backends.base import RunHandle
 from gpu_run.config import builtin_local_host
-from gpu_run.local_shell import LocalShell
-from gpu_run.runtimes.python import PythonRuntime
 from gpu_run.errors import BackendError
+from gpu_run.local_shell import LocalShell
 from gpu_run.remote import Remote, resolve_target
+from gpu_run.runtimes.python import PythonRuntime
 from gpu_run.sync import ssh_tar
 from tests.conftest import missing_test_bed
 from tests.conftest import testbed_env as bed_env

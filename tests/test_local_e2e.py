@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from gpu_run.image import context_files, image_tag, CPU_BASE_IMAGE
+from gpu_run.image import CPU_BASE_IMAGE, context_files, image_tag
 
 TRAIN = ["train", "--host", "local", "--epochs", "2", "--image-size", "32", "--batch-size", "16",
          "--weights", "none", "--workers", "0"]

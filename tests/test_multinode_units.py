@@ -14,8 +14,16 @@ from gpu_run.errors import ConfigError
 from gpu_run.ledger import Ledger
 from gpu_run.multinode.finish import NodeWatch, Outcome
 from gpu_run.multinode.network import Route, choose_ifname, is_loopback, parse_ip_output, route_from_probe
-from gpu_run.multinode.nodes import (Node, NodeRecord, group_host, node_run_id, nodes_cost, record_node_stop,
-                                     records_of, save_nodes)
+from gpu_run.multinode.nodes import (
+    Node,
+    NodeRecord,
+    group_host,
+    node_run_id,
+    nodes_cost,
+    record_node_stop,
+    records_of,
+    save_nodes,
+)
 from gpu_run.multinode.start import local_addr
 from gpu_run.providers.base import StopResult
 

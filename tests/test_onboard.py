@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10 (Ubuntu 22.04's python3): the same parser, from PyPI

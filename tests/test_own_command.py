@@ -431,8 +431,8 @@ def test_requirements_are_installed_once_on_a_container_instance(autodl, tmp_pat
 
 
 def test_requirements_the_laptop_cannot_resolve_are_one_line(cli, tmp_path, monkeypatch):
-    from gpu_run.packages import Requirements, download_wheels
     from gpu_run.errors import ConfigError
+    from gpu_run.packages import Requirements, download_wheels
 
     monkeypatch.setenv("GPU_RUN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")

@@ -15,8 +15,22 @@ from gpu_run.config import parse_host
 from gpu_run.errors import ConfigError
 from gpu_run.plan import estimate, render, tables
 from gpu_run.plan.estimate import (
-    ASSUMED, CONFIG, MEASURED_HERE, PAST_RUN, PUBLISHED, DecodeRates, Fact, Figure, HostInput, Job, PastRun, Upload,
-    estimate_host, gpu_train_rate, model_speed_factor, parse_duration,
+    ASSUMED,
+    CONFIG,
+    MEASURED_HERE,
+    PAST_RUN,
+    PUBLISHED,
+    DecodeRates,
+    Fact,
+    Figure,
+    HostInput,
+    Job,
+    PastRun,
+    Upload,
+    estimate_host,
+    gpu_train_rate,
+    model_speed_factor,
+    parse_duration,
 )
 
 JOB = Job(model="resnet18", epochs=20, image_size=224, batch_size=32, train_images=10_000, val_images=2_000,
@@ -257,7 +271,7 @@ def test_the_table_fits_80_columns_and_never_cuts_a_host_name():
     text = console.export_text()
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 80
-    table_lines = lines[: lines.index(next(l for l in lines if l.startswith("Sources:")))]
+    table_lines = lines[: lines.index(next(line for line in lines if line.startswith("Sources:")))]
     for name in names:
         assert any(line.lstrip().startswith(name + " ") for line in table_lines), (name, text)
     assert "BEST" in text and "Sources:" in text and "--cache-size 256 (a copy" in text.replace("\n", " ")

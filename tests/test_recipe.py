@@ -17,9 +17,15 @@ from torchvision import datasets, transforms
 
 from gpu_run.cli import cli
 from gpu_run.spec import TrainSpec
+from gpu_run.trainer.train import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SafeImageFolder,
+    build_transforms,
+    list_samples,
+    load_image,
+)
 from tests.conftest import trainer
-from gpu_run.trainer.train import (IMAGENET_MEAN, IMAGENET_STD, SafeImageFolder, build_transforms, list_samples,
-                           load_image)
 
 pytestmark = pytest.mark.slow  # trains models: `make test`, not `make test-unit`
 

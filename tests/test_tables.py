@@ -38,7 +38,7 @@ def test_listings_fit_80_columns_and_keep_what_identifies_a_row(ledger, command,
     table_lines = [line for line in result.output.splitlines() if not line.startswith("error:")]
     too_wide = [line for line in table_lines if len(line) > 80]
     assert not too_wide, too_wide
-    for run_id, host, model, status, stop_failed in RUNS:
+    for run_id, _host, model, status, stop_failed in RUNS:
         at = next(i for i, line in enumerate(table_lines) if line.startswith(run_id))  # whole, first in its row
         if command == ["runs"]:
             assert model in table_lines[at] and status in table_lines[at]

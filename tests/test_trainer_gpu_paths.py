@@ -23,8 +23,17 @@ from PIL import Image
 from torch import nn
 
 import gpu_run.trainer.train as train_module
-from gpu_run.trainer.train import (Batch, Faults, JpegBytes, SafeImageFolder, SkippedImages, StepContext,
-                                   build_transforms, collate_skipping, gpu_batch)
+from gpu_run.trainer.train import (
+    Batch,
+    Faults,
+    JpegBytes,
+    SafeImageFolder,
+    SkippedImages,
+    StepContext,
+    build_transforms,
+    collate_skipping,
+    gpu_batch,
+)
 from tests.conftest import events
 
 CPU = torch.device("cpu")

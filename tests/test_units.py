@@ -7,13 +7,13 @@ from decimal import Decimal
 import pytest
 
 from gpu_run.config import parse_hosts
-from gpu_run.money.cost import BILLING_UNIT_S, billed_seconds, budget_seconds, cost_of
-from gpu_run.money.report import totals
 from gpu_run.errors import BackendError, ConfigError, RunNotFound
-from gpu_run.providers.aws import wait_for_state
 from gpu_run.events import parse_event, read_metrics, status_for_exit
 from gpu_run.image import image_tag
 from gpu_run.ledger import Ledger
+from gpu_run.money.cost import BILLING_UNIT_S, billed_seconds, budget_seconds, cost_of
+from gpu_run.money.report import totals
+from gpu_run.providers.aws import wait_for_state
 
 
 @pytest.mark.parametrize("duration, rule, minimum, billed", [

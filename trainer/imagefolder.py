@@ -22,18 +22,18 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def is_image_file(path: str | os.PathLike) -> bool:
+def is_image_file(path: str | os.PathLike[str]) -> bool:
     """An image by its extension, and not a dot-file (`._x.jpg` is macOS metadata, not a JPEG)."""
     name = os.path.basename(path)
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not is_hidden(name)
 
 
-def class_folders(split_dir: str | os.PathLike) -> list[str]:
+def class_folders(split_dir: str | os.PathLike[str]) -> list[str]:
     """The class names of a split: its folders that are not hidden, sorted (the class index order)."""
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not is_hidden(e.name))
 
 
-def image_files(folder: str | os.PathLike) -> list[Path]:
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
     """The images of a class folder and its subfolders, hidden folders left out, in torchvision
     ImageFolder's order (folders sorted by path, then names), so both list the same samples in
     the same order. Symlinked folders are followed, each real folder once (no loops)."""
@@ -46,8 +46,9 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
         visited.add(real)
         dirs[:] = [d for d in dirs if not is_hidden(d)]
         found.append((root, sorted(n for n in names if is_image_file(n))))
-    return [Path(root, name) for root, names in sorted(found) for name in names
-            if os.path.isfile(os.path.join(root, name))]
+    return [
+        Path(root, name) for root, names in sorted(found) for name in names if os.path.isfile(os.path.join(root, name))
+    ]
 
 
 def open_image(path, min_short_side: int | None = None) -> Image.Image:

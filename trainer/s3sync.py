@@ -63,8 +63,11 @@ def download(client, uri: str, dest: Path) -> None:
             remote[key] = meta
     for key in refused:
         print(f"s3sync: skipped {prefix}/{key}: it would land outside {dest}", file=sys.stderr)
-    todo = [k for k, (size, etag) in remote.items()
-            if state.get(k) != etag or not (dest / k).is_file() or (dest / k).stat().st_size != size]
+    todo = [
+        k
+        for k, (size, etag) in remote.items()
+        if state.get(k) != etag or not (dest / k).is_file() or (dest / k).stat().st_size != size
+    ]
 
     def fetch(key: str) -> None:
         target = confined(root, key)
@@ -85,8 +88,17 @@ def download(client, uri: str, dest: Path) -> None:
     tmp_state = dest / f"{STATE}.tmp"
     tmp_state.write_text(json.dumps({k: etag for k, (_, etag) in remote.items()}))
     os.replace(tmp_state, state_path)
-    print(json.dumps({"event": "s3_download", "objects": len(remote), "fetched": len(todo), "removed": removed,
-                      "refused": len(refused)}))
+    print(
+        json.dumps(
+            {
+                "event": "s3_download",
+                "objects": len(remote),
+                "fetched": len(todo),
+                "removed": removed,
+                "refused": len(refused),
+            }
+        )
+    )
 
 
 def sha256(path: Path) -> str:
@@ -99,7 +111,11 @@ def sha256(path: Path) -> str:
 
 def upload(client, src: Path, uri: str) -> None:
     bucket, prefix = split_uri(uri)
-    files = [p for p in sorted(src.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+    files = [
+        p
+        for p in sorted(src.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)
+    ]
     sent = 0
     for path in files:
         key = f"{prefix}/{path.relative_to(src)}"

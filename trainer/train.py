@@ -39,7 +39,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -88,41 +88,82 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root holding train/<class>/ and val/<class>/")
     p.add_argument("--out", required=True, help="output folder: checkpoints/, metrics.jsonl, predictions.csv")
     p.add_argument("--model", default=defaults.MODEL, help="torchvision classification model name")
-    p.add_argument("--weights", default="none",
-                   help="none, or a path to a state_dict (torchvision's ImageNet file) / checkpoint; nothing is downloaded")
+    p.add_argument(
+        "--weights",
+        default="none",
+        help="none, or a path to a state_dict (torchvision's ImageNet file) / checkpoint; nothing is downloaded",
+    )
     p.add_argument("--epochs", type=number(int, 1), default=defaults.EPOCHS, help="number of epochs to train in total")
-    p.add_argument("--batch-size", type=number(int, 1), default=defaults.BATCH_SIZE,
-                   help="images per optimizer step (per process)")
-    p.add_argument("--lr", type=number(float, 0, low_inclusive=False), default=defaults.LR,
-                   help="initial learning rate of SGD")
+    p.add_argument(
+        "--batch-size", type=number(int, 1), default=defaults.BATCH_SIZE, help="images per optimizer step (per process)"
+    )
+    p.add_argument(
+        "--lr", type=number(float, 0, low_inclusive=False), default=defaults.LR, help="initial learning rate of SGD"
+    )
     p.add_argument("--momentum", type=number(float, 0), default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=number(float, 0), default=1e-4, help="SGD weight decay")
-    p.add_argument("--step-size", type=number(int, 1), default=defaults.STEP_SIZE,
-                   help="multiply the lr by --gamma every this many epochs")
-    p.add_argument("--gamma", type=number(float, 0, low_inclusive=False), default=defaults.GAMMA,
-                   help="lr decay factor applied every --step-size epochs")
-    p.add_argument("--image-size", type=number(int, 1), default=defaults.IMAGE_SIZE,
-                   help="training crop size (eval: resize to 256/224 of it, centre crop)")
+    p.add_argument(
+        "--step-size",
+        type=number(int, 1),
+        default=defaults.STEP_SIZE,
+        help="multiply the lr by --gamma every this many epochs",
+    )
+    p.add_argument(
+        "--gamma",
+        type=number(float, 0, low_inclusive=False),
+        default=defaults.GAMMA,
+        help="lr decay factor applied every --step-size epochs",
+    )
+    p.add_argument(
+        "--image-size",
+        type=number(int, 1),
+        default=defaults.IMAGE_SIZE,
+        help="training crop size (eval: resize to 256/224 of it, centre crop)",
+    )
     # Both default to None so that --resume can tell "not given" (keep the checkpoint's) from a choice.
-    p.add_argument("--augment", choices=AUGMENT_RECIPES, default=None,
-                   help="training augmentation: standard (random crop, flip, colour jitter), light (milder crop, "
-                        "flip; for a short fine-tune on a small dataset) or none (the eval transform); "
-                        f"default {defaults.AUGMENT}, or the resumed checkpoint's")
-    p.add_argument("--no-flip", action="store_true", default=None,
-                   help="no random horizontal flip, for data whose orientation has a meaning (digits, text, "
-                        "X-rays with laterality); default: flip, or the resumed checkpoint's choice")
-    p.add_argument("--workers", type=number(int, -1), default=defaults.WORKERS,
-                   help="data loading processes; -1 picks from the host's cores")
-    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default=defaults.DECODE,
-                   help="where images are decoded: cpu (in the loader workers, big JPEGs at reduced scale), gpu "
-                        "(nvjpeg on the CUDA device, the workers only read files; falls back to cpu without one), "
-                        "or auto: gpu when a start-up measurement says it feeds images faster than the CPU workers")
-    p.add_argument("--seed", type=int, default=defaults.SEED, help="seed for weights init, sample order and augmentation")
+    p.add_argument(
+        "--augment",
+        choices=AUGMENT_RECIPES,
+        default=None,
+        help="training augmentation: standard (random crop, flip, colour jitter), light (milder crop, "
+        "flip; for a short fine-tune on a small dataset) or none (the eval transform); "
+        f"default {defaults.AUGMENT}, or the resumed checkpoint's",
+    )
+    p.add_argument(
+        "--no-flip",
+        action="store_true",
+        default=None,
+        help="no random horizontal flip, for data whose orientation has a meaning (digits, text, "
+        "X-rays with laterality); default: flip, or the resumed checkpoint's choice",
+    )
+    p.add_argument(
+        "--workers",
+        type=number(int, -1),
+        default=defaults.WORKERS,
+        help="data loading processes; -1 picks from the host's cores",
+    )
+    p.add_argument(
+        "--decode",
+        choices=["auto", "cpu", "gpu"],
+        default=defaults.DECODE,
+        help="where images are decoded: cpu (in the loader workers, big JPEGs at reduced scale), gpu "
+        "(nvjpeg on the CUDA device, the workers only read files; falls back to cpu without one), "
+        "or auto: gpu when a start-up measurement says it feeds images faster than the CPU workers",
+    )
+    p.add_argument(
+        "--seed", type=int, default=defaults.SEED, help="seed for weights init, sample order and augmentation"
+    )
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pth if it exists")
-    p.add_argument("--amp", default=defaults.AMP, choices=["auto", "off"],
-                   help="mixed precision on GPU (bf16 if supported, else fp16)")
+    p.add_argument(
+        "--amp",
+        default=defaults.AMP,
+        choices=["auto", "off"],
+        help="mixed precision on GPU (bf16 if supported, else fp16)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU only; slow first epoch)")
-    p.add_argument("--log-every", type=number(int, 1), default=10, help="emit a step event every this many steps (and every 2 s)")
+    p.add_argument(
+        "--log-every", type=number(int, 1), default=10, help="emit a step event every this many steps (and every 2 s)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 
@@ -256,12 +297,14 @@ def build_transforms(image_size: int, augment: str = "standard", flip: bool = Tr
     Resize(256)/CenterCrop(224), scaled to image_size, with ImageNet normalisation."""
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     resize = int(round(image_size * 256 / 224))
-    evaluation = transforms.Compose([
-        transforms.Resize(resize),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        normalize,
-    ])
+    evaluation = transforms.Compose(
+        [
+            transforms.Resize(resize),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     if augment == "none":
         # No augmentation at all: training sees exactly what evaluation sees, which is the plain
         # tutorial loop (and a baseline to measure augmentation against).
@@ -337,8 +380,15 @@ def pick_workers(requested: int) -> int:
 
 EXIF_ORIENTATION = 0x0112
 # PIL's exif_transpose for a CHW tensor: orientation -> (swap height and width?, then flip these dims).
-ORIENTATIONS = {2: (False, (-1,)), 3: (False, (-2, -1)), 4: (False, (-2,)), 5: (True, ()),
-                6: (True, (-1,)), 7: (True, (-2, -1)), 8: (True, (-2,))}
+ORIENTATIONS = {
+    2: (False, (-1,)),
+    3: (False, (-2, -1)),
+    4: (False, (-2,)),
+    5: (True, ()),
+    6: (True, (-1,)),
+    7: (True, (-2, -1)),
+    8: (True, (-2,)),
+}
 
 
 class JpegBytes(NamedTuple):
@@ -354,7 +404,9 @@ def read_for_gpu(path) -> "JpegBytes | torch.Tensor":
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as im:  # reads the header only
         if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            return JpegBytes(torch.frombuffer(bytearray(data), dtype=torch.uint8), im.getexif().get(EXIF_ORIENTATION, 1))
+            return JpegBytes(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), im.getexif().get(EXIF_ORIENTATION, 1)
+            )
     return pil_to_tensor(open_image(io.BytesIO(data)))
 
 
@@ -367,8 +419,12 @@ def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
 def on_tensors(transform):
     """The same transform for a uint8 CHW tensor, on the GPU: torchvision's resize, crops, flip,
     colour jitter and normalisation all take tensors; ToTensor (PIL to float) becomes a dtype change."""
-    return transforms.Compose([transforms.ConvertImageDtype(torch.float32) if isinstance(t, transforms.ToTensor) else t
-                               for t in transform.transforms])
+    return transforms.Compose(
+        [
+            transforms.ConvertImageDtype(torch.float32) if isinstance(t, transforms.ToTensor) else t
+            for t in transform.transforms
+        ]
+    )
 
 
 def nvjpeg(jpegs: list, device: torch.device) -> list:
@@ -398,7 +454,7 @@ def decode_on(device: torch.device, items: list) -> list:
         raise
     except (RuntimeError, ImportError):  # one file nvjpeg cannot take fails the whole call: the CPU decodes them
         decoded = {}
-    images = []
+    images: list[torch.Tensor | None] = []
     for i, item in enumerate(items):
         if i in decoded:
             images.append(upright(decoded[i], item.orientation))
@@ -413,7 +469,8 @@ def decode_with_pil(item: JpegBytes, device: torch.device) -> torch.Tensor | Non
     """A JPEG nvjpeg could not take, decoded on the CPU and copied to `device`; None if PIL cannot
     read it either."""
     try:
-        image = pil_to_tensor(open_image(io.BytesIO(item.data.numpy())))
+        # An ndarray is a buffer; numpy's stubs say so for Python 3.12 and later only.
+        image = pil_to_tensor(open_image(io.BytesIO(item.data.numpy())))  # type: ignore[arg-type]
     except Exception:  # unreadable by PIL too: skipped, as on the CPU path
         return None
     return image.to(device)  # outside the try: an out-of-memory here is the step's to handle
@@ -430,7 +487,7 @@ def gpu_batch(batch, transform, device: torch.device, chunk: int = DECODE_CHUNK_
     out, good, skipped = [], [], list(skipped)
     # A chunk at a time, so that only one chunk of full-size decoded images is held at once.
     for first in range(0, len(items), chunk):
-        decoded = decode_on(device, [image for image, _seed, _path in items[first:first + chunk]])
+        decoded = decode_on(device, [image for image, _seed, _path in items[first : first + chunk]])
         for i, image in enumerate(decoded, start=first):
             _, seed, path = items[i]
             if image is None:
@@ -491,8 +548,9 @@ def pick_decode(requested: str, device: torch.device, dataset: SafeImageFolder, 
     if requested == "cpu" or len(dataset) == 0:
         return DecodeChoice("cpu", cpu)
     if device.type != "cuda":
-        return DecodeChoice("cpu", cpu + ("; --decode gpu needs a CUDA device and this run has none"
-                                          if requested == "gpu" else ""))
+        return DecodeChoice(
+            "cpu", cpu + ("; --decode gpu needs a CUDA device and this run has none" if requested == "gpu" else "")
+        )
     cpu_rate, gpu_rate = measure_decode(dataset, device, workers)
     if gpu_rate is None:
         return DecodeChoice("cpu", f"{cpu}; nvjpeg decoded none of a sample of these images")
@@ -507,13 +565,14 @@ def load_data(args, data: Path, classes: list, device: torch.device, rank: int, 
     batches of its (seed, epoch) order, sharded across ranks; evaluation reads the val split in
     file order."""
     train_tf, eval_tf = build_transforms(args.image_size, args.augment, flip=not args.no_flip)
-    train_set = SafeImageFolder(data / "train", classes, train_tf, seed=args.seed,
-                                min_short_side=decode_short_side(train_tf))
+    train_set = SafeImageFolder(
+        data / "train", classes, train_tf, seed=args.seed, min_short_side=decode_short_side(train_tf)
+    )
     val_set = SafeImageFolder(data / "val", classes, eval_tf, min_short_side=decode_short_side(eval_tf))
     workers = pick_workers(args.workers)
     decode = pick_decode(args.decode, device, train_set, workers)
     train_set.decode = val_set.decode = decode.path
-    loader_opts = dict(
+    loader_opts: dict[str, Any] = dict(
         num_workers=workers,
         pin_memory=device.type == "cuda" and decode.path == "cpu",  # nvjpeg copies the bytes over itself
         persistent_workers=workers > 0,
@@ -529,7 +588,8 @@ class SkippedImages:
     """Unreadable images, each reported once (a skipped_image event) however often it comes up."""
 
     def __init__(self, data: Path):
-        self.data, self.paths = data, set()
+        self.data = data
+        self.paths: set[str] = set()
 
     def report(self, paths: list) -> None:
         for path in paths:
@@ -558,7 +618,8 @@ class Batch:
         None when none of them could be read."""
         if self.pending:
             images, targets, indices, undecodable = gpu_batch(
-                (self.images, self.targets, self.indices, []), self.transform, self.device, chunk)
+                (self.images, self.targets, self.indices, []), self.transform, self.device, chunk
+            )
             # Kept only once the whole batch is decoded: an out-of-memory above leaves it to decode again.
             self.images, self.targets, self.indices, self.pending = images, targets, indices, False
             self.skipped.report(undecodable)
@@ -618,8 +679,9 @@ def load_state_from_file(model: nn.Module, path: str) -> list:
     # A head trained for another class count cannot load; everything else can.
     usable = {k: v for k, v in state.items() if k in own and hasattr(v, "shape") and own[k].shape == v.shape}
     if not usable:
-        raise TrainerError(f"weights file {path} has no weights that fit {type(model).__name__}: "
-                           f"was it made for another --model?")
+        raise TrainerError(
+            f"weights file {path} has no weights that fit {type(model).__name__}: was it made for another --model?"
+        )
     model.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
 
@@ -643,7 +705,7 @@ def is_imagenet_file(file_name: str, model: str) -> bool:
         return True
     prefix = re.search(r"-([0-9a-f]{6,})\.", official)
     stem = file_name.removesuffix(".pth")
-    return bool(prefix) and len(stem) == 64 and stem.startswith(prefix.group(1))
+    return prefix is not None and len(stem) == 64 and stem.startswith(prefix.group(1))
 
 
 def build_model(name: str, weights: str, num_classes: int) -> nn.Module:
@@ -655,8 +717,10 @@ def build_model(name: str, weights: str, num_classes: int) -> nn.Module:
     if name not in choices:
         raise TrainerError(f"unknown --model {name!r}; choose one of: {', '.join(choices)}")
     if weights == "imagenet":
-        raise TrainerError("--weights imagenet needs the weights file: the trainer downloads nothing; the launcher "
-                           "passes torchvision's file as --weights PATH (gpu-run train does this)")
+        raise TrainerError(
+            "--weights imagenet needs the weights file: the trainer downloads nothing; the launcher "
+            "passes torchvision's file as --weights PATH (gpu-run train does this)"
+        )
     model = torchvision.models.get_model(name, weights=None)  # with its 1000-class head: the file's shape
     if weights != "none":
         missing = load_state_from_file(model, weights)
@@ -685,8 +749,10 @@ def atomic_save(obj, path: Path) -> None:
         os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # the previous checkpoint is intact; say what to free
-            raise TrainerError(f"no space left on device to write {path.name} in {path.parent}: the previous "
-                               f"checkpoint is intact; free space on the host and resume") from None
+            raise TrainerError(
+                f"no space left on device to write {path.name} in {path.parent}: the previous "
+                f"checkpoint is intact; free space on the host and resume"
+            ) from None
         raise
     finally:
         if tmp.exists():
@@ -711,27 +777,30 @@ class Checkpoints:
     def save(self, name: str, epoch: int, step: int, samples_done: int, partial: dict, best_acc: float) -> None:
         if not is_main_process():
             return
-        atomic_save({
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "scaler": self.ctx.scaler.state_dict(),
-            "epoch": epoch,  # epochs fully trained
-            "step": step,  # steps already trained in the next epoch, by world_size processes
-            # What a resume starts from: that epoch's first samples_done positions (EpochSampler)
-            # are trained, whatever number of processes resumes it.
-            "samples_done": samples_done,
-            "world_size": self.world,
-            "partial": dict(partial),  # that epoch's totals so far, over all processes
-            "best_val_acc": best_acc,
-            "classes": self.classes,
-            "model_name": self.args.model,
-            "image_size": self.args.image_size,
-            "micro_batch": self.ctx.micro_batch,
-            "seed": self.args.seed,
-            "args": vars(self.args),
-            "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-        }, self.folder / name)
+        atomic_save(
+            {
+                "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.scheduler.state_dict(),
+                "scaler": self.ctx.scaler.state_dict(),
+                "epoch": epoch,  # epochs fully trained
+                "step": step,  # steps already trained in the next epoch, by world_size processes
+                # What a resume starts from: that epoch's first samples_done positions (EpochSampler)
+                # are trained, whatever number of processes resumes it.
+                "samples_done": samples_done,
+                "world_size": self.world,
+                "partial": dict(partial),  # that epoch's totals so far, over all processes
+                "best_val_acc": best_acc,
+                "classes": self.classes,
+                "model_name": self.args.model,
+                "image_size": self.args.image_size,
+                "micro_batch": self.ctx.micro_batch,
+                "seed": self.args.seed,
+                "args": vars(self.args),
+                "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+            },
+            self.folder / name,
+        )
 
     def resume(self) -> "Resumed":
         """Load last.pth into the model, optimizer, schedule and scaler; where it stopped."""
@@ -779,7 +848,9 @@ class Faults:
     def __init__(self, environ=os.environ, rank: int = 0):
         self.oom_above = int(environ["GPU_RUN_FAULT_OOM_ABOVE"]) if environ.get("GPU_RUN_FAULT_OOM_ABOVE") else None
         self.oom_rank = int(environ["GPU_RUN_FAULT_OOM_RANK"]) if environ.get("GPU_RUN_FAULT_OOM_RANK") else None
-        self.hang_at_step = int(environ["GPU_RUN_FAULT_HANG_AT_STEP"]) if environ.get("GPU_RUN_FAULT_HANG_AT_STEP") else None
+        self.hang_at_step = (
+            int(environ["GPU_RUN_FAULT_HANG_AT_STEP"]) if environ.get("GPU_RUN_FAULT_HANG_AT_STEP") else None
+        )
         self.rank = rank
 
     def before_micro_batch(self, size: int) -> None:
@@ -957,9 +1028,11 @@ def train_step(model, criterion, batch: Batch, ctx: StepContext, optimizer):
             here = e.here
         except torch.cuda.OutOfMemoryError:
             if dist.is_initialized():
-                raise TrainerError(f"CUDA out of memory on rank {dist.get_rank()} in the backward that syncs the "
-                                   f"gradients, which the other ranks cannot retry with it: resume from last.pth "
-                                   f"with a smaller --batch-size, --model or --image-size") from None
+                raise TrainerError(
+                    f"CUDA out of memory on rank {dist.get_rank()} in the backward that syncs the "
+                    f"gradients, which the other ranks cannot retry with it: resume from last.pth "
+                    f"with a smaller --batch-size, --model or --image-size"
+                ) from None
             here = True
         # Handled here, outside the except blocks, so the traceback's tensors are freed.
         optimizer.zero_grad(set_to_none=True)
@@ -976,8 +1049,12 @@ def train_step(model, criterion, batch: Batch, ctx: StepContext, optimizer):
         if smallest <= 1:
             raise TrainerError("CUDA out of memory even at batch size 1: use a smaller --model or --image-size")
         ctx.micro_batch = max(1, smallest // 2)
-        emit("oom", micro_batch=ctx.micro_batch, accumulation_steps=math.ceil(len(batch) / ctx.micro_batch),
-             **({} if ranks is None else {"ranks": ranks}))
+        emit(
+            "oom",
+            micro_batch=ctx.micro_batch,
+            accumulation_steps=math.ceil(len(batch) / ctx.micro_batch),
+            **({} if ranks is None else {"ranks": ranks}),
+        )
 
 
 class EpochTotals:
@@ -1001,9 +1078,12 @@ class EpochTotals:
         """The totals so far as this process knows them, as plain numbers. .item() makes the CPU
         wait until the GPU has run every step queued so far (a CPU-GPU sync point), so this is
         called only to log."""
-        return {"loss_sum": self.carried["loss_sum"] + self.loss_sum.item(),
-                "correct": self.carried["correct"] + self.correct.item(),
-                "seen": self.carried["seen"] + self.seen, "time_s": self.time_s}
+        return {
+            "loss_sum": self.carried["loss_sum"] + self.loss_sum.item(),
+            "correct": self.carried["correct"] + self.correct.item(),
+            "seen": self.carried["seen"] + self.seen,
+            "time_s": self.time_s,
+        }
 
     def summed(self) -> dict:
         """The totals over all processes (under DDP an all-reduce, which every rank must call)."""
@@ -1011,8 +1091,12 @@ class EpochTotals:
         if dist.is_initialized():
             dist.all_reduce(mine)
         loss_sum, correct, seen = mine.tolist()
-        return {"loss_sum": self.carried["loss_sum"] + loss_sum, "correct": self.carried["correct"] + round(correct),
-                "seen": self.carried["seen"] + round(seen), "time_s": self.time_s}
+        return {
+            "loss_sum": self.carried["loss_sum"] + loss_sum,
+            "correct": self.carried["correct"] + round(correct),
+            "seen": self.carried["seen"] + round(seen),
+            "time_s": self.time_s,
+        }
 
     def images_per_s(self) -> float:
         """An estimate without a collective, for the step events: every rank as fast as this one."""
@@ -1022,9 +1106,13 @@ class EpochTotals:
         """The epoch's record (every rank must call it: see summed)."""
         done = self.summed()
         seen = max(done["seen"], 1)
-        return {"train_loss": done["loss_sum"] / seen, "train_acc": done["correct"] / seen,
-                "train_images": done["seen"], "train_images_per_s": done["seen"] / max(self.time_s, 1e-9),
-                "epoch_time_s": self.time_s}
+        return {
+            "train_loss": done["loss_sum"] / seen,
+            "train_acc": done["correct"] / seen,
+            "train_images": done["seen"],
+            "train_images_per_s": done["seen"] / max(self.time_s, 1e-9),
+            "epoch_time_s": self.time_s,
+        }
 
 
 class StopFlag:
@@ -1054,8 +1142,19 @@ def agree_on_stop(flag: StopFlag, device, vote: bool = True) -> bool:
     return bool(t.item())
 
 
-def train_one_epoch(model, criterion, optimizer, batches, ctx: StepContext, totals: EpochTotals,
-                    epoch: int, step: int, steps: int, log_every: int, stop: StopFlag) -> tuple[int, bool]:
+def train_one_epoch(
+    model,
+    criterion,
+    optimizer,
+    batches,
+    ctx: StepContext,
+    totals: EpochTotals,
+    epoch: int,
+    step: int,
+    steps: int,
+    log_every: int,
+    stop: StopFlag,
+) -> tuple[int, bool]:
     """Train the rest of `epoch` from `step` on; returns (the step reached, whether to stop there)."""
     model.train()
     tick = last_event = time.perf_counter()
@@ -1073,10 +1172,19 @@ def train_one_epoch(model, criterion, optimizer, batches, ctx: StepContext, tota
         totals.time_s += now - tick
         tick = now
         if show:
+            assert numbers is not None  # read above when show
             last_event = now
             seen = max(numbers["seen"], 1)
-            emit("step", epoch=epoch + 1, step=step, steps=steps, loss=numbers["loss_sum"] / seen,
-                 acc=numbers["correct"] / seen, lr=optimizer.param_groups[0]["lr"], images_per_s=totals.images_per_s())
+            emit(
+                "step",
+                epoch=epoch + 1,
+                step=step,
+                steps=steps,
+                loss=numbers["loss_sum"] / seen,
+                acc=numbers["correct"] / seen,
+                lr=optimizer.param_groups[0]["lr"],
+                images_per_s=totals.images_per_s(),
+            )
         if agree_on_stop(stop, ctx.device, vote=log_step) and step < steps:
             return step, True
     return step, False
@@ -1114,13 +1222,13 @@ def evaluate(model, criterion, batches, ctx: StepContext, dataset: "SafeImageFol
             seen += len(y)
             outputs.append((idx, y, predicted, confidence))  # kept on the device until the end
     # One wait for the GPU, here, rather than one per batch.
-    loss_sum, correct = loss_sum.item(), correct.item()
+    total_loss, total_correct = loss_sum.item(), correct.item()
     columns = [torch.cat(column).tolist() for column in zip(*outputs)] if outputs else [[]] * 4
     elapsed = time.perf_counter() - start
     rows = [(os.path.relpath(dataset.samples[idx][0], dataset.root.parent), t, p, c) for idx, t, p, c in zip(*columns)]
     return {
-        "val_loss": loss_sum / max(seen, 1),
-        "val_acc": correct / max(seen, 1),
+        "val_loss": total_loss / max(seen, 1),
+        "val_acc": total_correct / max(seen, 1),
         "val_images": seen,
         "eval_images_per_s": seen / elapsed if elapsed > 0 else 0.0,
     }, rows
@@ -1161,8 +1269,9 @@ def setup_distributed(requested_device: str = "auto"):
         raise TrainerError(f"GPU_RUN_DIST_TIMEOUT_S must be a number of seconds > 0, got {text!r}")
     backend = "nccl" if torch.cuda.is_available() and requested_device != "cpu" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            **bound_device(backend, local_rank))
+    dist.init_process_group(
+        backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **bound_device(backend, local_rank)
+    )
     return dist.get_rank(), world, local_rank
 
 
@@ -1209,10 +1318,11 @@ def wrap_model(model: nn.Module, world: int, device: torch.device, local_rank: i
         # 0's are evaluated and saved; without that copy a forward has no collective in it (but
         # DDP's regrouping of its buckets, once), so a rank that runs out of memory in one leaves no
         # other rank waiting (see forward_backward).
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if compile_model:
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))  # an nn.Module in, an OptimizedModule (one too) out
     return model
 
 
@@ -1257,12 +1367,20 @@ def main(args) -> int:
         resumed = checkpoints.resume()
         start_epoch, samples_done = resumed.epoch, resumed.samples_done
         best_acc, partial = resumed.best_acc, resumed.partial
-        emit("resumed", epoch=start_epoch + 1, step=samples_done // (args.batch_size * world),
-             samples_done=samples_done, world_size=world, saved_world_size=resumed.world_size)
+        emit(
+            "resumed",
+            epoch=start_epoch + 1,
+            step=samples_done // (args.batch_size * world),
+            samples_done=samples_done,
+            world_size=world,
+            saved_world_size=resumed.world_size,
+        )
         if resumed.world_size != world:
-            log(f"world size {resumed.world_size} -> {world}: the rest of epoch {start_epoch + 1} is shared among "
+            log(
+                f"world size {resumed.world_size} -> {world}: the rest of epoch {start_epoch + 1} is shared among "
                 f"{world} processes, and a step now trains {args.batch_size * world} images ({args.batch_size} per "
-                f"process), not {resumed.batch_size * resumed.world_size}")
+                f"process), not {resumed.batch_size * resumed.world_size}"
+            )
     model = wrap_model(model, world, device, local_rank, args.compile)
 
     emit(
@@ -1297,8 +1415,19 @@ def main(args) -> int:
         steps = start_step + math.ceil(len(sampler) / args.batch_size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step, stopped = train_one_epoch(model, criterion, optimizer, batches(train_loader, skipped, device), ctx, totals,
-                                        epoch, start_step, steps, args.log_every, stop)
+        step, stopped = train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            batches(train_loader, skipped, device),
+            ctx,
+            totals,
+            epoch,
+            start_step,
+            steps,
+            args.log_every,
+            stop,
+        )
         if stopped:
             samples_done += (step - start_step) * args.batch_size * world
             checkpoints.save("last.pth", epoch, step, samples_done, totals.summed(), best_acc)
@@ -1309,7 +1438,9 @@ def main(args) -> int:
         scheduler.step()
 
         if is_main_process():
-            val_stats, rows = evaluate(raw_model, criterion, batches(val_loader, skipped, device), ctx, val_loader.dataset)
+            val_stats, rows = evaluate(
+                raw_model, criterion, batches(val_loader, skipped, device), ctx, val_loader.dataset
+            )
             improved = val_stats["val_acc"] > best_acc or epoch == 0
             best_acc = max(best_acc, val_stats["val_acc"])
             record = {"epoch": epoch + 1, "lr": lr, **train_stats, **val_stats, "best": improved}

@@ -21,7 +21,7 @@ __all__ = ["Backend", "Job", "Prepared", "RunHandle", "bring_up", "backend_for_r
 
 def remote_for_host(host: Host, accept_new_host_key: bool = False) -> Remote:
     if not host.ssh:
-        raise BackendError(f"host {host.name!r} has no ssh address; set ssh = \"alias\" or \"user@host:port\"")
+        raise BackendError(f'host {host.name!r} has no ssh address; set ssh = "alias" or "user@host:port"')
     return Remote(resolve_target(host.ssh, host.ssh_user, host.ssh_key), accept_new_host_key)
 
 
@@ -82,8 +82,9 @@ def backend_for_run(host: Host, handle: RunHandle, ui: UI) -> Backend:
         instance = AwsInstance(host)
         if instance.state() != "running":
             raise Unreachable(f"instance {host.instance_id} of host {host.name} is {instance.state()}")
-        return SshHostBackend(host, remote_for_instance(host, instance), ui, store_for_host(host), provider=instance,
-                                handle=handle)
+        return SshHostBackend(
+            host, remote_for_instance(host, instance), ui, store_for_host(host), provider=instance, handle=handle
+        )
     if kind == "ssh":
         return SshHostBackend(host, remote_for_host(host), ui, store_for_host(host), handle=handle)
     raise BackendError(f"the run has no backend handle to reconnect to (backend {kind!r})")

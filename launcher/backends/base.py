@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import json
 import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from gpu_run.providers.base import StopResult
 from gpu_run.ui import UI
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 # What the trainer gets, once asked to stop, to finish its step and write last.pth before it is
 # killed: the default of `gpu-run train --stop-timeout`, and of every stop that has no run's own.
 STOP_TIMEOUT_S = 120
+
 
 @dataclass
 class Job:
@@ -98,7 +100,7 @@ class RunHandle:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str | None) -> "RunHandle | None":
+    def from_json(cls, text: str | None) -> RunHandle | None:
         """A handle from the ledger; keys of older releases that no field takes are dropped."""
         if not text:
             return None
@@ -142,11 +144,11 @@ class Backend(ABC):
         return ""
 
     @abstractmethod
-    def stage_code(self, project: "Project", ui: UI) -> str:
+    def stage_code(self, project: Project, ui: UI) -> str:
         """A user's project folder onto the machine (its mirror there, incremental); its path."""
 
     @abstractmethod
-    def stage_packages(self, project: "Project", ui: UI) -> str:
+    def stage_packages(self, project: Project, ui: UI) -> str:
         """The project's requirements.txt installed for the job there ("" when it has none); its folder."""
 
     @abstractmethod
@@ -185,7 +187,7 @@ class Backend(ABC):
     def stop(self, handle: RunHandle, timeout_s: int = STOP_TIMEOUT_S) -> None:
         """SIGTERM (the trainer saves last.pth at the next step), then force after timeout_s."""
 
-    def pull(self, handle: RunHandle, out_dir: Path, ui: UI) -> None:
+    def pull(self, handle: RunHandle, out_dir: Path, ui: UI) -> None:  # noqa: B027 (a hook that does nothing by default)
         """Bring the outputs that exist now into out_dir (nothing to do where they are written there)."""
 
     @abstractmethod
@@ -193,7 +195,7 @@ class Backend(ABC):
         """After the job ended: make sure all outputs are in out_dir and release what it held.
         Returns what the host recorded about the end (e.g. the watchdog's outcome), if anything."""
 
-    def claim(self, run_id: str, keep_alive: bool) -> None:
+    def claim(self, run_id: str, keep_alive: bool) -> None:  # noqa: B027 (a hook that does nothing by default)
         """Hold the machine for this run from its first step, so no other run's end stops it."""
 
     def abort(self, ui: UI, keep_alive: bool = False) -> StopResult:
@@ -201,14 +203,14 @@ class Backend(ABC):
         (unless another run holds it)."""
         return NOTHING_BILLS
 
-    def check_stop(self, keep_alive: bool, ui: UI) -> None:
+    def check_stop(self, keep_alive: bool, ui: UI) -> None:  # noqa: B027 (a hook that does nothing by default)
         """Refuse, before any money is spent, a machine whose stop cannot work (hosts that stop)."""
 
     def abandon(self, run_id: str, ui: UI) -> StopResult:
         """A run whose laptop died during setup: end what it left on the machine and release it."""
         return NOTHING_BILLS
 
-    def ensure_watchdog(self, handle: RunHandle, ui: UI) -> None:
+    def ensure_watchdog(self, handle: RunHandle, ui: UI) -> None:  # noqa: B027 (a hook that does nothing by default)
         """Start the host's watchdog again if it was killed (hosts that have one)."""
 
     def release(self, handle: RunHandle, ui: UI) -> StopResult:
@@ -275,10 +277,20 @@ def launcher_argv(python: str, nproc: int, job: Job | None = None, target: list[
     if job is not None and job.nnodes > 1:
         # The first node hosts the rendezvous store (is_host), so no node has to guess it from
         # host names; no restarts: a node that fails ends the job, and the watchdogs stop the machines.
-        return [python, "-c", TORCHRUN, f"--nnodes={job.nnodes}", f"--nproc-per-node={nproc}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={job.rdzv_endpoint}", f"--rdzv-id={job.rdzv_id}",
-                f"--rdzv-conf=is_host={1 if job.node_rank == 0 else 0}", "--max-restarts=0",
-                *([f"--local-addr={job.local_addr}"] if job.local_addr else []), *target]
+        return [
+            python,
+            "-c",
+            TORCHRUN,
+            f"--nnodes={job.nnodes}",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={job.rdzv_endpoint}",
+            f"--rdzv-id={job.rdzv_id}",
+            f"--rdzv-conf=is_host={1 if job.node_rank == 0 else 0}",
+            "--max-restarts=0",
+            *([f"--local-addr={job.local_addr}"] if job.local_addr else []),
+            *target,
+        ]
     if nproc > 1:
         return [python, "-c", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *target]
     return [python, *target]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from gpu_run.backends.base import Backend, Job, Prepared, RunHandle
 from gpu_run.config import Host
@@ -19,12 +19,12 @@ from gpu_run.host_text import split_output, split_text
 from gpu_run.local_shell import LocalShell
 from gpu_run.outputs import CommandOutputs
 from gpu_run.packages import stage_packages
+from gpu_run.paths import home_dir
 from gpu_run.project import Project
-from gpu_run.sync.ssh_tar import SyncStats, diff_manifests, local_manifest
 from gpu_run.runtimes.base import Runtime
 from gpu_run.runtimes.docker import DockerRuntime, docker_version
 from gpu_run.runtimes.python import PythonRuntime, find_python
-from gpu_run.paths import home_dir
+from gpu_run.sync.ssh_tar import SyncStats, diff_manifests, local_manifest
 from gpu_run.ui import UI
 
 POLL_S = 0.5
@@ -42,8 +42,10 @@ def local_runtime(host: Host, shell: LocalShell, workdir: str, ui: UI, handle: R
             ui.info("No Docker engine reachable: the local host runs the trainer as a plain local process instead.")
     found = (handle.versions if handle is not None else None) or find_python(shell, host.python or sys.executable)
     if found is None:
-        raise BackendError(f"{host.python or sys.executable} cannot import torch and torchvision; "
-                           f"install them (pip install torch torchvision) or start Docker")
+        raise BackendError(
+            f"{host.python or sys.executable} cannot import torch and torchvision; "
+            f"install them (pip install torch torchvision) or start Docker"
+        )
     return PythonRuntime(host, shell, workdir, found, "no Docker engine reachable")
 
 
@@ -81,8 +83,14 @@ class LocalBackend(Backend):
         return str(mirror)
 
     def stage_packages(self, project: Project, ui: UI) -> str:
-        return stage_packages(self.shell, self.workdir, self.runtime, project.root,
-                              lambda local, there: shutil.copytree(local, there, dirs_exist_ok=True), ui)
+        return stage_packages(
+            self.shell,
+            self.workdir,
+            self.runtime,
+            project.root,
+            lambda local, there: shutil.copytree(local, there, dirs_exist_ok=True),
+            ui,
+        )
 
     def work_dir_for(self, run_id: str) -> str:
         return f"{self._state_dir(run_id)}/work"
@@ -118,9 +126,15 @@ class LocalBackend(Backend):
                 Path(env_file).unlink(missing_ok=True)
         if prepared.device == "cpu":
             ui.info("running on the CPU (no usable NVIDIA GPU here)")
-        return RunHandle(backend=self.name, runtime=self.runtime.name, run_dir=state_dir, out_dir=job.out_dir,
-                         versions=self.runtime.versions(), work_dir=job.work_dir if job.command is not None else "",
-                         **fields)
+        return RunHandle(
+            backend=self.name,
+            runtime=self.runtime.name,
+            run_dir=state_dir,
+            out_dir=job.out_dir,
+            versions=self.runtime.versions(),
+            work_dir=job.work_dir if job.command is not None else "",
+            **fields,
+        )
 
     def follow_logs(self, handle: RunHandle) -> Iterator[str]:
         stream = self.shell.open(self.runtime.log_command(handle, follow=True))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import paramiko
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -42,17 +42,23 @@ def choose_runtime(host: Host, remote: Remote, workdir: str, handle: RunHandle |
     A run's handle says which runtime it was started with: that one, without probing again."""
     if handle is not None and handle.runtime == "python" and handle.versions:
         return PythonRuntime(host, remote, workdir, handle.versions, "as the run was started")
-    version, why_not = (None, "runtime = \"python\" in the host's table") if host.runtime == "python" else docker_version(remote)
+    version, why_not = (
+        (None, 'runtime = "python" in the host\'s table') if host.runtime == "python" else docker_version(remote)
+    )
     if version is not None:
         return DockerRuntime(host, remote, workdir, version)
     if host.runtime == "docker":
-        raise BackendError(f"host {host.name} has no working Docker engine ({why_not}); install Docker there and let "
-                           f"{remote.target.user} use it, or set runtime = \"python\" to use the host's own Python")
+        raise BackendError(
+            f"host {host.name} has no working Docker engine ({why_not}); install Docker there and let "
+            f'{remote.target.user} use it, or set runtime = "python" to use the host\'s own Python'
+        )
     found = find_python(remote, host.python)
     if found is None:
         where = f"python = {host.python!r}" if host.python else "no interpreter on the host (PATH, conda, /usr/bin)"
-        raise BackendError(f"host {host.name} has no Docker engine ({why_not}) and {where} imports torch and "
-                           f"torchvision; set python = \"/path/to/python\" in [hosts.{host.name}], or install Docker")
+        raise BackendError(
+            f"host {host.name} has no Docker engine ({why_not}) and {where} imports torch and "
+            f'torchvision; set python = "/path/to/python" in [hosts.{host.name}], or install Docker'
+        )
     why = "runtime = python" if host.runtime == "python" else f"no Docker engine there: {why_not}"
     return PythonRuntime(host, remote, workdir, found, why)
 
@@ -60,8 +66,15 @@ def choose_runtime(host: Host, remote: Remote, workdir: str, handle: RunHandle |
 class SshHostBackend(Backend):
     name = "ssh"
 
-    def __init__(self, host: Host, remote: Remote, ui: UI, store: S3Store | None = None, provider=None,
-                 handle: RunHandle | None = None):
+    def __init__(
+        self,
+        host: Host,
+        remote: Remote,
+        ui: UI,
+        store: S3Store | None = None,
+        provider=None,
+        handle: RunHandle | None = None,
+    ):
         self.host = host
         self.remote = remote
         self.store = store
@@ -83,8 +96,10 @@ class SshHostBackend(Backend):
         with ui.progress("syncing dataset", total=0, unit="bytes") as update:
             stats = ssh_tar.push(self.remote, local_root, remote_root, progress=update)
         self.synced = {"files": stats.files_sent, "bytes": stats.bytes_sent}  # a sweep records what its one sync sent
-        ui.info(f"dataset synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
-                f"{stats.deleted} deleted on the host")
+        ui.info(
+            f"dataset synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
+            f"{stats.deleted} deleted on the host"
+        )
         return remote_root
 
     def stage_code(self, project: Project, ui: UI) -> str:
@@ -93,27 +108,44 @@ class SshHostBackend(Backend):
         code_dir = f"{self.workdir}/code/{project.project_id}"
         with ui.progress("syncing the project", total=0, unit="bytes") as update:
             stats = ssh_tar.push(self.remote, project.root, code_dir, progress=update, manifest=project.manifest)
-        ui.info(f"project synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
-                f"{stats.deleted} deleted on the host")
+        ui.info(
+            f"project synced: {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB sent, "
+            f"{stats.deleted} deleted on the host"
+        )
         return code_dir
 
     def stage_packages(self, project: Project, ui: UI) -> str:
-        return stage_packages(self.remote, self.workdir, self.runtime, project.root,
-                              lambda local, there: ssh_tar.push(self.remote, local, there), ui)
+        return stage_packages(
+            self.remote,
+            self.workdir,
+            self.runtime,
+            project.root,
+            lambda local, there: ssh_tar.push(self.remote, local, there),
+            ui,
+        )
 
     def _s3sync(self, action: str, uri: str, host_dir: str) -> str:
-        return self.runtime.s3sync_command(action, uri, host_dir, self.store.endpoint_url,
-                                           list(self.store.host_credentials_env()))
+        assert self.store is not None  # asked only of a host whose data path is S3
+        return self.runtime.s3sync_command(
+            action, uri, host_dir, self.store.endpoint_url, list(self.store.host_credentials_env())
+        )
 
     def _stage_via_s3(self, local_root: Path, dataset_id: str, remote_root: str, ui: UI) -> str:
+        assert self.store is not None  # asked only of a host whose data path is S3
         with ui.progress("uploading dataset to S3", total=0, unit="bytes") as update:
             stats = self.store.upload_dataset(local_root, dataset_id, progress=update)
         uri = self.store.uri(self.store.dataset_prefix(dataset_id))
-        ui.info(f"dataset in {uri}: {stats.uploaded} file(s) uploaded, {stats.bytes / 1e6:.1f} MB, {stats.deleted} deleted")
+        ui.info(
+            f"dataset in {uri}: {stats.uploaded} file(s) uploaded, {stats.bytes / 1e6:.1f} MB, {stats.deleted} deleted"
+        )
         self.remote.run(["mkdir", "-p", remote_root])
         with ui.spinner(f"{self.host.name} fetches the dataset from S3"):
-            result = self.remote.run_with_env(self._s3sync("download", uri, remote_root),
-                                              self.store.host_credentials_env(), check=False, timeout_s=3600)
+            result = self.remote.run_with_env(
+                self._s3sync("download", uri, remote_root),
+                self.store.host_credentials_env(),
+                check=False,
+                timeout_s=3600,
+            )
         if result.code != 0:
             last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or ["no output"]
             raise BackendError(f"{self.host.name} could not fetch the dataset from S3: {last[0]}")
@@ -160,10 +192,14 @@ class SshHostBackend(Backend):
         if problem is None:
             return
         if self.provider is not None:  # the EC2 API stops it; the command on the host is a second line
-            ui.warn(f"the stop command of {self.host.name} cannot work: {problem}; the instance is stopped through the EC2 API")
+            ui.warn(
+                f"the stop command of {self.host.name} cannot work: {problem}; the instance is stopped through the EC2 API"
+            )
             return
-        raise BackendError(f"host {self.host.name}: {problem}, so the machine would never stop; fix stop_command "
-                           f"(`gpu-run doctor {self.host.name}` checks it) or pass --keep-alive")
+        raise BackendError(
+            f"host {self.host.name}: {problem}, so the machine would never stop; fix stop_command "
+            f"(`gpu-run doctor {self.host.name}` checks it) or pass --keep-alive"
+        )
 
     @property
     def stop_command(self) -> str:
@@ -194,10 +230,20 @@ class SshHostBackend(Backend):
             if env_file:
                 self.remote.run(["rm", "-f", env_file], check=False)
         if prepared.device == "cpu":
-            ui.warn(f"{self.host.name} has no usable NVIDIA GPU: training runs on its CPU, which is slow and costs the same per hour")
-        return RunHandle(backend=self.name, runtime=self.runtime.name, run_dir=run_dir, out_dir=job.out_dir,
-                         keep_alive=job.keep_alive, terminate=job.terminate, versions=self.runtime.versions(),
-                         work_dir=job.work_dir if job.command is not None else "", **fields)
+            ui.warn(
+                f"{self.host.name} has no usable NVIDIA GPU: training runs on its CPU, which is slow and costs the same per hour"
+            )
+        return RunHandle(
+            backend=self.name,
+            runtime=self.runtime.name,
+            run_dir=run_dir,
+            out_dir=job.out_dir,
+            keep_alive=job.keep_alive,
+            terminate=job.terminate,
+            versions=self.runtime.versions(),
+            work_dir=job.work_dir if job.command is not None else "",
+            **fields,
+        )
 
     def _stage_hub_weights(self, files: list[str], ui: UI) -> None:
         """torchvision's weights files where torch.hub looks ($TORCH_HOME/hub/checkpoints, under the
@@ -209,23 +255,35 @@ class SshHostBackend(Backend):
         for file in files:
             stored = stage_weights(self.remote, self.workdir, Path(file), ui)
             place = f"{checkpoints}/{Path(file).name}"
-            self.remote.run(f"mkdir -p {quote([checkpoints])} && {{ ln -f {quote([stored, place])} 2>/dev/null || "
-                            f"cp {quote([stored, place])}; }}")
+            self.remote.run(
+                f"mkdir -p {quote([checkpoints])} && {{ ln -f {quote([stored, place])} 2>/dev/null || "
+                f"cp {quote([stored, place])}; }}"
+            )
 
     def _watchdog_settings(self, run_dir: str, job: Job) -> dict[str, str]:
         return {
-            **self.runtime.watch_settings(job), "MAX_S": str(job.max_runtime_s), "SILENCE_S": str(job.silence_s),
-            "STOP_TIMEOUT_S": str(job.stop_timeout_s), "POLL_S": str(WATCHDOG_POLL_S),
-            "UPLOAD_COMMAND": self._s3sync("upload", self.store.uri(self.store.run_prefix(job.run_id)), f"{run_dir}/out")
-            if self.store else "",
+            **self.runtime.watch_settings(job),
+            "MAX_S": str(job.max_runtime_s),
+            "SILENCE_S": str(job.silence_s),
+            "STOP_TIMEOUT_S": str(job.stop_timeout_s),
+            "POLL_S": str(WATCHDOG_POLL_S),
+            "UPLOAD_COMMAND": self._s3sync(
+                "upload", self.store.uri(self.store.run_prefix(job.run_id)), f"{run_dir}/out"
+            )
+            if self.store
+            else "",
         }
 
     # Logs, with reconnects --------------------------------------------------------------------
 
     def _reconnecting(self):
-        return Retrying(retry=retry_if_exception_type(_DROPPED), stop=stop_after_delay(RECONNECT_FOR_S),
-                        wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
-                        before_sleep=lambda _state: self.remote.close())
+        return Retrying(
+            retry=retry_if_exception_type(_DROPPED),
+            stop=stop_after_delay(RECONNECT_FOR_S),
+            wait=wait_exponential(multiplier=0.5, max=15),
+            reraise=True,
+            before_sleep=lambda _state: self.remote.close(),
+        )
 
     def follow_logs(self, handle: RunHandle) -> Iterator[str]:
         """All lines from the start; after a dropped connection, reconnect and skip what was shown."""
@@ -243,7 +301,9 @@ class SshHostBackend(Backend):
                     if channel.recv_exit_status() != 0 and self.exit_code(handle) is None:
                         raise EOFError("log stream ended while the trainer runs")
         except _DROPPED as e:
-            raise BackendError(f"lost the connection to {self.host.name} ({e}); the run goes on: `gpu-run attach` when it is back") from None
+            raise BackendError(
+                f"lost the connection to {self.host.name} ({e}); the run goes on: `gpu-run attach` when it is back"
+            ) from None
 
     def read_logs(self, handle: RunHandle) -> list[str]:
         return split_text(self.remote.run(self.runtime.log_command(handle, follow=False), check=False).stdout)
@@ -288,8 +348,9 @@ class SshHostBackend(Backend):
         if handle.work_dir:
             return self._pull_command_outputs(handle, out_dir, ui)
         with ui.spinner(f"pulling outputs from {self.host.name}"):
-            stats = ssh_tar.pull(self.remote, handle.out_dir, out_dir,
-                                 verify=["checkpoints/best.pth", "checkpoints/last.pth"])
+            stats = ssh_tar.pull(
+                self.remote, handle.out_dir, out_dir, verify=["checkpoints/best.pth", "checkpoints/last.pth"]
+            )
         ui.info(f"pulled {stats.files_sent} file(s), {stats.bytes_sent / 1e6:.1f} MB; checkpoints verified (sha256)")
         return stats
 
@@ -299,10 +360,16 @@ class SshHostBackend(Backend):
         within the run's pull cap."""
         outputs = CommandOutputs(run_dir)
         with ui.spinner(f"pulling outputs from {self.host.name}"):
-            out = ssh_tar.pull(self.remote, handle.out_dir, run_dir, keep=outputs.keep_output,
-                               max_bytes=outputs.cap_bytes)
-            work = ssh_tar.pull(self.remote, handle.work_dir, outputs.work_dir, keep=outputs.keep_work,
-                                max_bytes=max(0, outputs.cap_bytes - out.bytes_sent))
+            out = ssh_tar.pull(
+                self.remote, handle.out_dir, run_dir, keep=outputs.keep_output, max_bytes=outputs.cap_bytes
+            )
+            work = ssh_tar.pull(
+                self.remote,
+                handle.work_dir,
+                outputs.work_dir,
+                keep=outputs.keep_work,
+                max_bytes=max(0, outputs.cap_bytes - out.bytes_sent),
+            )
         return outputs.report(out, work, ui)
 
     def _again_after_drops(self, step):
@@ -312,8 +379,9 @@ class SshHostBackend(Backend):
                 with attempt:
                     return step()
         except _DROPPED as e:
-            raise BackendError(f"lost the connection to {self.host.name} ({e}); the run goes on: "
-                               f"`gpu-run attach` when it is back") from None
+            raise BackendError(
+                f"lost the connection to {self.host.name} ({e}); the run goes on: `gpu-run attach` when it is back"
+            ) from None
 
     def finish(self, handle: RunHandle, out_dir: Path, ui: UI) -> dict:
         run_id = handle.run_id
@@ -327,7 +395,11 @@ class SshHostBackend(Backend):
         except _DROPPED_ANY:
             pass  # the host went down as the marker landed: the release below confirms it
         if status.get("outcome") in ("max_runtime", "silent"):
-            why = "it reached --max-hours" if status["outcome"] == "max_runtime" else "it logged nothing for --silence-minutes"
+            why = (
+                "it reached --max-hours"
+                if status["outcome"] == "max_runtime"
+                else "it logged nothing for --silence-minutes"
+            )
             ui.warn(f"the watchdog stopped the job because {why}")
         return {"watchdog": status} if status else {}
 
@@ -340,7 +412,9 @@ class SshHostBackend(Backend):
             except _DROPPED_ANY:
                 pass  # the wait below finds out what became of the host
         if keep_alive:
-            return self._report(StopResult(True, "kept_alive", None, f"{self.host.name} is left running (--keep-alive)"), ui)
+            return self._report(
+                StopResult(True, "kept_alive", None, f"{self.host.name} is left running (--keep-alive)"), ui
+            )
         if self.provider is not None:
             return self._stop_instance(run_id, terminate=False, ui=ui)
         if run_id is None or self.stop_command == "none":
@@ -358,7 +432,9 @@ class SshHostBackend(Backend):
         self.watchdog.detach()  # whatever happened: the laptop no longer holds the stop
         if self.provider is not None:
             if handle.keep_alive:
-                return StopResult(True, "kept_alive", None, f"instance {self.provider.instance_id} is left running (--keep-alive)")
+                return StopResult(
+                    True, "kept_alive", None, f"instance {self.provider.instance_id} is left running (--keep-alive)"
+                )
             return self._stop_instance(run_id, terminate=handle.terminate, ui=ui)
         try:
             earlier = self.watchdog.stop_state(run_id)
@@ -386,7 +462,9 @@ class SshHostBackend(Backend):
             return self._report(self.watchdog.confirm_down(None), ui)  # a shutdown takes the connection with it
         if r.code != 0 and r.code != -1:
             last = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or [f"exit code {r.code}"]
-            return self._report(StopResult(False, "failed", None, f"the stop command failed on {self.host.name}: {last[0]}"), ui)
+            return self._report(
+                StopResult(False, "failed", None, f"the stop command failed on {self.host.name}: {last[0]}"), ui
+            )
         return self._report(self.watchdog.confirm_down(None), ui)
 
     def _stop_instance(self, run_id: str | None, terminate: bool, ui: UI) -> StopResult:
@@ -397,8 +475,12 @@ class SshHostBackend(Backend):
             except _DROPPED_ANY:
                 others = []  # the host does not answer: nothing there holds it
         if others:
-            return self._report(StopResult(True, "handed_over", time.time(),
-                                           f"run {others[0]} still uses instance {self.provider.instance_id}"), ui)
+            return self._report(
+                StopResult(
+                    True, "handed_over", time.time(), f"run {others[0]} still uses instance {self.provider.instance_id}"
+                ),
+                ui,
+            )
         try:
             result = self.provider.stop(terminate=terminate)
         except BackendError as e:

@@ -9,15 +9,27 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from gpu_run.errors import GpuRunError
-from gpu_run.events import MAX_METRIC, parse_event
 from gpu_run.deliverables.figures import new_figure, save
 from gpu_run.deliverables.host_files import read_host_metrics, read_summary
+from gpu_run.errors import GpuRunError
+from gpu_run.events import MAX_METRIC, parse_event
 from gpu_run.host_text import safe
 from gpu_run.ui import listing
 
-COLUMNS = ["run", "model", "parameters", "best_val_acc", "train_images_per_s", "epoch_time_s", "cost", "currency",
-           "estimated_epoch_s", "actual_epoch_s", "estimated_total_s", "actual_total_s"]
+COLUMNS = [
+    "run",
+    "model",
+    "parameters",
+    "best_val_acc",
+    "train_images_per_s",
+    "epoch_time_s",
+    "cost",
+    "currency",
+    "estimated_epoch_s",
+    "actual_epoch_s",
+    "estimated_total_s",
+    "actual_total_s",
+]
 # What a run's row reads from each epoch of metrics.jsonl.
 METRIC_NUMBERS = ("val_acc", "train_images_per_s", "epoch_time_s")
 
@@ -83,9 +95,15 @@ def comparison_table(rows: list[dict]) -> Table:
     for column in ("params", "val acc", "img/s", "s/epoch", "cost"):
         table.add_column(column, justify="right", overflow="fold")
     for r in rows:
-        cells = [r["run"], r["model"], f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "?",
-                 f"{r['best_val_acc'] * 100:.2f}%", f"{r['train_images_per_s']:.1f}", f"{r['epoch_time_s']:.1f}",
-                 f"{r['cost']:.2f} {r['currency']}"]
+        cells = [
+            r["run"],
+            r["model"],
+            f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "?",
+            f"{r['best_val_acc'] * 100:.2f}%",
+            f"{r['train_images_per_s']:.1f}",
+            f"{r['epoch_time_s']:.1f}",
+            f"{r['cost']:.2f} {r['currency']}",
+        ]
         table.add_row(*(Text(safe("" if c is None else str(c))) for c in cells))
     return table
 
@@ -96,25 +114,36 @@ def write_comparison(rows: list[dict], out: Path) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    lines = ["| run | model | parameters | best val acc | train images/s | s/epoch | cost | epoch s, planned / actual "
-             "| total s, planned / actual |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | model | parameters | best val acc | train images/s | s/epoch | cost | epoch s, planned / actual "
+        "| total s, planned / actual |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def against(planned, actual) -> str:
         return " / ".join("-" if v is None else f"{v:.1f}" for v in (planned, actual))
 
     for r in rows:
         params = f"{r['parameters'] / 1e6:.2f} M" if r["parameters"] else "?"
-        lines.append(f"| {r['run']} | {r['model']} | {params} | {r['best_val_acc'] * 100:.2f}% | "
-                     f"{r['train_images_per_s']:.1f} | {r['epoch_time_s']:.1f} | {r['cost']:.2f} {r['currency']} | "
-                     f"{against(r.get('estimated_epoch_s'), r.get('actual_epoch_s'))} | "
-                     f"{against(r.get('estimated_total_s'), r.get('actual_total_s'))} |")
+        lines.append(
+            f"| {r['run']} | {r['model']} | {params} | {r['best_val_acc'] * 100:.2f}% | "
+            f"{r['train_images_per_s']:.1f} | {r['epoch_time_s']:.1f} | {r['cost']:.2f} {r['currency']} | "
+            f"{against(r.get('estimated_epoch_s'), r.get('actual_epoch_s'))} | "
+            f"{against(r.get('estimated_total_s'), r.get('actual_total_s'))} |"
+        )
     (out / "compare.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = new_figure(figsize=(5, 3.6))
     for r in rows:
         ax.scatter(r["train_images_per_s"], r["best_val_acc"] * 100, s=60)
-        ax.annotate(f"{r['model']}\n{r['run']}", (r["train_images_per_s"], r["best_val_acc"] * 100),
-                    textcoords="offset points", xytext=(6, 4), fontsize=6, parse_math=False)
+        ax.annotate(
+            f"{r['model']}\n{r['run']}",
+            (r["train_images_per_s"], r["best_val_acc"] * 100),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=6,
+            parse_math=False,
+        )
     ax.set(xlabel="training speed (images/s)", ylabel="best validation accuracy (%)", title="Accuracy vs speed")
     ax.grid(alpha=0.3)
     save(fig, out / "accuracy_vs_speed.png")

@@ -13,6 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from rich.console import Console
 
@@ -59,8 +60,10 @@ def read_host_metrics(path: Path, numbers: tuple[str, ...]) -> list[dict]:
     none of them is one (an empty file is a run that has not finished an epoch yet)."""
     records, skipped = read_metrics_lenient(path.read_text(errors="replace"), numbers)
     if skipped and not records:
-        raise GpuRunError(f"{path} has no readable epoch line ({skipped} skipped: each needs an epoch and "
-                          f"{', '.join(numbers)} as numbers); `gpu-run pull` the run again")
+        raise GpuRunError(
+            f"{path} has no readable epoch line ({skipped} skipped: each needs an epoch and "
+            f"{', '.join(numbers)} as numbers); `gpu-run pull` the run again"
+        )
     if skipped:
         warn(f"skipped {skipped} unreadable line(s) of {path}; the figures use the other {len(records)}")
     return records
@@ -70,7 +73,7 @@ def _prediction(row: dict, classes: set[str] | None) -> Prediction | None:
     values = [row.get(key) for key in ("path", "true", "predicted", "confidence")]
     if not all(isinstance(v, str) for v in values):  # a short row leaves None where a value is missing
         return None
-    path, true, predicted, confidence = values
+    path, true, predicted, confidence = cast("list[str]", values)  # each a str: checked above
     try:
         score = float(confidence)
     except ValueError:
@@ -104,8 +107,10 @@ def read_host_predictions(path: Path, classes: list[str] | None = None) -> list[
             else:
                 preds.append(pred)
     if skipped and not preds:
-        raise GpuRunError(f"{path} has no readable prediction row ({skipped} skipped: each needs path, true, "
-                          f"predicted and a confidence from 0 to 1); `gpu-run pull` the run again")
+        raise GpuRunError(
+            f"{path} has no readable prediction row ({skipped} skipped: each needs path, true, "
+            f"predicted and a confidence from 0 to 1); `gpu-run pull` the run again"
+        )
     if skipped:
         warn(f"skipped {skipped} unreadable row(s) of {path}; the figures use the other {len(preds)}")
     return preds

@@ -13,8 +13,15 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from gpu_run.deliverables.figures import new_figure, save
-from gpu_run.deliverables.host_files import (Prediction, dataset_file, read_host_metrics, read_host_predictions,
-                                             read_summary, summary_classes, warn)
+from gpu_run.deliverables.host_files import (
+    Prediction,
+    dataset_file,
+    read_host_metrics,
+    read_host_predictions,
+    read_summary,
+    summary_classes,
+    warn,
+)
 from gpu_run.errors import GpuRunError
 
 # What the curves and report.md read from each epoch of metrics.jsonl.
@@ -64,8 +71,10 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Pa
     size = max(3.2, 0.55 * n + 1.8)
     fig, axes = new_figure(1, 2, figsize=(2 * size + 0.8, size))
     normalised = [[v / max(1, sum(row)) for v in row] for row in matrix]
-    for ax, data, title, fmt in ((axes[0], matrix, "Confusion matrix (counts)", "{:d}"),
-                                 (axes[1], normalised, "Normalised by true class", "{:.2f}")):
+    for ax, data, title, fmt in (
+        (axes[0], matrix, "Confusion matrix (counts)", "{:d}"),
+        (axes[1], normalised, "Normalised by true class", "{:.2f}"),
+    ):
         top = max(max(r) for r in data) or 1
         im = ax.imshow(data, cmap="Blues", vmin=0, vmax=top)
         ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
@@ -74,8 +83,15 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Pa
         ax.set_yticklabels(classes, parse_math=False)
         for r in range(n):
             for c in range(n):
-                ax.text(c, r, fmt.format(data[r][c]), ha="center", va="center",
-                        color="white" if data[r][c] > top / 2 else "black", fontsize=8)
+                ax.text(
+                    c,
+                    r,
+                    fmt.format(data[r][c]),
+                    ha="center",
+                    va="center",
+                    color="white" if data[r][c] > top / 2 else "black",
+                    fontsize=8,
+                )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return save(fig, out / "confusion_matrix.png")
 
@@ -83,7 +99,9 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], out: Path) -> Pa
 def plot_per_class(rows: list[dict], out: Path) -> Path:
     fig, ax = new_figure(figsize=(6, 0.4 * len(rows) + 1.0))
     ax.axis("off")
-    cells = [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"])] for r in rows]
+    cells = [
+        [r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"])] for r in rows
+    ]
     table = ax.table(cellText=cells, colLabels=["class", "precision", "recall", "F1", "support"], loc="center")
     table.scale(1, 1.4)
     for cell in table.get_celld().values():
@@ -118,8 +136,10 @@ def plot_misclassified(preds: list[Prediction], data_root: Path | None, out: Pat
                 ax.text(0.5, 0.5, "image not readable", ha="center", va="center")
         ax.set_title(f"true: {p.true}\npred: {p.predicted} ({p.confidence:.0%})", fontsize=8, parse_math=False)
     if outside:
-        warn(f"{outside} of the {len(wrong)} most confident mistakes are drawn without their image: predictions.csv "
-             f"names paths that are not files inside the dataset folder {data_root}")
+        warn(
+            f"{outside} of the {len(wrong)} most confident mistakes are drawn without their image: predictions.csv "
+            f"names paths that are not files inside the dataset folder {data_root}"
+        )
     fig.suptitle("Most confident mistakes (validation)")
     return save(fig, out / "misclassified.png")
 
@@ -150,8 +170,14 @@ def write_report(run_dir: Path, data_root: Path | None = None) -> Path:
     return out
 
 
-def report_markdown(summary: dict, metrics: list[dict], scores: list[dict], figures: list[Path],
-                    mistakes: Path | None, preds: list[Prediction]) -> str:
+def report_markdown(
+    summary: dict,
+    metrics: list[dict],
+    scores: list[dict],
+    figures: list[Path],
+    mistakes: Path | None,
+    preds: list[Prediction],
+) -> str:
     best = max(metrics, key=lambda m: m["val_acc"]) if metrics else {}
     cost = summary.get("cost", {})
     epoch_s = sum(m["epoch_time_s"] for m in metrics) / len(metrics) if metrics else 0
@@ -183,7 +209,10 @@ def report_markdown(summary: dict, metrics: list[dict], scores: list[dict], figu
         "",
         "| class | precision | recall | F1 | support |",
         "|---|---|---|---|---|",
-        *[f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |" for r in scores],
+        *[
+            f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+            for r in scores
+        ],
         "",
         f"![Per-class scores]({figures[2].name})",
         "",

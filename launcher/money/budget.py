@@ -30,6 +30,7 @@ def measured_epoch_time(ledger: Ledger, host: str, model: str, dataset: str) -> 
                 times += [m["epoch_time_s"] for m in read_metrics(path.read_text())]
     return sorted(times)[len(times) // 2] if times else None
 
+
 def budget_limit_s(spec: TrainSpec, host: Host, ui: UI) -> int:
     """The billable seconds --budget buys on the host (0: no budget, or a free host), refused when
     it cannot even pay for a safe stop."""
@@ -39,9 +40,12 @@ def budget_limit_s(spec: TrainSpec, host: Host, ui: UI) -> int:
     limit_s = budget_seconds(spec.budget, host.price_per_hour, host.billing, host.min_billed_s)
     needed_s = host.grace_s + spec.stop_timeout_s + BUDGET_MARGIN_S + 30
     if limit_s < needed_s:
-        raise ConfigError(f"--budget {spec.budget} {host.currency} buys {limit_s}s on {host.name}, less than the "
-                          f"{needed_s}s that stopping safely needs; raise the budget")
+        raise ConfigError(
+            f"--budget {spec.budget} {host.currency} buys {limit_s}s on {host.name}, less than the "
+            f"{needed_s}s that stopping safely needs; raise the budget"
+        )
     return limit_s
+
 
 def check_budget(spec: TrainSpec, host: Host, info: DatasetInfo, ledger: Ledger, ui: UI) -> int:
     """Refuse, before anything starts, a run that cannot fit the budget; return its billable seconds."""
@@ -62,9 +66,12 @@ def check_budget(spec: TrainSpec, host: Host, info: DatasetInfo, ledger: Ledger,
             )
         ui.info(f"estimated cost {format_money(estimate, host.currency)} of a {spec.budget} {host.currency} budget")
     else:
-        ui.info(f"no time per epoch known yet for {spec.model} on this dataset and host; "
-                f"the budget is enforced as a runtime cap of {limit_s}s")
+        ui.info(
+            f"no time per epoch known yet for {spec.model} on this dataset and host; "
+            f"the budget is enforced as a runtime cap of {limit_s}s"
+        )
     return limit_s
+
 
 def watchdog_max_runtime_s(spec: TrainSpec, host: Host, budget_limit_s: int, billed_from: float | None) -> int:
     """The tighter of --max-hours and what the budget leaves once setup is paid and the end is provided for."""
@@ -74,10 +81,13 @@ def watchdog_max_runtime_s(spec: TrainSpec, host: Host, budget_limit_s: int, bil
         limits.append(max(1, int(budget_limit_s - spent - host.grace_s - spec.stop_timeout_s - BUDGET_MARGIN_S)))
     return min(limits) if limits else 0
 
+
 def run_cost(host: Host, run: RunRecord, now: float | None = None) -> tuple[Decimal, int]:
     """Amount and billed seconds of a run, so far if it has not ended."""
     if run.billed_from is None:
         return Decimal("0.00"), 0
     end = run.billed_to if run.billed_to is not None else (now or time.time())
     span = max(0.0, end - run.billed_from)
-    return cost_of(span, host.price_per_hour, host.billing, host.min_billed_s), billed_seconds(span, host.billing, host.min_billed_s)
+    return cost_of(span, host.price_per_hour, host.billing, host.min_billed_s), billed_seconds(
+        span, host.billing, host.min_billed_s
+    )

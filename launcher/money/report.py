@@ -8,8 +8,8 @@ from collections import defaultdict
 from decimal import Decimal
 
 from gpu_run.config import Config
-from gpu_run.money.cost import billed_seconds, cost_of
 from gpu_run.ledger import Ledger
+from gpu_run.money.cost import billed_seconds, cost_of
 
 
 def cost_rows(ledger: Ledger, config: Config, now: float | None = None) -> list[dict]:
@@ -27,20 +27,22 @@ def cost_rows(ledger: Ledger, config: Config, now: float | None = None) -> list[
             amount = cost_of(span, host.price_per_hour, host.billing, host.min_billed_s)
             train = next((p for p in ledger.phases(run.run_id) if p.phase == "train"), None)
             idle = max(0.0, end - train.ended_at) if train and train.ended_at else 0.0
-        rows.append({
-            "run_id": run.run_id,
-            "host": run.host,
-            "started": dt.datetime.fromtimestamp(run.created_at).strftime("%Y-%m-%d %H:%M"),
-            "month": dt.datetime.fromtimestamp(run.created_at).strftime("%Y-%m"),
-            "status": run.status,
-            "billed_s": billed,
-            "idle_after_job_s": round(idle, 1),
-            "amount": float(amount),
-            "currency": run.currency or (host.currency if host else ""),
-            "so_far": run.billed_to is None and run.billed_from is not None,
-            "stop_failed": run.stop_failed,
-            "cloud": bool(host and host.kind == "aws"),
-        })
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "host": run.host,
+                "started": dt.datetime.fromtimestamp(run.created_at).strftime("%Y-%m-%d %H:%M"),
+                "month": dt.datetime.fromtimestamp(run.created_at).strftime("%Y-%m"),
+                "status": run.status,
+                "billed_s": billed,
+                "idle_after_job_s": round(idle, 1),
+                "amount": float(amount),
+                "currency": run.currency or (host.currency if host else ""),
+                "so_far": run.billed_to is None and run.billed_from is not None,
+                "stop_failed": run.stop_failed,
+                "cloud": bool(host and host.kind == "aws"),
+            }
+        )
     return rows
 
 

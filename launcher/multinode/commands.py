@@ -12,8 +12,16 @@ from gpu_run.config import Config
 from gpu_run.errors import GpuRunError, Unreachable
 from gpu_run.events import parse_event, read_metrics
 from gpu_run.ledger import ACTIVE_STATUSES, Ledger, RunRecord
-from gpu_run.multinode.finish import (DROPPED, NodeWatch, Outcome, finish_nodes, follow_and_finish, node_log_path,
-                                      record_nodes_end, retry_node_stop)
+from gpu_run.multinode.finish import (
+    DROPPED,
+    NodeWatch,
+    Outcome,
+    finish_nodes,
+    follow_and_finish,
+    node_log_path,
+    record_nodes_end,
+    retry_node_stop,
+)
 from gpu_run.multinode.nodes import Node, NodeBoard, in_parallel, record_node_stop, records_of, save_nodes
 from gpu_run.providers.base import StopResult
 from gpu_run.run_commands import stop_timeout_of
@@ -25,10 +33,11 @@ def nodes_of(run: RunRecord, config: Config, ui: UI, connect: bool = True) -> li
     machine is down has no backend)."""
     nodes = [Node(record, config.host(record.host)) for record in records_of(run)]
     if connect:
+
         def reach(node: Node) -> None:
             node.backend = backend_for_run(node.host, node.record.run_handle(), UI(quiet=True))
 
-        for node, result in zip(nodes, in_parallel(reach, nodes)):
+        for _node, result in zip(nodes, in_parallel(reach, nodes)):
             if isinstance(result, BaseException) and not isinstance(result, DROPPED):
                 raise result
     return nodes
@@ -65,8 +74,12 @@ def settle_abandoned_setup(run: RunRecord, config: Config, ledger: Ledger, ui: U
         record_node_stop(node.record, result)
     save_nodes(ledger, run.run_id, nodes)
     run = ledger.get_run(run.run_id)
-    return {"run_id": run.run_id, "status": "failed", "run_dir": run.run_dir,
-            "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail}}
+    return {
+        "run_id": run.run_id,
+        "status": "failed",
+        "run_dir": run.run_dir,
+        "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail},
+    }
 
 
 def stop(run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict:
@@ -137,10 +150,15 @@ def retry_stop(run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict:
     run = ledger.get_run(run.run_id)
     summary = run.summary
     if not summary:  # a run whose setup failed has no summary: say what its machines did
-        return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir,
-                "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail}}
-    return record_nodes_end(run, nodes, summary["status"], summary.get("exit_code"), run.ended_at or time.time(),
-                            ledger, extra=summary)
+        return {
+            "run_id": run.run_id,
+            "status": run.status,
+            "run_dir": run.run_dir,
+            "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail},
+        }
+    return record_nodes_end(
+        run, nodes, summary["status"], summary.get("exit_code"), run.ended_at or time.time(), ledger, extra=summary
+    )
 
 
 def pull(run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict:
@@ -148,6 +166,7 @@ def pull(run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict:
     normal end."""
     nodes = nodes_of(run, config, ui)
     if run.status in ACTIVE_STATUSES:
+
         def code(node: Node) -> int | None:
             return node.backend.exit_code(node.record.run_handle()) if node.backend else None
 
@@ -156,8 +175,10 @@ def pull(run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict:
             return finish_nodes(run, nodes, outcome_from_logs(run, nodes, codes), ledger, ui)
     source = rank0_node(nodes)
     if source.backend is None:
-        raise GpuRunError(f"{source.name}, which holds rank 0's outputs of run {run.run_id}, does not answer; "
-                          f"start its machine and pull again")
+        raise GpuRunError(
+            f"{source.name}, which holds rank 0's outputs of run {run.run_id}, does not answer; "
+            f"start its machine and pull again"
+        )
     source.backend.pull(source.record.run_handle(), Path(run.run_dir), ui)
     return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir}
 
@@ -182,9 +203,17 @@ def rank0_node(nodes: list[Node]) -> Node:
 def live_status(run: RunRecord, config: Config, ledger: Ledger, state: dict) -> dict:
     """run_commands.live_status's state, with each node's trainer as its machine reports it."""
     records = records_of(run)
-    state["nodes"] = [{"host": r.host, "node": r.index, "run_id": r.run_id, "rank0": r.rank0,
-                       "exit_code": r.exit_code, "stop": {"state": r.stop_state, "detail": r.stop_detail}}
-                      for r in records]
+    state["nodes"] = [
+        {
+            "host": r.host,
+            "node": r.index,
+            "run_id": r.run_id,
+            "rank0": r.rank0,
+            "exit_code": r.exit_code,
+            "stop": {"state": r.stop_state, "detail": r.stop_detail},
+        }
+        for r in records
+    ]
     state["world_size"] = run.args.get("world_size")
     if run.status not in ACTIVE_STATUSES or not any(r.handle for r in records):
         return state
@@ -220,4 +249,3 @@ def log_lines(run: RunRecord, follow: bool, config: Config, ui: UI):
     if not saved.is_file():
         raise GpuRunError(f"run {run.run_id} has no train.log in {run.run_dir}")
     yield from saved.read_text().splitlines()
-

@@ -19,8 +19,16 @@ from gpu_run.errors import GpuRunError
 from gpu_run.events import EXIT_STOPPED, parse_event
 from gpu_run.ledger import Ledger, RunRecord
 from gpu_run.money.cost import format_money
-from gpu_run.multinode.nodes import (Node, NodeBoard, group_host, in_parallel, nodes_cost, node_cost,
-                                     record_node_stop, save_nodes)
+from gpu_run.multinode.nodes import (
+    Node,
+    NodeBoard,
+    group_host,
+    in_parallel,
+    node_cost,
+    nodes_cost,
+    record_node_stop,
+    save_nodes,
+)
 from gpu_run.providers.base import StopResult
 from gpu_run.run_end import Detached, is_command_run, record_end
 from gpu_run.ui import UI, TrainingDisplay
@@ -227,6 +235,7 @@ def poll(nodes: list[Node], watches: list[NodeWatch], ui: UI) -> None:
     for i, watch in enumerate(watches):
         if watch.ended or watch.failures < DOWN_AFTER_POLLS:
             continue
+        assert watch.silent_since is not None  # set at its first failed poll
         if others_ended[i] or now - watch.silent_since >= SILENT_WHILE_PEERS_RUN_S:
             watch.lost = True
         elif watch.failures == DOWN_AFTER_POLLS:
@@ -257,8 +266,10 @@ def react(nodes: list[Node], outcome: Outcome, ui: UI) -> None:
         return
     node, watch = nodes[outcome.cause], watches[outcome.cause]
     what = "stopped answering: its machine is down" if watch.lost else f"failed with exit code {watch.code}"
-    ui.error(f"{node.label} {what}" + (f"; stopping the job on {', '.join(nodes[i].name for i in running)}"
-                                        if running else ""))
+    ui.error(
+        f"{node.label} {what}"
+        + (f"; stopping the job on {', '.join(nodes[i].name for i in running)}" if running else "")
+    )
     for i in running:
         watches[i].stopping = True
         threading.Thread(target=_stop_node, args=(nodes[i], watches[i]), daemon=True).start()
@@ -274,6 +285,7 @@ def _stop_node(node: Node, watch: NodeWatch, timeout_s: int = PEER_STOP_TIMEOUT_
 
 
 # The end ---------------------------------------------------------------------------------------------
+
 
 def finish_nodes(run: RunRecord, nodes: list[Node], outcome: Outcome, ledger: Ledger, ui: UI) -> dict:
     """Pull from rank 0's machine, let every machine stop and confirm it, record the end."""
@@ -306,8 +318,11 @@ def finish_nodes(run: RunRecord, nodes: list[Node], outcome: Outcome, ledger: Le
         ledger.end_phase(run.run_id, "stop", "ok" if all(not n.record.stop_open for n in nodes) else "failed")
     save_nodes(ledger, run.run_id, nodes)
     # Our trainer's outputs must all be here; a command's are whatever it wrote (its exit code decides).
-    missing = [] if is_command_run(run) else [p for p in ("checkpoints/last.pth", "metrics.jsonl")
-                                              if not (run_dir / p).is_file()]
+    missing = (
+        []
+        if is_command_run(run)
+        else [p for p in ("checkpoints/last.pth", "metrics.jsonl") if not (run_dir / p).is_file()]
+    )
     if status == "succeeded" and missing:
         status = "failed"
         ui.error(f"every node exited 0 but {', '.join(missing)} did not arrive in {run_dir}")
@@ -319,8 +334,10 @@ def explain(nodes: list[Node], outcome: Outcome, ui: UI) -> None:
     if outcome.done:
         for i, node in enumerate(nodes):
             if outcome.watches[i].code not in (None, 0):
-                ui.warn(f"{node.label} exited {outcome.watches[i].code} after rank 0 finished the last epoch "
-                        f"(in torchrun's shutdown); the outputs are complete, its log is in nodes/")
+                ui.warn(
+                    f"{node.label} exited {outcome.watches[i].code} after rank 0 finished the last epoch "
+                    f"(in torchrun's shutdown); the outputs are complete, its log is in nodes/"
+                )
     if outcome.cause is None:
         return
     for i, node in enumerate(nodes):
@@ -368,8 +385,15 @@ def retry_node_stop(node: Node, ui: UI) -> StopResult:
         return StopResult(False, "unconfirmed", None, f"{node.name}: {e}")
 
 
-def record_nodes_end(run: RunRecord, nodes: list[Node], status: str, exit_code: int | None, ended: float,
-                     ledger: Ledger, extra: dict | None = None) -> dict:
+def record_nodes_end(
+    run: RunRecord,
+    nodes: list[Node],
+    status: str,
+    exit_code: int | None,
+    ended: float,
+    ledger: Ledger,
+    extra: dict | None = None,
+) -> dict:
     """run_end.record_end with what a multi-node run adds: its nodes, its world size, and the cost
     as the sum of each node's billed span at its own price."""
     hosts = hosts_of(nodes)
@@ -378,15 +402,34 @@ def record_nodes_end(run: RunRecord, nodes: list[Node], status: str, exit_code: 
     per_node = []
     for node in nodes:
         a, b = node_cost(node.host, node.record, now=ended)
-        per_node.append({"host": node.name, "run_id": node.record.run_id, "rank0": node.record.rank0,
-                         "exit_code": node.record.exit_code, "billed_s": b, "amount": float(a),
-                         "stop": {"ok": not node.record.stop_open, "state": node.record.stop_state,
-                                  "detail": node.record.stop_detail}})
+        per_node.append(
+            {
+                "host": node.name,
+                "run_id": node.record.run_id,
+                "rank0": node.record.rank0,
+                "exit_code": node.record.exit_code,
+                "billed_s": b,
+                "amount": float(a),
+                "stop": {
+                    "ok": not node.record.stop_open,
+                    "state": node.record.stop_state,
+                    "detail": node.record.stop_detail,
+                },
+            }
+        )
     override = {
         "nodes": [n.name for n in nodes],
         "world_size": run.args.get("world_size"),
         "cost": {"amount": float(amount), "currency": nodes[0].host.currency, "billed_s": billed},
         "node_results": per_node,
     }
-    return record_end(run, group_host(group, list(hosts.values()), 0), status, exit_code, ended, ledger,
-                      extra=extra, override=override)
+    return record_end(
+        run,
+        group_host(group, list(hosts.values()), 0),
+        status,
+        exit_code,
+        ended,
+        ledger,
+        extra=extra,
+        override=override,
+    )

@@ -98,8 +98,10 @@ def _pythons(python: str | None) -> list[str]:
 
 def _first_python(pythons: list[str], script: str, args: list[str]) -> str:
     """A shell loop running `script` with the first interpreter there is (exit 3 when none)."""
-    return ("for p in " + quote(pythons) + "; do command -v \"$p\" >/dev/null 2>&1 || continue; "
-            f"exec \"$p\" -c {quote([script])} {quote(args)}; done; ")
+    return (
+        "for p in " + quote(pythons) + '; do command -v "$p" >/dev/null 2>&1 || continue; '
+        f'exec "$p" -c {quote([script])} {quote(args)}; done; '
+    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,9 @@ def parse_ip_output(text: str) -> dict:
         if kind == "ROUTE" and words:
             if "src" in words:
                 probe["source"] = words[words.index("src") + 1]
-            probe["address"] = words[1] if words[0] in ("local", "broadcast", "unicast") and len(words) > 1 else words[0]
+            probe["address"] = (
+                words[1] if words[0] in ("local", "broadcast", "unicast") and len(words) > 1 else words[0]
+            )
             if "dev" not in words:
                 probe["error"] = rest.strip() or "no route"
         elif kind == "ADDR" and "inet" in words:
@@ -149,10 +153,13 @@ def parse_ip_output(text: str) -> dict:
 def find_route(remote: Remote, target: str, python: str | None = None) -> Route:
     """How this node reaches `target` (the first node's address): its Python's answer, or `ip`'s."""
     resolve = f"a=$(getent ahostsv4 {quote([target])} 2>/dev/null | awk 'NR==1{{print $1}}'); "
-    script = (_first_python(_pythons(python), _ROUTE_PY, [target])
-              + "command -v ip >/dev/null 2>&1 || exit 3; " + resolve
-              + f"echo \"ROUTE $(ip -o -4 route get \"${{a:-{target}}}\" 2>&1 | head -1)\"; "
-              "ip -o -4 addr show | sed 's/^[0-9]*: */ADDR /'")
+    script = (
+        _first_python(_pythons(python), _ROUTE_PY, [target])
+        + "command -v ip >/dev/null 2>&1 || exit 3; "
+        + resolve
+        + f'echo "ROUTE $(ip -o -4 route get "${{a:-{target}}}" 2>&1 | head -1)"; '
+        "ip -o -4 addr show | sed 's/^[0-9]*: */ADDR /'"
+    )
     r = remote.run(["sh", "-c", script], check=False, timeout_s=60)
     if r.code == 3:
         return Route(None, None, None, error="neither Python nor `ip` on the node to ask")
@@ -177,17 +184,28 @@ def choose_ifname(rendezvous: str, routes: dict[str, Route], configured: str | N
     if configured:
         # NCCL reads the names as prefixes ("=" for exact names, "^" for ones to avoid).
         wanted = configured.lstrip("=").split(",")
-        missing = [n for n, r in routes.items() if not configured.startswith("^") and r.interfaces
-                   and not any(name.startswith(w) for name, _ in r.interfaces for w in wanted)]
+        missing = [
+            n
+            for n, r in routes.items()
+            if not configured.startswith("^")
+            and r.interfaces
+            and not any(name.startswith(w) for name, _ in r.interfaces for w in wanted)
+        ]
         if missing:
-            return IfnameChoice({n: configured for n in routes}, False,
-                                f"nccl_socket_ifname = {configured!r} from [groups.{group}], but {missing[0]} has no "
-                                f"such interface ({', '.join(n for n, _ in routes[missing[0]].interfaces)})")
+            return IfnameChoice(
+                {n: configured for n in routes},
+                False,
+                f"nccl_socket_ifname = {configured!r} from [groups.{group}], but {missing[0]} has no "
+                f"such interface ({', '.join(n for n, _ in routes[missing[0]].interfaces)})",
+            )
         return IfnameChoice({n: configured for n in routes}, True, f"{configured} on every node (nccl_socket_ifname)")
     if is_loopback(rendezvous):
-        return IfnameChoice({n: "lo" for n in routes}, True,
-                            f"lo: the rendezvous address {rendezvous} is loopback, so only nodes on the same machine "
-                            f"as the first can reach it")
+        return IfnameChoice(
+            {n: "lo" for n in routes},
+            True,
+            f"lo: the rendezvous address {rendezvous} is loopback, so only nodes on the same machine "
+            f"as the first can reach it",
+        )
     per_node, shown, problems = {}, [], []
     for node, route in routes.items():
         if route.error or not route.interface:
@@ -195,8 +213,11 @@ def choose_ifname(rendezvous: str, routes: dict[str, Route], configured: str | N
             continue
         shown.append(f"{node} {route.interface} ({route.source})")
         if excluded(route.interface):
-            hint = (f'set nccl_socket_ifname = "{route.usable[0]}" in [groups.{group}]' if route.usable
-                    else "give the nodes an interface that reaches each other")
+            hint = (
+                f'set nccl_socket_ifname = "{route.usable[0]}" in [groups.{group}]'
+                if route.usable
+                else "give the nodes an interface that reaches each other"
+            )
             problems.append(f"{node} reaches {rendezvous} through {route.interface}, which NCCL skips; {hint}")
             continue
         per_node[node] = route.interface
@@ -210,12 +231,15 @@ def socket_env(interface: str | None) -> dict[str, str]:
     return {"NCCL_SOCKET_IFNAME": interface, "GLOO_SOCKET_IFNAME": interface} if interface else {}
 
 
-def check_port(first_name: str, first: Remote, others: dict[str, Remote], address: str, port: int,
-               pythons: dict[str, str | None]) -> dict[str, str]:
+def check_port(
+    first_name: str, first: Remote, others: dict[str, Remote], address: str, port: int, pythons: dict[str, str | None]
+) -> dict[str, str]:
     """Listen on `port` on the first node for a moment and connect from every other node: per node,
     "ok" or why not (and under the key "" what stops the first node listening at all)."""
     wait_s = PROBE_TIMEOUT_S * (len(others) + 1) + 5
-    listen = _first_python(_pythons(pythons[first_name]), _LISTEN_PY, [str(port), str(len(others)), str(wait_s)]) + "exit 3"
+    listen = (
+        _first_python(_pythons(pythons[first_name]), _LISTEN_PY, [str(port), str(len(others)), str(wait_s)]) + "exit 3"
+    )
     channel = first.open(["sh", "-c", listen], timeout_s=wait_s + 30)
     reader = channel.makefile("rb")
     first_line = reader.readline().decode(errors="replace").strip()
@@ -223,20 +247,29 @@ def check_port(first_name: str, first: Remote, others: dict[str, Remote], addres
         channel.close()
         if channel.recv_exit_status() == 3 or not first_line:
             return {"": f"no Python on {first_name} to listen on port {port} with (not checked)"}
-        return {"": f"port {port} is in use on {first_name} ({first_line[5:].strip()}): another job's rendezvous? "
-                    f"set rendezvous_port to a free one"}
+        return {
+            "": f"port {port} is in use on {first_name} ({first_line[5:].strip()}): another job's rendezvous? "
+            f"set rendezvous_port to a free one"
+        }
     results = {}
     try:
         for name, remote in others.items():
             # Without Python, bash's /dev/tcp (sh has none) under a time limit.
             tcp = quote(["timeout", str(PROBE_TIMEOUT_S), "bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}"])
-            probe = (_first_python(_pythons(pythons.get(name)), _CONNECT_PY, [address, str(port), str(PROBE_TIMEOUT_S)])
-                     + f"{tcp} 2>/dev/null && echo ok || echo 'fail no answer'")
+            probe = (
+                _first_python(_pythons(pythons.get(name)), _CONNECT_PY, [address, str(port), str(PROBE_TIMEOUT_S)])
+                + f"{tcp} 2>/dev/null && echo ok || echo 'fail no answer'"
+            )
             started = time.monotonic()
             out = remote.run(["sh", "-c", probe], check=False, timeout_s=PROBE_TIMEOUT_S + 30).stdout.strip()
             word = (out.splitlines() or ["fail no answer"])[-1]
-            results[name] = "ok" if word == "ok" else (
-                f"cannot connect to {address}:{port} ({word[5:] or 'no answer'} after {time.monotonic() - started:.0f}s)")
+            results[name] = (
+                "ok"
+                if word == "ok"
+                else (
+                    f"cannot connect to {address}:{port} ({word[5:] or 'no answer'} after {time.monotonic() - started:.0f}s)"
+                )
+            )
     finally:
         channel.close()
     return results

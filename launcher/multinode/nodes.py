@@ -8,10 +8,11 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar, cast
 
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -53,7 +54,7 @@ class NodeRecord:
     rank0: bool = False
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NodeRecord":
+    def from_dict(cls, data: dict) -> NodeRecord:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -99,17 +100,24 @@ def is_multinode(run: RunRecord) -> bool:
 
 # Money ---------------------------------------------------------------------------------------------
 
+
 def group_host(group: Group, hosts: list[Host], budget: float) -> Host:
     """The nodes as one machine for what a single host is asked (the budget, the currency): their
     prices add up; the billing rule is theirs when they share it."""
     billing = {h.billing for h in hosts}
     if budget and len(billing) > 1:
-        raise ConfigError(f"--budget over hosts billed {' and '.join(sorted(billing))} cannot be enforced as one "
-                          f"deadline; give the nodes one billing rule, or leave --budget out")
+        raise ConfigError(
+            f"--budget over hosts billed {' and '.join(sorted(billing))} cannot be enforced as one "
+            f"deadline; give the nodes one billing rule, or leave --budget out"
+        )
     return Host(
-        name=group.name, kind="ssh", price_per_hour=sum(h.price_per_hour for h in hosts), currency=hosts[0].currency,
+        name=group.name,
+        kind="ssh",
+        price_per_hour=sum(h.price_per_hour for h in hosts),
+        currency=hosts[0].currency,
         billing=hosts[0].billing if len(billing) == 1 else "per_second",
-        min_billed_s=max(h.min_billed_s for h in hosts), grace_s=max(h.grace_s for h in hosts),
+        min_billed_s=max(h.min_billed_s for h in hosts),
+        grace_s=max(h.grace_s for h in hosts),
     )
 
 
@@ -119,8 +127,10 @@ def node_cost(host: Host, record: NodeRecord, now: float | None = None) -> tuple
         return Decimal("0.00"), 0
     end = record.billed_to if record.billed_to is not None else (now or time.time())
     span = max(0.0, end - record.billed_from)
-    return (cost_of(span, host.price_per_hour, host.billing, host.min_billed_s),
-            billed_seconds(span, host.billing, host.min_billed_s))
+    return (
+        cost_of(span, host.price_per_hour, host.billing, host.min_billed_s),
+        billed_seconds(span, host.billing, host.min_billed_s),
+    )
 
 
 def nodes_cost(hosts: dict[str, Host], records: list[NodeRecord], now: float | None = None) -> tuple[Decimal, int]:
@@ -146,18 +156,25 @@ def save_nodes(ledger: Ledger, run_id: str, nodes: list[Node], top: RunHandle | 
     handle.nodes = [asdict(n.record) for n in nodes]
     froms = [n.record.billed_from for n in nodes if n.record.billed_from is not None]
     tos = [n.record.billed_to for n in nodes if n.record.billed_from is not None]
-    fields_: dict = {"handle_json": handle.to_json(), "billed_from": min(froms) if froms else None,
-                     "billed_to": max(tos) if froms and None not in tos else None}
+    fields_: dict = {
+        "handle_json": handle.to_json(),
+        "billed_from": min(froms) if froms else None,
+        "billed_to": max(cast("list[float]", tos)) if froms and None not in tos else None,
+    }
     stopped = [n.record for n in nodes if n.record.stop_state is not None]
     if stopped:
         open_ = [r for r in stopped if r.stop_state in STOP_OPEN]
-        fields_["stop_status"] = open_[0].stop_state if open_ else next(
-            (r.stop_state for r in stopped if r.stop_state == "stopped"), stopped[0].stop_state)
+        fields_["stop_status"] = (
+            open_[0].stop_state
+            if open_
+            else next((r.stop_state for r in stopped if r.stop_state == "stopped"), stopped[0].stop_state)
+        )
         fields_["stop_detail"] = "; ".join(f"{r.host}: {r.stop_detail}" for r in stopped)
     ledger.update_run(run_id, **fields_)
 
 
 # Steps on every node at once -------------------------------------------------------------------------
+
 
 def in_parallel(step: Callable[[S], T], items: list[S], first_failure_ends: bool = False) -> list[T | BaseException]:
     """Run `step` on every item (a node, a host) in its own thread; each one's result or the
@@ -188,6 +205,7 @@ def first_error(results: list) -> BaseException | None:
 
 # One live display for the nodes' steps ------------------------------------------------------------------
 
+
 class NodeBoard:
     """A line per node step (a bar for a transfer, a spinner for a wait) in one live display: the
     nodes' steps run in threads at once, and a terminal holds one live display only."""
@@ -196,10 +214,16 @@ class NodeBoard:
         self.ui = ui
         self.progress: Progress | None = None
 
-    def __enter__(self) -> "NodeBoard":
+    def __enter__(self) -> NodeBoard:
         if not self.ui.quiet:
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     TextColumn("{task.fields[amount]}"), TimeElapsedColumn(), console=self.ui.console)
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[amount]}"),
+                TimeElapsedColumn(),
+                console=self.ui.console,
+            )
             self.progress.start()
         return self
 
@@ -237,10 +261,11 @@ class NodeUI(UI):
                 yield status
             return
         task = progress.add_task(escape(f"{self.name}: {message}"), total=None, amount="")
+        live, name = progress, self.name  # for Status, whose own self is the status, not this UI
 
         class Status:
             def update(self, text: str) -> None:
-                progress.update(task, description=escape(f"{self.name}: {text}"))
+                live.update(task, description=escape(f"{name}: {text}"))
 
         try:
             yield Status()
@@ -251,8 +276,8 @@ class NodeUI(UI):
     def progress(self, description: str, total: int, unit: str = "files") -> Iterator[Callable[..., None]]:
         progress = self.board.progress
         if progress is None:
-            with super().progress(description, total, unit) as update:
-                yield update
+            with super().progress(description, total, unit) as plain_update:
+                yield plain_update
             return
         task = progress.add_task(escape(f"{self.name}: {description}"), total=total or None, amount="")
         state = {"completed": 0, "total": total}

@@ -17,8 +17,17 @@ from gpu_run.ledger import Ledger
 from gpu_run.money.budget import watchdog_max_runtime_s
 from gpu_run.multinode.finish import follow_and_finish
 from gpu_run.multinode.network import Route, choose_ifname, find_route, is_loopback, socket_env
-from gpu_run.multinode.nodes import (Node, NodeBoard, NodeRecord, first_error, group_host, in_parallel,
-                                     node_run_id, record_node_stop, save_nodes)
+from gpu_run.multinode.nodes import (
+    Node,
+    NodeBoard,
+    NodeRecord,
+    first_error,
+    group_host,
+    in_parallel,
+    node_run_id,
+    record_node_stop,
+    save_nodes,
+)
 from gpu_run.project import is_python_script
 from gpu_run.run_plan import RunPlan, open_run, plan_run
 from gpu_run.spec import TrainSpec
@@ -32,18 +41,29 @@ ABORT_STOP_TIMEOUT_S = 10
 def train_nodes(spec: TrainSpec, group: Group, config: Config, ledger: Ledger, ui: UI) -> dict:
     hosts = [config.host(name) for name in group.hosts]
     if spec.is_command and not is_python_script(spec.command or []):
-        raise ConfigError("on several hosts your command runs under torchrun, so it must be `python SCRIPT ...` "
-                          "(a DDP script reads torchrun's environment); run other commands on one host")
+        raise ConfigError(
+            "on several hosts your command runs under torchrun, so it must be `python SCRIPT ...` "
+            "(a DDP script reads torchrun's environment); run other commands on one host"
+        )
     plan = plan_run(spec, group_host(group, hosts, spec.budget), ledger, ui, machines=hosts)
     spec = plan.spec
     per_node = max(1, spec.gpus)
-    run = open_run(plan, ledger, group.name, plan_extra={"nodes": list(group.hosts), "group": asdict(group),
-                                                         "world_size": len(hosts) * per_node})
+    run = open_run(
+        plan,
+        ledger,
+        group.name,
+        plan_extra={"nodes": list(group.hosts), "group": asdict(group), "world_size": len(hosts) * per_node},
+    )
     run_id, run_dir = run.run_id, Path(run.run_dir)
-    what = (f"{plan.job_label}" if plan.info is None or plan.project is not None else
-            f"{spec.model}, {len(plan.info.classes)} classes, {plan.info.num_train} train / {plan.info.num_val} val images")
-    ui.info(f"run {run_id} on {len(hosts)} nodes ({', '.join(group.hosts)}), {per_node} process(es) each, world size "
-            f"{len(hosts) * per_node}: {what} -> {run_dir}")
+    what = (
+        f"{plan.job_label}"
+        if plan.info is None or plan.project is not None
+        else f"{spec.model}, {len(plan.info.classes)} classes, {plan.info.num_train} train / {plan.info.num_val} val images"
+    )
+    ui.info(
+        f"run {run_id} on {len(hosts)} nodes ({', '.join(group.hosts)}), {per_node} process(es) each, world size "
+        f"{len(hosts) * per_node}: {what} -> {run_dir}"
+    )
     nodes = [Node(NodeRecord(host=h.name, index=i, run_id=node_run_id(run_id, i)), h) for i, h in enumerate(hosts)]
     save_nodes(ledger, run_id, nodes, RunHandle(backend="ssh"))
 
@@ -69,8 +89,9 @@ def train_nodes(spec: TrainSpec, group: Group, config: Config, ledger: Ledger, u
     return follow_and_finish(ledger.get_run(run_id), nodes, ledger, ui)
 
 
-def set_up(nodes: list[Node], group: Group, plan: RunPlan, board: NodeBoard, ledger: Ledger, run_id: str,
-           ui: UI) -> str:
+def set_up(
+    nodes: list[Node], group: Group, plan: RunPlan, board: NodeBoard, ledger: Ledger, run_id: str, ui: UI
+) -> str:
     """The driver's setup stages, each on all nodes at once (the syncs overlap): every node reached
     and claimed, then prepared, then given the dataset (and a command's project). Returns the
     rendezvous address."""
@@ -126,8 +147,17 @@ def raise_first(results: list) -> None:
         raise error
 
 
-def start_all(nodes: list[Node], group: Group, plan: RunPlan, rendezvous: str, run_dir: Path, resumed: bool,
-              board: NodeBoard, ledger: Ledger, run_id: str) -> RunHandle:
+def start_all(
+    nodes: list[Node],
+    group: Group,
+    plan: RunPlan,
+    rendezvous: str,
+    run_dir: Path,
+    resumed: bool,
+    board: NodeBoard,
+    ledger: Ledger,
+    run_id: str,
+) -> RunHandle:
     """torchrun on every node: the first one first, since it hosts the rendezvous store the others join."""
     spec = plan.spec
     first_billed = min((n.record.billed_from for n in nodes if n.record.billed_from is not None), default=None)
@@ -136,10 +166,21 @@ def start_all(nodes: list[Node], group: Group, plan: RunPlan, rendezvous: str, r
     def start(node: Node) -> None:
         # Every node resumes from the same last.pth (or the same files of a command): each rank
         # loads its state itself.
-        job = job_for(plan, node.backend, node.record.run_id, run_dir, node.data_dir, node.code, max_runtime_s,
-                      resumed=resumed, nnodes=len(nodes), node_rank=node.record.index,
-                      rdzv_endpoint=f"{rendezvous}:{group.rendezvous_port}", rdzv_id=run_id,
-                      local_addr=local_addr(rendezvous, node.record.index, node.route))
+        job = job_for(
+            plan,
+            node.backend,
+            node.record.run_id,
+            run_dir,
+            node.data_dir,
+            node.code,
+            max_runtime_s,
+            resumed=resumed,
+            nnodes=len(nodes),
+            node_rank=node.record.index,
+            rdzv_endpoint=f"{rendezvous}:{group.rendezvous_port}",
+            rdzv_id=run_id,
+            local_addr=local_addr(rendezvous, node.record.index, node.route),
+        )
         job.env.update(socket_env(node.interface))
         handle = node.backend.start(job, node.prepared, board.ui_for(node.name))
         handle.image_built, handle.device = node.prepared.image_built, node.prepared.device
@@ -174,6 +215,7 @@ def release_after_failed_setup(nodes: list[Node], keep_alive: bool, ui: UI) -> N
     trainer already started waits for a peer that will never come."""
 
     with NodeBoard(ui) as board:
+
         def release_on_board(node: Node) -> None:
             ui_node = board.ui_for(node.name)
             if node.backend is not None:  # claimed or not: a cloud instance started for it stops too

@@ -95,7 +95,7 @@ class DecodeRates:
     train_per_core: float
     val_per_core: float
     detail: str
-    cached: "DecodeRates | None" = None
+    cached: DecodeRates | None = None
     cache_size: int = 0
     cache_bytes_ratio: float = 1.0  # the copy's bytes over the originals'
 
@@ -214,13 +214,20 @@ def model_speed_factor(model: str, gflops: float | None = None) -> tuple[float, 
     if not flops:
         return None
     ratio = tables.GFLOPS_224[tables.REFERENCE_MODEL] / flops
-    return ratio, (f"{model} {ratio:.2f}x ResNet-50 by FLOPs ({flops:.2f} against "
-                   f"{tables.GFLOPS_224[tables.REFERENCE_MODEL]:.2f} GFLOPs, {tables.GFLOPS_CITE}; no "
-                   f"benchmark of it is shipped)"), tables.GFLOPS_SOURCE
+    return (
+        ratio,
+        (
+            f"{model} {ratio:.2f}x ResNet-50 by FLOPs ({flops:.2f} against "
+            f"{tables.GFLOPS_224[tables.REFERENCE_MODEL]:.2f} GFLOPs, {tables.GFLOPS_CITE}; no "
+            f"benchmark of it is shipped)"
+        ),
+        tables.GFLOPS_SOURCE,
+    )
 
 
-def gpu_train_rate(gpu_name: str, model: str, image_size: int, batch_size: int,
-                   gflops: float | None = None) -> Figure | None:
+def gpu_train_rate(
+    gpu_name: str, model: str, image_size: int, batch_size: int, gflops: float | None = None
+) -> Figure | None:
     """Training images/s of a model on a GPU from the shipped tables, or None if either is unknown."""
     row = tables.find_gpu(gpu_name)
     speed = model_speed_factor(model, gflops)
@@ -234,14 +241,19 @@ def gpu_train_rate(gpu_name: str, model: str, image_size: int, batch_size: int,
     ceiling = batch_size / STEP_FLOOR_S
     if rate > ceiling:
         rate = ceiling
-        detail += (f"; capped at {ceiling:,.0f} img/s: a step of {batch_size} images takes at least "
-                   f"{STEP_FLOOR_S * 1000:.0f} ms ({ASSUMED})")
+        detail += (
+            f"; capped at {ceiling:,.0f} img/s: a step of {batch_size} images takes at least "
+            f"{STEP_FLOOR_S * 1000:.0f} ms ({ASSUMED})"
+        )
     return Figure(rate, PUBLISHED, detail, (row.source, reference))
 
 
 def past_train_rate(past: PastRun, model: str, image_size: int, gflops: float | None = None) -> Figure | None:
     """A past run's measured speed, scaled to this image size (and, on a CPU, to this model by FLOPs)."""
-    rate, detail = past.train_images_per_s, f"run {past.run_id}: {past.train_images_per_s:,.1f} img/s training {past.model} at {past.image_size} px"
+    rate, detail = (
+        past.train_images_per_s,
+        f"run {past.run_id}: {past.train_images_per_s:,.1f} img/s training {past.model} at {past.image_size} px",
+    )
     if past.model != model:
         mine, theirs = gflops or tables.GFLOPS_224.get(model), tables.GFLOPS_224.get(past.model)
         if not mine or not theirs:
@@ -262,9 +274,12 @@ def loader_workers(vcpus: int) -> int:
 def data_rate(per_core: float, vcpus: Figure, what: str, detail: str) -> Figure:
     """Images/s the host's loader workers can decode and transform."""
     workers = max(1, loader_workers(int(vcpus.value)))
-    return Figure(per_core * workers, MEASURED_HERE,
-                  f"{what}: {per_core:,.1f} img/s per core {detail} x {workers} loader worker(s) for "
-                  f"{int(vcpus.value)} vCPUs ({vcpus.source}{': ' + vcpus.detail if vcpus.detail else ''})")
+    return Figure(
+        per_core * workers,
+        MEASURED_HERE,
+        f"{what}: {per_core:,.1f} img/s per core {detail} x {workers} loader worker(s) for "
+        f"{int(vcpus.value)} vCPUs ({vcpus.source}{': ' + vcpus.detail if vcpus.detail else ''})",
+    )
 
 
 def pipe_rate(compute: float, data: float, workers: int) -> float:
@@ -280,7 +295,9 @@ def upload_time(job: Job, host: HostInput, bytes_ratio: float = 1.0) -> Figure:
     if up.already is not None:
         recheck = up.recheck_s or Figure(0.0 if host.kind == "local" else RECHECK_S, ASSUMED, "")
         return Figure(recheck.value, recheck.source, up.already)
-    uplink = up.uplink_mbit or Figure(UPLINK_DEFAULT_MBIT, ASSUMED, "no sync to this host measured yet; give --uplink MBIT")
+    uplink = up.uplink_mbit or Figure(
+        UPLINK_DEFAULT_MBIT, ASSUMED, "no sync to this host measured yet; give --uplink MBIT"
+    )
     size = job.dataset_bytes * bytes_ratio
     seconds = size * 8 / (uplink.value * 1e6)
     detail = f"{megabytes(size)} at {uplink.value:g} Mbit/s"
@@ -304,19 +321,27 @@ def estimate_host(job: Job, host: HostInput, decode: DecodeRates | None, gflops:
     if speeds is None:
         return row
     _fill_times(job, host, row, *speeds)
-    if row.limit in ("cpu_decode", "upload") and decode is not None and decode.cached is not None and not job.cache_size:
+    if (
+        row.limit in ("cpu_decode", "upload")
+        and decode is not None
+        and decode.cached is not None
+        and not job.cache_size
+    ):
         _suggest_cache(job, host, decode, gflops, row)
     return row
 
 
 def _gpu_speeds(job: Job, host: HostInput, decode: DecodeRates | None, gflops: float | None, row: Row):
+    assert host.gpu.value is not None  # estimate_host asks only for a host that has a GPU
     table = gpu_train_rate(host.gpu.value, job.model, job.image_size, job.batch_size, gflops)
     past = host.past if host.past is not None and host.past.model == job.model and host.past.device == "gpu" else None
     measured = past_train_rate(past, job.model, job.image_size) if past else None
     if table is None and measured is None:
         if tables.find_gpu(host.gpu.value) is None:
-            row.unknown = (f"no published training speed for GPU {host.gpu.value!r}; train on it once "
-                           f"(plan then uses your own speed there)")
+            row.unknown = (
+                f"no published training speed for GPU {host.gpu.value!r}; train on it once "
+                f"(plan then uses your own speed there)"
+            )
         else:
             row.unknown = f"no speed known for model {job.model!r}; train it on this host once"
         return None
@@ -324,15 +349,23 @@ def _gpu_speeds(job: Job, host: HostInput, decode: DecodeRates | None, gflops: f
     workers = loader_workers(int(vcpus.value))
     if measured is not None:
         # What this user got on this host, with its data path included: nothing to combine.
+        assert past is not None  # measured comes from it
         row.gpu_rate = table
         train = measured
-        eval_rate = Figure(past.eval_images_per_s * size_factor(job.image_size, past.image_size), PAST_RUN,
-                           f"run {past.run_id}") if past.eval_images_per_s else \
-            Figure(train.value * EVAL_SPEEDUP, ASSUMED, f"{EVAL_SPEEDUP:g}x the training speed (a forward pass only)")
+        eval_rate = (
+            Figure(
+                past.eval_images_per_s * size_factor(job.image_size, past.image_size), PAST_RUN, f"run {past.run_id}"
+            )
+            if past.eval_images_per_s
+            else Figure(
+                train.value * EVAL_SPEEDUP, ASSUMED, f"{EVAL_SPEEDUP:g}x the training speed (a forward pass only)"
+            )
+        )
         if decode is not None:
             row.data_rate = data_rate(decode.train_per_core, vcpus, "decode and augment", decode.detail)
         limit = "cpu_decode" if (row.data_rate and table and row.data_rate.value < table.value) else "gpu"
         return train, eval_rate, limit
+    assert table is not None  # neither figure known returned above
     row.gpu_rate = table
     gpu_eval = min(table.value * EVAL_SPEEDUP, job.batch_size / (STEP_FLOOR_S / EVAL_SPEEDUP))
     if decode is None:
@@ -342,29 +375,47 @@ def _gpu_speeds(job: Job, host: HostInput, decode: DecodeRates | None, gflops: f
     train_value = pipe_rate(table.value, row.data_rate.value, workers)
     limit = "cpu_decode" if row.data_rate.value < table.value else "gpu"
     if limit == "cpu_decode":
-        row.notes.append("The trainer's --decode auto may move JPEG decoding to the GPU (nvjpeg) when it measures "
-                         "that faster at start-up; this estimate counts the CPUs only, and a past run here shows "
-                         "what it chose")
+        row.notes.append(
+            "The trainer's --decode auto may move JPEG decoding to the GPU (nvjpeg) when it measures "
+            "that faster at start-up; this estimate counts the CPUs only, and a past run here shows "
+            "what it chose"
+        )
     source = MEASURED_HERE if limit == "cpu_decode" else PUBLISHED
     train = Figure(train_value, source, row.data_rate.detail if limit == "cpu_decode" else table.detail)
-    eval_rate = Figure(pipe_rate(gpu_eval, val_data, workers), source, "evaluation: the slower of the GPU's forward "
-                       f"pass ({EVAL_SPEEDUP:g}x training, {ASSUMED}) and the resize-and-crop decode")
+    eval_rate = Figure(
+        pipe_rate(gpu_eval, val_data, workers),
+        source,
+        "evaluation: the slower of the GPU's forward "
+        f"pass ({EVAL_SPEEDUP:g}x training, {ASSUMED}) and the resize-and-crop decode",
+    )
     return train, eval_rate, limit
 
 
 def _cpu_speeds(job: Job, host: HostInput, gflops: float | None, row: Row):
     train = past_train_rate(host.past, job.model, job.image_size, gflops) if host.past is not None else None
     if train is not None:
-        eval_rate = Figure(host.past.eval_images_per_s * (train.value / host.past.train_images_per_s), PAST_RUN,
-                           f"run {host.past.run_id}, scaled as training") if host.past.eval_images_per_s else None
+        assert host.past is not None  # train comes from it
+        eval_rate = (
+            Figure(
+                host.past.eval_images_per_s * (train.value / host.past.train_images_per_s),
+                PAST_RUN,
+                f"run {host.past.run_id}, scaled as training",
+            )
+            if host.past.eval_images_per_s
+            else None
+        )
     elif host.cpu_rate is not None:
         train, eval_rate = host.cpu_rate, None
     else:
         if host.gpu.source == ASSUMED:  # nothing says whether it has a GPU
-            row.unknown = (f"which GPU {host.name} has is not known: set gpu = \"...\" in [hosts.{host.name}] "
-                           f"or run `gpu-run doctor {host.name}`")
+            row.unknown = (
+                f'which GPU {host.name} has is not known: set gpu = "..." in [hosts.{host.name}] '
+                f"or run `gpu-run doctor {host.name}`"
+            )
         else:
-            row.unknown = f"no GPU, and no past run of {job.model} on {host.name} to measure its CPU by; train there once"
+            row.unknown = (
+                f"no GPU, and no past run of {job.model} on {host.name} to measure its CPU by; train there once"
+            )
         return None
     eval_rate = eval_rate or Figure(train.value * EVAL_SPEEDUP, ASSUMED, f"{EVAL_SPEEDUP:g}x the training speed")
     return train, eval_rate, "cpu"
@@ -372,8 +423,10 @@ def _cpu_speeds(job: Job, host: HostInput, gflops: float | None, row: Row):
 
 def _fill_times(job: Job, host: HostInput, row: Row, train: Figure, eval_rate: Figure, limit: str) -> None:
     epoch = job.train_images / train.value + job.val_images / eval_rate.value
-    detail = (f"{job.train_images} train images at {train.value:,.1f} img/s, "
-              f"{job.val_images} val images at {eval_rate.value:,.1f} img/s")
+    detail = (
+        f"{job.train_images} train images at {train.value:,.1f} img/s, "
+        f"{job.val_images} val images at {eval_rate.value:,.1f} img/s"
+    )
     if host.past is not None and host.past.model == job.model and host.past.epoch_overhead_s:
         epoch += host.past.epoch_overhead_s
         detail += f", {host.past.epoch_overhead_s:.1f} s of checkpoints (run {host.past.run_id})"
@@ -381,11 +434,14 @@ def _fill_times(job: Job, host: HostInput, row: Row, train: Figure, eval_rate: F
     row.epoch_s = Figure(epoch, train.source, detail)
     kind = host.kind if host.kind in FIRST_SETUP_S else "ssh"
     row.parts = {
-        "setup": host.setup_s or Figure(FIRST_SETUP_S[kind], ASSUMED, "connect, and build or pull the trainer image once"),
+        "setup": host.setup_s
+        or Figure(FIRST_SETUP_S[kind], ASSUMED, "connect, and build or pull the trainer image once"),
         "upload": upload_time(job, host),
-        "startup": host.startup_s or Figure(TRAINER_START_S, ASSUMED, "import torch, build the model, start the loaders"),
+        "startup": host.startup_s
+        or Figure(TRAINER_START_S, ASSUMED, "import torch, build the model, start the loaders"),
         "training": Figure(job.epochs * epoch, train.source, f"{job.epochs} epochs"),
-        "finish": host.finish_s or Figure(FINISH_S[kind], ASSUMED, "pull the outputs, stop the machine, see it go down"),
+        "finish": host.finish_s
+        or Figure(FINISH_S[kind], ASSUMED, "pull the outputs, stop the machine, see it go down"),
     }
     total = sum(p.value for p in row.parts.values())
     row.total_s = Figure(total, train.source, "setup + upload + trainer start + training + finish")
@@ -405,9 +461,11 @@ def _suggest_cache(job: Job, host: HostInput, decode: DecodeRates, gflops: float
         cached_host = replace(host, upload=Upload(uplink_mbit=host.upload.uplink_mbit))
         cached_job = replace(cached_job, dataset_bytes=int(job.dataset_bytes * decode.cache_bytes_ratio))
     alt = estimate_host(cached_job, cached_host, decode.cached, gflops)
+    assert row.total_s is not None and row.cost is not None  # _fill_times set them before this is asked
     saves_s = row.total_s.value - alt.total_s.value if alt.total_s is not None else 0.0
     if saves_s < max(MIN_FIX_SAVING_S, MIN_FIX_SAVING * row.total_s.value):
         return
+    assert alt.total_s is not None and alt.cost is not None  # saves_s would be 0 without them
     row.fix = {
         "cache_size": decode.cache_size,
         "saves_s": round(row.total_s.value - alt.total_s.value, 1),
@@ -424,8 +482,15 @@ def mark(rows: list[Row], deadline_s: float | None, budget: float | None) -> Non
     for row in rows:
         if row.unknown is not None:
             continue
+        assert row.total_s is not None and row.cost is not None  # a row with an estimate has both
         row.late = deadline_s is not None and row.total_s.value > deadline_s
         row.over_budget = budget is not None and row.cost > Decimal(str(budget))
+
+
+def _total_s(row: Row) -> float:
+    """The total of a row that has an estimate (its unknown is None)."""
+    assert row.total_s is not None
+    return row.total_s.value
 
 
 def recommend(rows: list[Row]) -> list[Row]:
@@ -435,24 +500,30 @@ def recommend(rows: list[Row]) -> list[Row]:
     fits = [r for r in rows if r.qualifies]
     free = [r for r in fits if r.free]
     if free:
-        min(free, key=lambda r: r.total_s.value).recommended = True
+        min(free, key=_total_s).recommended = True
     else:
         for currency in sorted({r.currency for r in fits}):
             same = [r for r in fits if r.currency == currency]
-            min(same, key=lambda r: (r.cost, r.total_s.value)).recommended = True
+            min(same, key=lambda r: (r.cost, _total_s(r))).recommended = True
 
     def order(r: Row):
         if r.unknown is not None:
             return (3, 0, 0.0, r.host)
         if r.qualifies:
-            return (0 if r.recommended else 1, r.cost, r.total_s.value, r.host)
-        return (2, 0, r.total_s.value, r.host)
+            return (0 if r.recommended else 1, r.cost, _total_s(r), r.host)
+        return (2, 0, _total_s(r), r.host)
 
     return sorted(rows, key=order)
 
 
-def plan(job: Job, hosts: list[HostInput], decode: DecodeRates | None, deadline_s: float | None,
-         budget: float | None, gflops: float | None = None) -> list[Row]:
+def plan(
+    job: Job,
+    hosts: list[HostInput],
+    decode: DecodeRates | None,
+    deadline_s: float | None,
+    budget: float | None,
+    gflops: float | None = None,
+) -> list[Row]:
     """Every host's row, marked against the deadline and budget, best first."""
     rows = [estimate_host(job, h, decode, gflops) for h in hosts]
     mark(rows, deadline_s, budget)

@@ -10,9 +10,10 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Literal, cast
 
 from gpu_run import host_facts
 from gpu_run.cache import AUTO, CacheAdvice, advise_cache, cache_root, spread
@@ -25,8 +26,22 @@ from gpu_run.model_zoo import CLASSIFICATION_MODELS
 from gpu_run.paths import home_dir
 from gpu_run.plan import tables
 from gpu_run.plan.estimate import (
-    ASSUMED, CONFIG, DOCTOR, MEASURED_HERE, PAST_RUN, DecodeRates, Fact, Figure, HostInput, Job, PastRun, Row,
-    RECHECK_S, Upload, plan, parse_duration,
+    ASSUMED,
+    CONFIG,
+    DOCTOR,
+    MEASURED_HERE,
+    PAST_RUN,
+    RECHECK_S,
+    DecodeRates,
+    Fact,
+    Figure,
+    HostInput,
+    Job,
+    PastRun,
+    Row,
+    Upload,
+    parse_duration,
+    plan,
 )
 from gpu_run.ui import UI
 
@@ -46,7 +61,7 @@ class PlanRequest:
     epochs: int
     image_size: int
     batch_size: int
-    cache_size: int | str = 0  # a short side, 0 for none, or "auto" (the cache module decides)
+    cache_size: int | Literal["auto"] = 0  # a short side, 0 for none, or "auto" (the cache module decides)
     augment: str = "standard"
     deadline: str | None = None
     budget: float | None = None
@@ -83,8 +98,12 @@ def check_request(req: PlanRequest) -> float | None:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if req.image_size < 32:
         raise ConfigError(f"--image-size must be at least 32 pixels, got {req.image_size}")
-    if req.cache_size != AUTO and (req.cache_size < 0 or (req.cache_size and req.cache_size < req.image_size)):
-        raise ConfigError(f"--cache-size must be 0 (none), auto, or at least --image-size {req.image_size}, got {req.cache_size}")
+    if req.cache_size != AUTO:
+        size = cast(int, req.cache_size)  # a short side, not auto
+        if size < 0 or (size and size < req.image_size):
+            raise ConfigError(
+                f"--cache-size must be 0 (none), auto, or at least --image-size {req.image_size}, got {req.cache_size}"
+            )
     if req.budget is not None and not (req.budget >= 0 and req.budget != float("inf")):
         raise ConfigError(f"--budget must be an amount >= 0 in the hosts' currency, got {req.budget}")
     if req.uplink_mbit is not None and not (0 < req.uplink_mbit < float("inf")):
@@ -107,8 +126,16 @@ def count_dataset(data: Path, req: PlanRequest) -> tuple[Job, str, Path]:
     if req.cache_size:
         copy = cache_root(root, req.cache_size)
         source = copy if (copy / ".gpu-run-cache.json").is_file() else root
-    job = Job(model=req.model, epochs=req.epochs, image_size=req.image_size, batch_size=req.batch_size,
-              train_images=train, val_images=val, dataset_bytes=folder_bytes(source), cache_size=req.cache_size)
+    job = Job(
+        model=req.model,
+        epochs=req.epochs,
+        image_size=req.image_size,
+        batch_size=req.batch_size,
+        train_images=train,
+        val_images=val,
+        dataset_bytes=folder_bytes(source),
+        cache_size=req.cache_size,
+    )
     return job, dataset_id(root), source
 
 
@@ -148,8 +175,9 @@ def _per_core_rate(dataset, budget_s: float) -> float:
         torch.set_num_threads(threads)
 
 
-def measure_decode(root: Path, image_size: int, augment: str = "standard", cache_size: int = 0,
-                   advice: CacheAdvice | None = None) -> DecodeRates:
+def measure_decode(
+    root: Path, image_size: int, augment: str = "standard", cache_size: int = 0, advice: CacheAdvice | None = None
+) -> DecodeRates:
     """Decode-and-augment speed of one core here, on a sample of the user's images, through the
     trainer's own ImageFolder and transforms (JPEGs decoded at the reduced scale it asks for).
 
@@ -174,21 +202,32 @@ def measure_decode(root: Path, image_size: int, augment: str = "standard", cache
         made = cache_root(root, cache_size)
         if (made / ".gpu-run-cache.json").is_file():
             train, val = rates(made)
-            return DecodeRates(train, val, f"(measured here on your --cache-size {cache_size} copy)", cache_size=cache_size)
+            return DecodeRates(
+                train, val, f"(measured here on your --cache-size {cache_size} copy)", cache_size=cache_size
+            )
         with tempfile.TemporaryDirectory(prefix="gpu-run-plan-") as tmp:
             ratio = copyspread(root, classes, Path(tmp), cache_size)
             train, val = rates(Path(tmp))
-        return DecodeRates(train, val, f"(measured here on a sample of your images resized to {cache_size} px)",
-                           cache_size=cache_size, cache_bytes_ratio=ratio)
+        return DecodeRates(
+            train,
+            val,
+            f"(measured here on a sample of your images resized to {cache_size} px)",
+            cache_size=cache_size,
+            cache_bytes_ratio=ratio,
+        )
     train, val = rates(root)
     detail = "(measured here on a sample of your images)"
     if advice is None or not advice.helps or not advice.decode_speedup or advice.bytes_ratio is None:
         return DecodeRates(train, val, detail)
     speedup = advice.decode_speedup
-    cached = DecodeRates(train * speedup, val * speedup, f"(x{speedup:.1f}: the sample resized to "
-                         f"{advice.cache_size} px decodes that much faster here)")
-    return DecodeRates(train, val, detail, cached=cached, cache_size=advice.cache_size,
-                       cache_bytes_ratio=advice.bytes_ratio)
+    cached = DecodeRates(
+        train * speedup,
+        val * speedup,
+        f"(x{speedup:.1f}: the sample resized to {advice.cache_size} px decodes that much faster here)",
+    )
+    return DecodeRates(
+        train, val, detail, cached=cached, cache_size=advice.cache_size, cache_bytes_ratio=advice.bytes_ratio
+    )
 
 
 def copyspread(root: Path, classes: list[str], dest: Path, size: int) -> float:
@@ -197,8 +236,11 @@ def copyspread(root: Path, classes: list[str], dest: Path, size: int) -> float:
     from gpu_run.cache import resize_one
     from gpu_run.trainer.train import list_samples
 
-    picked = [path for split, n in (("train", COPY_SAMPLE * 3 // 4), ("val", COPY_SAMPLE // 4))
-              for path, _ in spread(list_samples(root / split, classes), n)]
+    picked = [
+        path
+        for split, n in (("train", COPY_SAMPLE * 3 // 4), ("val", COPY_SAMPLE // 4))
+        for path, _ in spread(list_samples(root / split, classes), n)
+    ]
     original, copied, start = 0, 0, time.perf_counter()
     for i, path in enumerate(picked):
         if i >= 4 and time.perf_counter() - start > MEASURE_BUDGET_S:  # a 12 MP photo takes a tenth of a second
@@ -259,7 +301,8 @@ def model_gflops(model: str) -> float | None:
 
 def trainer_events(run_dir: Path) -> tuple[dict, list[dict]]:
     """The trainer's start event and its epoch events, from the run's train.log."""
-    start, epochs = {}, []
+    start: dict = {}
+    epochs: list[dict] = []
     try:
         with open(run_dir / "train.log", errors="replace") as f:
             for line in f:
@@ -303,11 +346,17 @@ def run_facts(ledger: Ledger, run: RunRecord) -> RunFacts | None:
     eval_rates = [m["eval_images_per_s"] for m in metrics if m.get("eval_images_per_s")]
     # An epoch's wall time, between the trainer's events (the host's own clock), is its training
     # and evaluation plus what the trainer does after them: checkpoints, predictions, metrics.
-    walls = [b["time"] - a["time"] for a, b in zip([start, *epoch_events], epoch_events)
-             if a.get("time") and b.get("time")] if start else []
+    walls = (
+        [b["time"] - a["time"] for a, b in zip([start, *epoch_events], epoch_events) if a.get("time") and b.get("time")]
+        if start
+        else []
+    )
     by_epoch = {m["epoch"]: m for m in metrics}
-    overheads = [max(0.0, w - by_epoch[e["epoch"]].get("epoch_time_s", 0.0) - _eval_s(by_epoch[e["epoch"]]))
-                 for w, e in zip(walls, epoch_events) if e.get("epoch") in by_epoch]
+    overheads = [
+        max(0.0, w - by_epoch[e["epoch"]].get("epoch_time_s", 0.0) - _eval_s(by_epoch[e["epoch"]]))
+        for w, e in zip(walls, epoch_events)
+        if e.get("epoch") in by_epoch
+    ]
     overhead = statistics.median(overheads) if overheads else 0.0
     startup = None
     if "train" in phases:
@@ -317,12 +366,18 @@ def run_facts(ledger: Ledger, run: RunRecord) -> RunFacts | None:
     if start.get("device"):
         device = "gpu" if str(start["device"]).startswith("cuda") else "cpu"
     return RunFacts(
-        record=run, model=run.model or spec.get("model", ""), image_size=int(spec.get("image_size", 224)),
-        cache_size=_whole(spec.get("cache_size")), device=device,
-        device_name=start.get("device_name") if device == "gpu" else None, workers=start.get("workers"),
+        record=run,
+        model=run.model or spec.get("model", ""),
+        image_size=int(spec.get("image_size", 224)),
+        cache_size=_whole(spec.get("cache_size")),
+        device=device,
+        device_name=start.get("device_name") if device == "gpu" else None,
+        workers=start.get("workers"),
         train_images_per_s=statistics.median(train_rates) if train_rates else None,
         eval_images_per_s=statistics.median(eval_rates) if eval_rates else None,
-        phase_s=phases, startup_s=startup, epoch_overhead_s=overhead,
+        phase_s=phases,
+        startup_s=startup,
+        epoch_overhead_s=overhead,
     )
 
 
@@ -392,8 +447,15 @@ def vcpus_figure(host: Host, runs: list[RunFacts], facts: dict) -> Figure | None
     return None
 
 
-def upload_for(host: Host, runs: list[RunFacts], all_runs: dict[str, list[RunFacts]], data_id: str,
-               cache_size: int, uplink_mbit: float | None, asked: Callable[[], Figure | None]) -> Upload:
+def upload_for(
+    host: Host,
+    runs: list[RunFacts],
+    all_runs: dict[str, list[RunFacts]],
+    data_id: str,
+    cache_size: int,
+    uplink_mbit: float | None,
+    asked: Callable[[], Figure | None],
+) -> Upload:
     if host.is_local:
         return Upload(already="local: no upload", recheck_s=Figure(0.0, CONFIG, ""))
     same = [r for r in runs if r.record.dataset_id == data_id and r.cache_size == cache_size and "sync" in r.phase_s]
@@ -403,13 +465,18 @@ def upload_for(host: Host, runs: list[RunFacts], all_runs: dict[str, list[RunFac
         recheck = _median_figure(rechecks, "the no-change sync")
         if recheck is None and first.phase_s["sync"] < RECHECK_S:
             # Listing what is there never takes longer than the first sync, which sent it all.
-            recheck = Figure(first.phase_s["sync"], PAST_RUN, f"no longer than the first sync, run {first.record.run_id}")
-        return Upload(already=f"already on the host (synced by run {first.record.run_id} on {_when(first.record.created_at)})",
-                      recheck_s=recheck)
+            recheck = Figure(
+                first.phase_s["sync"], PAST_RUN, f"no longer than the first sync, run {first.record.run_id}"
+            )
+        return Upload(
+            already=f"already on the host (synced by run {first.record.run_id} on {_when(first.record.created_at)})",
+            recheck_s=recheck,
+        )
     if uplink_mbit:
         return Upload(uplink_mbit=Figure(uplink_mbit, "--uplink", "as you said"))
     measured = measured_uplink(runs) or next(
-        (m for name, rs in all_runs.items() if name != host.name for m in [measured_uplink(rs)] if m), None)
+        (m for name, rs in all_runs.items() if name != host.name for m in [measured_uplink(rs)] if m), None
+    )
     return Upload(uplink_mbit=measured or asked())
 
 
@@ -418,7 +485,9 @@ def measured_uplink(runs: list[RunFacts]) -> Figure | None:
     for i, r in enumerate(runs):
         if "sync" not in r.phase_s or not r.record.data_path or r.record.dataset_id is None:
             continue
-        earlier = [o for o in runs[i + 1:] if o.record.dataset_id == r.record.dataset_id and o.cache_size == r.cache_size]
+        earlier = [
+            o for o in runs[i + 1 :] if o.record.dataset_id == r.record.dataset_id and o.cache_size == r.cache_size
+        ]
         if earlier:  # not the first sync of that data: it moved only the changes
             continue
         root = Path(r.record.data_path)
@@ -427,14 +496,25 @@ def measured_uplink(runs: list[RunFacts]) -> Figure | None:
         size = folder_bytes(root) if root.is_dir() else 0
         if size >= MIN_UPLINK_BYTES and r.phase_s["sync"] > 0:
             mbit = size * 8 / r.phase_s["sync"] / 1e6
-            return Figure(mbit, PAST_RUN, f"run {r.record.run_id} sent {size / 1e6:,.0f} MB to {r.record.host} "
-                                          f"in {r.phase_s['sync']:.0f} s")
+            return Figure(
+                mbit,
+                PAST_RUN,
+                f"run {r.record.run_id} sent {size / 1e6:,.0f} MB to {r.record.host} in {r.phase_s['sync']:.0f} s",
+            )
     return None
 
 
-def host_input(host: Host, job: Job, runs: list[RunFacts], all_runs: dict[str, list[RunFacts]], data_id: str,
-               req: PlanRequest, local_gpu: str | None, asked: Callable[[], Figure | None],
-               cpu_rate: Callable[[], Figure | None]) -> HostInput:
+def host_input(
+    host: Host,
+    job: Job,
+    runs: list[RunFacts],
+    all_runs: dict[str, list[RunFacts]],
+    data_id: str,
+    req: PlanRequest,
+    local_gpu: str | None,
+    asked: Callable[[], Figure | None],
+    cpu_rate: Callable[[], Figure | None],
+) -> HostInput:
     facts = host_facts.load(host.name)
     gpu = gpu_fact(host, runs, facts, local_gpu)
     speed_runs = [r for r in runs if r.train_images_per_s and r.device == ("gpu" if gpu.value else "cpu")]
@@ -443,19 +523,45 @@ def host_input(host: Host, job: Job, runs: list[RunFacts], all_runs: dict[str, l
     past = None
     if chosen:
         r = chosen[0]
-        past = PastRun(r.record.run_id, r.model, r.image_size, r.device, r.train_images_per_s, r.eval_images_per_s,
-                       r.epoch_overhead_s)
-    setups = [(r.phase_s.get("connect", 0) + r.phase_s["build"], r.record.run_id) for r in runs[:5] if "build" in r.phase_s]
-    finishes = [(r.phase_s["pull"] + r.phase_s.get("stop", 0), r.record.run_id) for r in runs[:5] if "pull" in r.phase_s]
+        past = PastRun(
+            r.record.run_id,
+            r.model,
+            r.image_size,
+            r.device,
+            r.train_images_per_s,
+            r.eval_images_per_s,
+            r.epoch_overhead_s,
+        )
+    setups = [
+        (r.phase_s.get("connect", 0) + r.phase_s["build"], r.record.run_id) for r in runs[:5] if "build" in r.phase_s
+    ]
+    finishes = [
+        (r.phase_s["pull"] + r.phase_s.get("stop", 0), r.record.run_id) for r in runs[:5] if "pull" in r.phase_s
+    ]
     starts = [(r.startup_s, r.record.run_id) for r in runs[:5] if r.startup_s is not None]
-    setup = Figure(min(v for v, _ in setups), PAST_RUN, f"connect and image, fastest of run(s) "
-                   f"{', '.join(i for _, i in setups[:3])}") if setups else None
+    setup = (
+        Figure(
+            min(v for v, _ in setups),
+            PAST_RUN,
+            f"connect and image, fastest of run(s) {', '.join(i for _, i in setups[:3])}",
+        )
+        if setups
+        else None
+    )
     return HostInput(
-        name=host.name, kind=host.kind, price_per_hour=host.price_per_hour, currency=host.currency,
-        billing=host.billing, min_billed_s=host.min_billed_s, gpu=gpu, vcpus=vcpus_figure(host, runs, facts),
+        name=host.name,
+        kind=host.kind,
+        price_per_hour=host.price_per_hour,
+        currency=host.currency,
+        billing=host.billing,
+        min_billed_s=host.min_billed_s,
+        gpu=gpu,
+        vcpus=vcpus_figure(host, runs, facts),
         upload=upload_for(host, runs, all_runs, data_id, job.cache_size, req.uplink_mbit, asked),
-        setup_s=setup, finish_s=_median_figure(finishes, "pull and stop"),
-        startup_s=_median_figure(starts, "the trainer's start and end"), past=past,
+        setup_s=setup,
+        finish_s=_median_figure(finishes, "pull and stop"),
+        startup_s=_median_figure(starts, "the trainer's start and end"),
+        past=past,
         cpu_rate=cpu_rate() if host.is_local and not gpu.value and past is None else None,
     )
 
@@ -478,8 +584,9 @@ def store_uplink(mbit: float) -> None:
 # The plan ---------------------------------------------------------------------------------------
 
 
-def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
-              ask_uplink: Callable[[], float | None] | None = None) -> tuple[list[Row], Job]:
+def make_plan(
+    req: PlanRequest, config: Config, ledger: Ledger, ui: UI, ask_uplink: Callable[[], float | None] | None = None
+) -> tuple[list[Row], Job]:
     """Every configured host's row (or those asked for), best first."""
     deadline_s = check_request(req)
     names = list(req.hosts) or list(config.hosts)
@@ -491,13 +598,16 @@ def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
         with ui.spinner("sampling the images for a resized copy"):
             advice = advise_cache(root, req.image_size, req.augment, measure=req.measure)
     if req.cache_size == AUTO:  # as train decides it
+        assert advice is not None  # advised above for auto
         req = replace(req, cache_size=advice.cache_size)
         if advice.cache_size:
             ui.info(f"planned for the copy --cache-size auto makes: {advice.message}")
     job, data_id, data_root = count_dataset(root, req)
     if req.model not in CLASSIFICATION_MODELS:
-        raise ConfigError(f"unknown --model {req.model!r}; choose a torchvision classification model such as "
-                          f"resnet18, resnet50, mobilenet_v3_large, efficientnet_b0 or vit_b_16")
+        raise ConfigError(
+            f"unknown --model {req.model!r}; choose a torchvision classification model such as "
+            f"resnet18, resnet50, mobilenet_v3_large, efficientnet_b0 or vit_b_16"
+        )
     gflops = model_gflops(req.model)
     all_runs = past_runs(ledger)
 
@@ -534,11 +644,16 @@ def make_plan(req: PlanRequest, config: Config, ledger: Ledger, ui: UI,
             compute = measure_cpu_training(req.model, req.image_size, req.batch_size, classes)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         rate = cpu_training_rate(compute, decode.train_per_core if decode else None, cores)
-        return Figure(rate, MEASURED_HERE, f"{compute:,.1f} img/s in training steps on this CPU"
-                      + (f", with decoding on the same {cores} core(s)" if decode else ""))
+        return Figure(
+            rate,
+            MEASURED_HERE,
+            f"{compute:,.1f} img/s in training steps on this CPU"
+            + (f", with decoding on the same {cores} core(s)" if decode else ""),
+        )
 
-    inputs = [host_input(h, job, all_runs.get(h.name, []), all_runs, data_id, req, local_gpu, asked, cpu_rate)
-              for h in hosts]
+    inputs = [
+        host_input(h, job, all_runs.get(h.name, []), all_runs, data_id, req, local_gpu, asked, cpu_rate) for h in hosts
+    ]
     rows = plan(job, inputs, decode, deadline_s, req.budget, gflops)
     save_estimates(rows, job, data_id)
     return rows, job
@@ -558,12 +673,24 @@ def save_estimates(rows: list[Row], job: Job, data_id: str, now: float | None = 
         if r.total_s is None:
             continue
         fixed = r.total_s.value - r.parts["training"].value
-        lines.append(json.dumps({
-            "at": now or time.time(), "host": r.host, "model": job.model, "dataset_id": data_id,
-            "image_size": job.image_size, "cache_size": job.cache_size, "epochs": job.epochs,
-            "epoch_s": round(r.epoch_s.value, 3), "fixed_s": round(fixed, 3), "total_s": round(r.total_s.value, 3),
-            "cost": float(r.cost), "currency": r.currency,
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "at": now or time.time(),
+                    "host": r.host,
+                    "model": job.model,
+                    "dataset_id": data_id,
+                    "image_size": job.image_size,
+                    "cache_size": job.cache_size,
+                    "epochs": job.epochs,
+                    "epoch_s": round(r.epoch_s.value, 3),
+                    "fixed_s": round(fixed, 3),
+                    "total_s": round(r.total_s.value, 3),
+                    "cost": float(r.cost),
+                    "currency": r.currency,
+                }
+            )
+        )
     if lines:
         with open(home_dir() / PLANS_FILE, "a") as f:
             f.write("\n".join(lines) + "\n")
@@ -582,15 +709,23 @@ def estimate_for_run(run: RunRecord) -> dict | None:
             p = json.loads(line)
         except ValueError:
             continue
-        if (p.get("at", 0) <= run.created_at and p.get("host") == run.host and p.get("model") == run.model
-                and p.get("dataset_id") == run.dataset_id and p.get("image_size") == spec.get("image_size")
-                and p.get("cache_size", 0) == _whole(spec.get("cache_size"))):
+        if (
+            p.get("at", 0) <= run.created_at
+            and p.get("host") == run.host
+            and p.get("model") == run.model
+            and p.get("dataset_id") == run.dataset_id
+            and p.get("image_size") == spec.get("image_size")
+            and p.get("cache_size", 0) == _whole(spec.get("cache_size"))
+        ):
             found = p
     if found is None:
         return None
     epochs = spec.get("epochs") or found["epochs"]
-    return {"epoch_s": found["epoch_s"], "total_s": round(found["fixed_s"] + epochs * found["epoch_s"], 3),
-            "at": found["at"]}
+    return {
+        "epoch_s": found["epoch_s"],
+        "total_s": round(found["fixed_s"] + epochs * found["epoch_s"], 3),
+        "at": found["at"],
+    }
 
 
 def estimate_against_actual(ledger: Ledger, run_id: str) -> dict:

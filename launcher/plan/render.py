@@ -9,15 +9,42 @@ from rich.table import Table
 from rich.text import Text
 
 from gpu_run.money.cost import format_money
+from gpu_run.plan.estimate import (
+    ASSUMED,
+    CONFIG,
+    DOCTOR,
+    MEASURED_HERE,
+    PAST_RUN,
+    PUBLISHED,
+    Figure,
+    Job,
+    Row,
+    megabytes,
+)
 from gpu_run.plan.tables import AWS_SOURCE
-from gpu_run.plan.estimate import megabytes
-from gpu_run.plan.estimate import ASSUMED, CONFIG, DOCTOR, MEASURED_HERE, PAST_RUN, PUBLISHED, Figure, Job, Row
 
 # One letter per source, after each figure in the table; the legend under it spells them out.
-TAGS = {PUBLISHED: "P", MEASURED_HERE: "M", PAST_RUN: "R", CONFIG: "C", AWS_SOURCE: "C", DOCTOR: "D",
-        ASSUMED: "A", "--uplink": "U", "you said": "U"}
-LEGEND = (("P", "published"), ("M", "measured here"), ("R", "your past runs"), ("C", "gpu-run.toml"),
-          ("D", "doctor"), ("U", "you said"), ("A", "assumed"), ("?", "other"))
+TAGS = {
+    PUBLISHED: "P",
+    MEASURED_HERE: "M",
+    PAST_RUN: "R",
+    CONFIG: "C",
+    AWS_SOURCE: "C",
+    DOCTOR: "D",
+    ASSUMED: "A",
+    "--uplink": "U",
+    "you said": "U",
+}
+LEGEND = (
+    ("P", "published"),
+    ("M", "measured here"),
+    ("R", "your past runs"),
+    ("C", "gpu-run.toml"),
+    ("D", "doctor"),
+    ("U", "you said"),
+    ("A", "assumed"),
+    ("?", "other"),
+)
 LIMITS = {"gpu": "GPU", "cpu_decode": "CPU decode", "upload": "upload", "cpu": "CPU"}
 
 
@@ -71,9 +98,15 @@ def plan_table(rows: list[Row]) -> Table:
             table.add_row(Text(r.host), gpu, "-", "-", "-", "-", verdict(r))
             continue
         cost = Text(format_money(r.cost, r.currency))
-        table.add_row(Text(r.host), gpu, _tagged(duration(r.epoch_s.value), r.epoch_s),
-                      _tagged(duration(r.total_s.value), r.total_s), cost,
-                      Text(LIMITS.get(r.limit, r.limit or "-")), verdict(r))
+        table.add_row(
+            Text(r.host),
+            gpu,
+            _tagged(duration(r.epoch_s.value), r.epoch_s),
+            _tagged(duration(r.total_s.value), r.total_s),
+            cost,
+            Text(LIMITS.get(r.limit, r.limit or "-")),
+            verdict(r),
+        )
     return table
 
 
@@ -99,9 +132,11 @@ def host_notes(row: Row) -> str:
         notes.append("The upload takes longer than the training.")
     notes += [f"{note}." for note in row.notes]
     if row.fix:
-        notes.append(f"--cache-size {row.fix['cache_size']} (a copy resized once on this machine, smaller to send "
-                     f"and to decode) would save {duration(row.fix['saves_s'])} and "
-                     f"{format_money(row.fix['saves'], row.currency)} (total {duration(row.fix['total_s'])}).")
+        notes.append(
+            f"--cache-size {row.fix['cache_size']} (a copy resized once on this machine, smaller to send "
+            f"and to decode) would save {duration(row.fix['saves_s'])} and "
+            f"{format_money(row.fix['saves'], row.currency)} (total {duration(row.fix['total_s'])})."
+        )
     notes.append("Total: " + ", ".join(f"{name} {duration(p.value)} {tag(p)}" for name, p in row.parts.items()) + ".")
     upload = row.parts["upload"]
     if upload.detail:
@@ -119,11 +154,14 @@ def legend(rows: list[Row]) -> str:
     return "  ".join(f"{letter} {word}" for letter, word in LEGEND if letter in used)
 
 
-def print_plan(rows: list[Row], job: Job, deadline_s: float | None, budget: float | None,
-               console: Console | None = None) -> None:
+def print_plan(
+    rows: list[Row], job: Job, deadline_s: float | None, budget: float | None, console: Console | None = None
+) -> None:
     console = console or Console(highlight=False)
-    wants = [f"{job.epochs} epochs of {job.model} at {job.image_size} px on {job.train_images:,} train + "
-             f"{job.val_images:,} val images ({megabytes(job.dataset_bytes)})"]
+    wants = [
+        f"{job.epochs} epochs of {job.model} at {job.image_size} px on {job.train_images:,} train + "
+        f"{job.val_images:,} val images ({megabytes(job.dataset_bytes)})"
+    ]
     if deadline_s is not None:
         wants.append(f"deadline {duration(deadline_s)}")
     if budget is not None:
@@ -134,15 +172,28 @@ def print_plan(rows: list[Row], job: Job, deadline_s: float | None, budget: floa
     best = [r for r in rows if r.recommended]
     if len(best) == 1:
         b = best[0]
-        console.print(Text.assemble("Recommended: ", (b.host, "bold green"), f", {duration(b.total_s.value)} for "
-                                    f"{format_money(b.cost, b.currency)}", (f" (with --cache-size {b.fix['cache_size']}: "
-                                    f"{duration(b.fix['total_s'])})" if b.fix else "")))
+        console.print(
+            Text.assemble(
+                "Recommended: ",
+                (b.host, "bold green"),
+                f", {duration(b.total_s.value)} for {format_money(b.cost, b.currency)}",
+                (f" (with --cache-size {b.fix['cache_size']}: {duration(b.fix['total_s'])})" if b.fix else ""),
+            )
+        )
     elif best:
-        console.print("Cheapest in each currency (amounts in different currencies are not compared): "
-                      + ", ".join(f"{b.host} {format_money(b.cost, b.currency)}" for b in best), markup=False)
+        console.print(
+            "Cheapest in each currency (amounts in different currencies are not compared): "
+            + ", ".join(f"{b.host} {format_money(b.cost, b.currency)}" for b in best),
+            markup=False,
+        )
     else:
-        console.print(Text("No host meets the deadline and the budget: raise them, lower --epochs or "
-                           "--image-size, or use a faster host.", style="red"))
+        console.print(
+            Text(
+                "No host meets the deadline and the budget: raise them, lower --epochs or "
+                "--image-size, or use a faster host.",
+                style="red",
+            )
+        )
     console.print("")
     for r in rows:
         console.print(host_notes(r), markup=False)

@@ -25,16 +25,28 @@ REFERENCE_SIZE = 224
 # torchvision's ResNet at batch 32, which is slower on the biggest GPUs (see STEP_FLOOR_S).
 _LAMBDA = "github.com/lambdal/deeplearning-benchmark"
 LAMBDA_2024 = f"Lambda, {_LAMBDA} pytorch/pytorch-train-throughput-fp16.csv, resnet50, 1 GPU (commit 4e11f689, 2024-07)"
-LAMBDA_2025 = f"Lambda, {_LAMBDA} pytorch/csv_v1_v2/pytorch-train-throughput-fp16.csv, resnet50, 1 GPU (commit aa5addb6, 2025-12)"
-LAMBDA_2022_11 = f"Lambda, {_LAMBDA} pytorch/pytorch-train-throughput-fp16.csv, resnet50, 1 GPU (commit 8be85ce5, 2022-11)"
-LAMBDA_2022_07 = (f"Lambda, {_LAMBDA} pytorch/pytorch-train-throughput-fp16.csv, resnet50, 1 GPU (commit a5681044, "
-                  f"2022-07: older software, whose RTX 3090 figure is 801 against 905 in 2024)")
-NVIDIA_QUOTED = ("NVIDIA's published ResNet-50 training figure (Data Center Deep Learning Product Performance), "
-                 "as quoted in gpu-run's plan issue; not re-checked against NVIDIA's page")
-NVIDIA_DLE = ("NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets/resnet50v1.5/README.md "
-              "(pytorch-21.03 NGC container, AMP, batch 256, DALI)")
-T4_DERIVED = (f"derived, no published T4 training figure found: T4 AMP inference 1198 img/s x the V100's "
-              f"training/inference ratio 1200/3382, both from {NVIDIA_DLE}")
+LAMBDA_2025 = (
+    f"Lambda, {_LAMBDA} pytorch/csv_v1_v2/pytorch-train-throughput-fp16.csv, resnet50, 1 GPU (commit aa5addb6, 2025-12)"
+)
+LAMBDA_2022_11 = (
+    f"Lambda, {_LAMBDA} pytorch/pytorch-train-throughput-fp16.csv, resnet50, 1 GPU (commit 8be85ce5, 2022-11)"
+)
+LAMBDA_2022_07 = (
+    f"Lambda, {_LAMBDA} pytorch/pytorch-train-throughput-fp16.csv, resnet50, 1 GPU (commit a5681044, "
+    f"2022-07: older software, whose RTX 3090 figure is 801 against 905 in 2024)"
+)
+NVIDIA_QUOTED = (
+    "NVIDIA's published ResNet-50 training figure (Data Center Deep Learning Product Performance), "
+    "as quoted in gpu-run's plan issue; not re-checked against NVIDIA's page"
+)
+NVIDIA_DLE = (
+    "NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets/resnet50v1.5/README.md "
+    "(pytorch-21.03 NGC container, AMP, batch 256, DALI)"
+)
+T4_DERIVED = (
+    f"derived, no published T4 training figure found: T4 AMP inference 1198 img/s x the V100's "
+    f"training/inference ratio 1200/3382, both from {NVIDIA_DLE}"
+)
 
 
 @dataclass(frozen=True)
@@ -46,9 +58,14 @@ class GpuFigure:
     cite: str  # the short one, for the table's notes
 
 
-_CITES = {LAMBDA_2024: "Lambda 2024-07", LAMBDA_2025: "Lambda 2025-12", LAMBDA_2022_11: "Lambda 2022-11",
-          LAMBDA_2022_07: "Lambda 2022-07", NVIDIA_QUOTED: "NVIDIA, as quoted in the plan issue",
-          T4_DERIVED: "derived from NVIDIA's T4 inference and V100 figures"}
+_CITES = {
+    LAMBDA_2024: "Lambda 2024-07",
+    LAMBDA_2025: "Lambda 2025-12",
+    LAMBDA_2022_11: "Lambda 2022-11",
+    LAMBDA_2022_07: "Lambda 2022-07",
+    NVIDIA_QUOTED: "NVIDIA, as quoted in the plan issue",
+    T4_DERIVED: "derived from NVIDIA's T4 inference and V100 figures",
+}
 
 
 def _gpu(name: str, tokens: str, images_per_s: float, source: str) -> GpuFigure:
@@ -68,11 +85,23 @@ GPUS: tuple[GpuFigure, ...] = (
     _gpu("A100 40GB PCIe", "a100 pcie 40gb", 1396, f"{LAMBDA_2024}, LambdaCloud A100 40GB PCIe"),
     _gpu("A100 80GB PCIe", "a100 pcie", 1527, f"{LAMBDA_2024}, A100 80GB PCIe"),
     _gpu("A100 40GB SXM4", "a100 40gb", 1455, f"{LAMBDA_2022_11}, A100 40GB SXM4"),
-    _gpu("A100 80GB SXM4", "a100", 1582, f"{LAMBDA_2024}, A100 80GB SXM4 (NVIDIA DeepLearningExamples: 2,470 with DALI at batch 256)"),
-    _gpu("A10G", "a10g", 638, f"taken as the A10's figure (AWS g5's A10G is the same GA102 chip): {LAMBDA_2024}, LambdaCloud A10"),
+    _gpu(
+        "A100 80GB SXM4",
+        "a100",
+        1582,
+        f"{LAMBDA_2024}, A100 80GB SXM4 (NVIDIA DeepLearningExamples: 2,470 with DALI at batch 256)",
+    ),
+    _gpu(
+        "A10G",
+        "a10g",
+        638,
+        f"taken as the A10's figure (AWS g5's A10G is the same GA102 chip): {LAMBDA_2024}, LambdaCloud A10",
+    ),
     _gpu("A10", "a10", 638, f"{LAMBDA_2024}, LambdaCloud A10"),
     _gpu("A40", "a40", 653, f"{LAMBDA_2022_07}, RTX A40"),
-    _gpu("V100", "v100", 833, f"{LAMBDA_2024}, LambdaCloud V100 16GB (NVIDIA DeepLearningExamples: 1,200 at batch 256)"),
+    _gpu(
+        "V100", "v100", 833, f"{LAMBDA_2024}, LambdaCloud V100 16GB (NVIDIA DeepLearningExamples: 1,200 at batch 256)"
+    ),
     _gpu("T4", "t4", 425, T4_DERIVED),
     _gpu("RTX 6000 Ada", "6000 ada", 1146, f"{LAMBDA_2024}, RTX 6000 Ada"),
     _gpu("RTX A6000", "a6000", 916, f"{LAMBDA_2024}, RTX A6000"),
@@ -114,8 +143,10 @@ def find_gpu(name: str) -> GpuFigure | None:
 # pt112-cu113-rtx3090.csv (timm's implementations of the same architectures, under torchvision's
 # names here). Only ratios to ResNet-50 are used: the GPU table says how fast the GPU is.
 TIMM_CITE = "timm's RTX 3090 benchmark"
-TIMM_SOURCE = ("timm, huggingface/pytorch-image-models results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv "
-               "(train_samples_per_sec, RTX 3090, AMP, channels-last)")
+TIMM_SOURCE = (
+    "timm, huggingface/pytorch-image-models results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv "
+    "(train_samples_per_sec, RTX 3090, AMP, channels-last)"
+)
 MODEL_SPEED_3090: dict[str, float] = {
     "resnet18": 3481.78,
     "resnet34": 2036.51,
@@ -140,21 +171,48 @@ MODEL_SPEED_3090: dict[str, float] = {
 GFLOPS_CITE = "torchvision's FLOP counts"
 GFLOPS_SOURCE = "torchvision 0.29 weights metadata (_ops: forward GFLOPs per image), at 224 px"
 GFLOPS_224: dict[str, float] = {
-    "resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet101": 7.801, "resnet152": 11.514,
-    "resnext50_32x4d": 4.23, "wide_resnet50_2": 11.398,
-    "mobilenet_v3_small": 0.057, "mobilenet_v3_large": 0.217, "mobilenet_v2": 0.301,
-    "efficientnet_b0": 0.386, "efficientnet_b1": 0.598, "efficientnet_v2_s": 2.847,
-    "densenet121": 2.834, "convnext_tiny": 4.456, "swin_t": 4.491, "regnet_y_1_6gf": 1.612,
-    "vgg16": 15.47, "vgg16_bn": 15.47, "vit_b_16": 17.564, "vit_b_32": 4.409,
-    "squeezenet1_1": 0.349, "shufflenet_v2_x1_0": 0.145, "mnasnet1_0": 0.314, "googlenet": 1.498,
-    "alexnet": 0.714, "inception_v3": 3.206,
+    "resnet18": 1.814,
+    "resnet34": 3.664,
+    "resnet50": 4.089,
+    "resnet101": 7.801,
+    "resnet152": 11.514,
+    "resnext50_32x4d": 4.23,
+    "wide_resnet50_2": 11.398,
+    "mobilenet_v3_small": 0.057,
+    "mobilenet_v3_large": 0.217,
+    "mobilenet_v2": 0.301,
+    "efficientnet_b0": 0.386,
+    "efficientnet_b1": 0.598,
+    "efficientnet_v2_s": 2.847,
+    "densenet121": 2.834,
+    "convnext_tiny": 4.456,
+    "swin_t": 4.491,
+    "regnet_y_1_6gf": 1.612,
+    "vgg16": 15.47,
+    "vgg16_bn": 15.47,
+    "vit_b_16": 17.564,
+    "vit_b_32": 4.409,
+    "squeezenet1_1": 0.349,
+    "shufflenet_v2_x1_0": 0.145,
+    "mnasnet1_0": 0.314,
+    "googlenet": 1.498,
+    "alexnet": 0.714,
+    "inception_v3": 3.206,
 }
 
 
 # AWS GPU instance families: the GPU each carries (one per instance for the sizes gpu-run trains
 # on) and its vCPUs (an xlarge has 4, an Nxlarge 4 x N, in every family below).
-AWS_FAMILY_GPU = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "g6e": "L40S", "p3": "V100",
-                  "p4d": "A100 40GB SXM4", "p4de": "A100 80GB SXM4", "p5": "H100 SXM"}
+AWS_FAMILY_GPU = {
+    "g4dn": "T4",
+    "g5": "A10G",
+    "g6": "L4",
+    "g6e": "L40S",
+    "p3": "V100",
+    "p4d": "A100 40GB SXM4",
+    "p4de": "A100 80GB SXM4",
+    "p5": "H100 SXM",
+}
 AWS_SOURCE = "AWS instance type"
 
 

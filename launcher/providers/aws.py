@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import boto3
 import botocore.exceptions
 
-from gpu_run.providers.base import StopResult
 from gpu_run.config import Host
 from gpu_run.errors import BackendError, ConfigError
+from gpu_run.providers.base import StopResult
 from gpu_run.ui import UI
 
 START_TIMEOUT_S = 600
 STOP_CONFIRM_TIMEOUT_S = 120
 
 
-def wait_for_state(describe: Callable[[], str], wanted: str, timeout_s: float, poll_s: float = 3,
-                   sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> str:
+def wait_for_state(
+    describe: Callable[[], str],
+    wanted: str,
+    timeout_s: float,
+    poll_s: float = 3,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> str:
     """Poll until describe() says `wanted`; a dead end (terminated) or the timeout is an error.
 
     sleep and clock are parameters so the loop can be tested against any sequence of states."""
@@ -44,15 +50,21 @@ class AwsInstance:
         try:
             return fn(**kwargs)
         except botocore.exceptions.NoCredentialsError:
-            raise ConfigError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env") from None
+            raise ConfigError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env"
+            ) from None
         except botocore.exceptions.EndpointConnectionError as e:
             raise BackendError(f"cannot reach EC2 in {self.host.region}: {e}") from None
         except botocore.exceptions.ClientError as e:
             err = e.response.get("Error", {})
-            raise BackendError(f"EC2 {what} of {self.instance_id} failed: {err.get('Code')}: {err.get('Message')}") from None
+            raise BackendError(
+                f"EC2 {what} of {self.instance_id} failed: {err.get('Code')}: {err.get('Message')}"
+            ) from None
 
     def describe(self) -> dict:
-        reservations = self._call("describe", self.ec2.describe_instances, InstanceIds=[self.instance_id])["Reservations"]
+        reservations = self._call("describe", self.ec2.describe_instances, InstanceIds=[self.instance_id])[
+            "Reservations"
+        ]
         return reservations[0]["Instances"][0]
 
     def state(self) -> str:
@@ -66,8 +78,12 @@ class AwsInstance:
         return address
 
     def shutdown_behaviour(self) -> str:
-        attr = self._call("attribute read", self.ec2.describe_instance_attribute, InstanceId=self.instance_id,
-                          Attribute="instanceInitiatedShutdownBehavior")
+        attr = self._call(
+            "attribute read",
+            self.ec2.describe_instance_attribute,
+            InstanceId=self.instance_id,
+            Attribute="instanceInitiatedShutdownBehavior",
+        )
         return attr.get("InstanceInitiatedShutdownBehavior", {}).get("Value", "stop")
 
     def start(self, ui: UI, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -82,8 +98,10 @@ class AwsInstance:
                 wait_for_state(self.state, "running", timeout_s)
             ui.info(f"instance {self.instance_id} is running")
         if self.shutdown_behaviour() == "terminate":
-            ui.warn(f"instance {self.instance_id} terminates when it shuts itself down: the watchdog's stop "
-                    f"would delete it and its disk. Set its shutdown behaviour to stop to keep them")
+            ui.warn(
+                f"instance {self.instance_id} terminates when it shuts itself down: the watchdog's stop "
+                f"would delete it and its disk. Set its shutdown behaviour to stop to keep them"
+            )
 
     def stop(self, terminate: bool = False, timeout_s: float = STOP_CONFIRM_TIMEOUT_S) -> StopResult:
         """Stop (or terminate) and confirm through the API: EC2 bills nothing from `stopping` on."""
@@ -96,9 +114,17 @@ class AwsInstance:
         done = ("shutting-down", "terminated") if terminate else ("stopping", "stopped", "terminated")
         while (state := self.state()) not in done:
             if time.monotonic() >= deadline:
-                return StopResult(False, "unconfirmed", None,
-                                  f"instance {self.instance_id} is still {state} {timeout_s:.0f}s after the stop request; it may still be billing")
+                return StopResult(
+                    False,
+                    "unconfirmed",
+                    None,
+                    f"instance {self.instance_id} is still {state} {timeout_s:.0f}s after the stop request; it may still be billing",
+                )
             time.sleep(3)
         verb = "terminated" if terminate else "stopped"
-        return StopResult(True, "stopped", asked,
-                          f"instance {self.instance_id} {verb} ({state}; a stopped instance still bills for its disk)")
+        return StopResult(
+            True,
+            "stopped",
+            asked,
+            f"instance {self.instance_id} {verb} ({state}; a stopped instance still bills for its disk)",
+        )

@@ -50,17 +50,23 @@ class Runtime(ABC):
         if job.data_rel and job.data_dir:
             place = f"{work}/{job.data_rel}"
             if self.sees_host_paths:
-                steps += [f"mkdir -p {quote([place.rsplit('/', 1)[0]])}", f"ln -s {quote([job.data_dir])} {quote([place])}"]
+                steps += [
+                    f"mkdir -p {quote([place.rsplit('/', 1)[0]])}",
+                    f"ln -s {quote([job.data_dir])} {quote([place])}",
+                ]
             else:  # the container mounts the dataset there; the folder is its mount point
                 steps.append(f"mkdir -p {quote([place])}")
         python = getattr(self, "python", None)
         if python and self.sees_host_paths:
             bin_dir = f"{run_dir}/bin"
-            pip = f"#!/bin/sh\nexec {quote([python])} -m pip \"$@\"\n"
-            steps += [f"mkdir -p {quote([bin_dir])}",
-                      f"ln -sf {quote([python])} {quote([bin_dir + '/python'])}",
-                      f"ln -sf {quote([python])} {quote([bin_dir + '/python3'])}",
-                      f"printf {quote([pip])} > {quote([bin_dir + '/pip'])}", f"chmod +x {quote([bin_dir + '/pip'])}"]
+            pip = f'#!/bin/sh\nexec {quote([python])} -m pip "$@"\n'
+            steps += [
+                f"mkdir -p {quote([bin_dir])}",
+                f"ln -sf {quote([python])} {quote([bin_dir + '/python'])}",
+                f"ln -sf {quote([python])} {quote([bin_dir + '/python3'])}",
+                f"printf {quote([pip])} > {quote([bin_dir + '/pip'])}",
+                f"chmod +x {quote([bin_dir + '/pip'])}",
+            ]
         return " && ".join(steps)
 
     @abstractmethod
@@ -126,7 +132,8 @@ class Runtime(ABC):
         """SIGTERM (the trainer saves last.pth at its next step), killed after timeout_s."""
 
     @abstractmethod
-    def s3sync_command(self, action: str, uri: str, host_dir: str, endpoint_url: str | None,
-                       credential_names: list[str]) -> str:
+    def s3sync_command(
+        self, action: str, uri: str, host_dir: str, endpoint_url: str | None, credential_names: list[str]
+    ) -> str:
         """A shell command running trainer/s3sync.py on the host (credentials from the caller's
         environment, by name)."""

@@ -14,8 +14,8 @@ from gpu_run.backends.base import Job, Prepared, RunHandle, command_argv, job_en
 from gpu_run.config import Host
 from gpu_run.errors import BackendError
 from gpu_run.image import CPU_BASE_IMAGE, choose_base_image, context_files, context_tar, image_tag
-from gpu_run.remote import Remote, quote
 from gpu_run.packages import INSTALL
+from gpu_run.remote import Remote, quote
 from gpu_run.runtimes.base import PYTHON_TAGS, Runtime
 from gpu_run.shipped import base_image_script
 from gpu_run.ui import UI
@@ -84,8 +84,20 @@ class DockerRuntime(Runtime):
         self._ensure_base(base, ui)
         with ui.spinner(f"building {tag} on {self.host.name}"):
             self.remote.run(
-                ["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={base}", "--label", "gpu-run=trainer", "-t", tag, "-"],
-                input=context_tar(files).getvalue(), timeout_s=3600,
+                [
+                    "docker",
+                    "build",
+                    "-q",
+                    "--build-arg",
+                    f"BASE_IMAGE={base}",
+                    "--label",
+                    "gpu-run=trainer",
+                    "-t",
+                    tag,
+                    "-",
+                ],
+                input=context_tar(files).getvalue(),
+                timeout_s=3600,
             )
         ui.info(f"built image {tag} on {self.host.name}")
         self.image_tag = tag
@@ -95,9 +107,24 @@ class DockerRuntime(Runtime):
 
     def _run_args(self, job: Job, prepared: Prepared, gpu: bool, env_file: str | None) -> list[str]:
         args = [
-            "run", "-d", "--name", f"gpu-run-{job.run_id}", "--label", f"{RUN_LABEL}={job.run_id}",
-            "-v", f"{job.out_dir}:/out", "-v", f"{self.workdir}/cache:/cache", "-e", "TORCH_HOME=/cache/torch",
-            "-e", "HOME=/tmp", "--shm-size", "2g", "--user", self.uid_gid,
+            "run",
+            "-d",
+            "--name",
+            f"gpu-run-{job.run_id}",
+            "--label",
+            f"{RUN_LABEL}={job.run_id}",
+            "-v",
+            f"{job.out_dir}:/out",
+            "-v",
+            f"{self.workdir}/cache:/cache",
+            "-e",
+            "TORCH_HOME=/cache/torch",
+            "-e",
+            "HOME=/tmp",
+            "--shm-size",
+            "2g",
+            "--user",
+            self.uid_gid,
         ]
         if job.command is None:
             mounts, argv = self._trainer_mounts_and_argv(job)
@@ -150,9 +177,28 @@ class DockerRuntime(Runtime):
 
     def install_packages_command(self, wheels_dir: str, site_dir: str) -> str:
         parent, name = site_dir.rsplit("/", 1)
-        return quote(["docker", "run", "--rm", "--network", "none", "--user", self.uid_gid,
-                      "-v", f"{wheels_dir}:/wheels:ro", "-v", f"{parent}:/pydeps", "--entrypoint", "python3",
-                      self.image_tag or "", "-c", INSTALL, "/wheels", f"/pydeps/{name}"])
+        return quote(
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--user",
+                self.uid_gid,
+                "-v",
+                f"{wheels_dir}:/wheels:ro",
+                "-v",
+                f"{parent}:/pydeps",
+                "--entrypoint",
+                "python3",
+                self.image_tag or "",
+                "-c",
+                INSTALL,
+                "/wheels",
+                f"/pydeps/{name}",
+            ]
+        )
 
     def start(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None, ui: UI) -> dict:
         self.image_tag = prepared.image_tag
@@ -166,7 +212,9 @@ class DockerRuntime(Runtime):
             prepared.device = "cpu"
             result = self._docker(*self._run_args(job, prepared, False, env_file), check=False)
         if result.code != 0:
-            raise BackendError(f"could not start the trainer on {self.host.name}: {result.stderr.strip().splitlines()[-1:]}")
+            raise BackendError(
+                f"could not start the trainer on {self.host.name}: {result.stderr.strip().splitlines()[-1:]}"
+            )
         return {"container": container}
 
     def start_command(self, job: Job, run_dir: str, prepared: Prepared, env_file: str | None) -> str:
@@ -178,9 +226,11 @@ class DockerRuntime(Runtime):
         command = f"docker rm -f {container} >/dev/null 2>&1; "
         if use_gpu:
             gpu_run = quote(["docker", *self._run_args(job, prepared, True, env_file)])
-            command += (f"out=$({gpu_run} 2>&1); rc=$?; if [ $rc -ne 0 ]; then case \"$out\" in "
-                        f"*{quote([NO_GPU_DRIVER])}*) docker rm -f {container} >/dev/null 2>&1; {cpu_run} >/dev/null; rc=$? ;; "
-                        f"*) printf '%s\\n' \"$out\" >&2 ;; esac; fi; ")
+            command += (
+                f'out=$({gpu_run} 2>&1); rc=$?; if [ $rc -ne 0 ]; then case "$out" in '
+                f"*{quote([NO_GPU_DRIVER])}*) docker rm -f {container} >/dev/null 2>&1; {cpu_run} >/dev/null; rc=$? ;; "
+                f"*) printf '%s\\n' \"$out\" >&2 ;; esac; fi; "
+            )
         else:
             command += f"{cpu_run} >/dev/null; rc=$?; "
         if env_file:
@@ -189,9 +239,11 @@ class DockerRuntime(Runtime):
 
     def state_command(self, handle: RunHandle) -> str:
         # An engine that does not answer (restarting) is not the job's end: that reads as running.
-        return (f"s=$(docker inspect -f '{{{{.State.Status}}}} {{{{.State.ExitCode}}}}' {quote([handle.container])} 2>&1) "
-                f"|| {{ case \"$s\" in *'o such'*) echo gone ;; *) echo running ;; esac; exit 0; }}; "
-                "set -- $s; case \"$1\" in created|running|restarting|paused) echo running ;; *) echo \"$2\" ;; esac")
+        return (
+            f"s=$(docker inspect -f '{{{{.State.Status}}}} {{{{.State.ExitCode}}}}' {quote([handle.container])} 2>&1) "
+            f"|| {{ case \"$s\" in *'o such'*) echo gone ;; *) echo running ;; esac; exit 0; }}; "
+            'set -- $s; case "$1" in created|running|restarting|paused) echo running ;; *) echo "$2" ;; esac'
+        )
 
     def stop_command(self, handle: RunHandle, timeout_s: int) -> str:
         return quote(["docker", "stop", "-t", str(timeout_s), handle.container]) + " >/dev/null 2>&1; true"
@@ -223,13 +275,14 @@ class DockerRuntime(Runtime):
             value = int(words[1])
         except ValueError:
             return None
-        return value if -2**31 <= value < 2**31 else None
+        return value if -(2**31) <= value < 2**31 else None
 
     def stop(self, handle: RunHandle, timeout_s: int) -> None:
         self._docker("stop", "-t", str(timeout_s), handle.container, check=False, timeout_s=timeout_s + 60)
 
-    def s3sync_command(self, action: str, uri: str, host_dir: str, endpoint_url: str | None,
-                       credential_names: list[str]) -> str:
+    def s3sync_command(
+        self, action: str, uri: str, host_dir: str, endpoint_url: str | None, credential_names: list[str]
+    ) -> str:
         """A `docker run` of trainer/s3sync.py in the trainer image; credentials by name (-e NAME),
         so their values appear on no command line."""
         inside = "/data" if action == "download" else "/out"
@@ -237,5 +290,25 @@ class DockerRuntime(Runtime):
         paths = [uri, inside] if action == "download" else [inside, uri]
         endpoint = ["--endpoint-url", endpoint_url] if endpoint_url else []
         env_args = [a for key in credential_names for a in ("-e", key)]
-        return quote(["docker", "run", "--rm", "--network", "host", "--user", self.uid_gid, *env_args, "-v", mount,
-                      "--entrypoint", "python3", self.image_tag, "-m", "trainer.s3sync", action, *paths, *endpoint])
+        return quote(
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--network",
+                "host",
+                "--user",
+                self.uid_gid,
+                *env_args,
+                "-v",
+                mount,
+                "--entrypoint",
+                "python3",
+                self.image_tag,
+                "-m",
+                "trainer.s3sync",
+                action,
+                *paths,
+                *endpoint,
+            ]
+        )

@@ -19,17 +19,19 @@ import tarfile
 from gpu_run.backends.base import Job, Prepared, RunHandle, command_argv, job_env, launcher_argv, trainer_argv
 from gpu_run.config import Host
 from gpu_run.errors import BackendError
+from gpu_run.packages import INSTALL
 from gpu_run.platforms import PYTHON_CANDIDATES
 from gpu_run.remote import Remote, quote
-from gpu_run.packages import INSTALL
 from gpu_run.runtimes.base import PYTHON_TAGS, Runtime, env_file_text
 from gpu_run.shipped import trainer_files
 from gpu_run.ui import UI
 
 # Run by each candidate interpreter: it must import torch and torchvision to be the one.
-_PROBE = ("import json, sys, torch, torchvision; print(json.dumps({'python': sys.executable, "
-          "'python_version': sys.version.split()[0], 'torch': torch.__version__, 'torchvision': torchvision.__version__, "
-          "'cuda': torch.cuda.is_available(), 'cuda_version': torch.version.cuda, 'gpus': torch.cuda.device_count()}))")
+_PROBE = (
+    "import json, sys, torch, torchvision; print(json.dumps({'python': sys.executable, "
+    "'python_version': sys.version.split()[0], 'torch': torch.__version__, 'torchvision': torchvision.__version__, "
+    "'cuda': torch.cuda.is_available(), 'cuda_version': torch.version.cuda, 'gpus': torch.cuda.device_count()}))"
+)
 
 
 def files_hash(files: list[tuple[str, bytes]]) -> str:
@@ -44,10 +46,12 @@ def find_python(remote: Remote, configured: str | None) -> dict | None:
     """The first interpreter on the host that imports torch and torchvision, with what it found.
     A non-interactive SSH login does not initialise conda, so the usual places are probed too."""
     candidates = [configured] if configured else list(PYTHON_CANDIDATES)
-    script = ("for p in " + quote(candidates) + "; do "
-              "command -v \"$p\" >/dev/null 2>&1 || continue; "
-              f"\"$p\" -c {quote([_PROBE])} 2>/dev/null && exit 0; "
-              "done; exit 3")
+    script = (
+        "for p in " + quote(candidates) + "; do "
+        'command -v "$p" >/dev/null 2>&1 || continue; '
+        f'"$p" -c {quote([_PROBE])} 2>/dev/null && exit 0; '
+        "done; exit 3"
+    )
     r = remote.run(["sh", "-c", script], check=False, timeout_s=180)
     if r.code != 0 or not r.stdout.strip():
         return None
@@ -69,11 +73,16 @@ class PythonRuntime(Runtime):
         return "".join(f"{key}={quote([value])}\n" for key, value in env.items()).encode()  # sourced by sh
 
     def describe(self) -> str:
-        cuda = f"CUDA {self.found['cuda_version']}, {self.found['gpus']} GPU(s)" if self.found["cuda"] else "no CUDA GPU"
+        cuda = (
+            f"CUDA {self.found['cuda_version']}, {self.found['gpus']} GPU(s)" if self.found["cuda"] else "no CUDA GPU"
+        )
         return f"its own Python {self.python} (torch {self.found['torch']}, {cuda}; {self.why})"
 
     def versions(self) -> dict:
-        return {k: self.found[k] for k in ("python", "python_version", "torch", "torchvision", "cuda", "cuda_version", "gpus")}
+        return {
+            k: self.found[k]
+            for k in ("python", "python_version", "torch", "torchvision", "cuda", "cuda_version", "gpus")
+        }
 
     # The code and the environment ------------------------------------------------------------------
 
@@ -91,9 +100,12 @@ class PythonRuntime(Runtime):
                 tar.addfile(info, io.BytesIO(content))
         tmp = f"{self.code_dir}.tmp"
         # Unpacked beside and renamed into place: a cut upload never leaves a half trainer there.
-        self.remote.run(f"rm -rf {quote([tmp])} && mkdir -p {quote([tmp])} && tar -C {quote([tmp])} -xf - && "
-                        f"touch {quote([tmp + '/.complete'])} && rm -rf {quote([self.code_dir])} && "
-                        f"mv {quote([tmp])} {quote([self.code_dir])}", input=buf.getvalue())
+        self.remote.run(
+            f"rm -rf {quote([tmp])} && mkdir -p {quote([tmp])} && tar -C {quote([tmp])} -xf - && "
+            f"touch {quote([tmp + '/.complete'])} && rm -rf {quote([self.code_dir])} && "
+            f"mv {quote([tmp])} {quote([self.code_dir])}",
+            input=buf.getvalue(),
+        )
         ui.info(f"trainer code sent to {self.host.name} ({len(files)} files)")
         return True
 
@@ -107,11 +119,16 @@ class PythonRuntime(Runtime):
         with ui.spinner(f"installing {package} into {venv} on {self.host.name}"):
             r = self.remote.run(
                 f"{prelude}[ -x {quote([venv + '/bin/python'])} ] || {quote([self.python, '-m', 'venv', '--system-site-packages', venv])} && "
-                f"{quote([venv + '/bin/python', '-m', 'pip', 'install', '-q', package])}", check=False, timeout_s=1800)
+                f"{quote([venv + '/bin/python', '-m', 'pip', 'install', '-q', package])}",
+                check=False,
+                timeout_s=1800,
+            )
         if r.code != 0:
             last = (r.stderr.strip() or r.stdout.strip()).splitlines()[-1:] or [f"exit code {r.code}"]
-            raise BackendError(f"could not install {package} on {self.host.name} for the trainer: {last[0]}; "
-                               f"set setup_command to reach a package mirror, or install it there")
+            raise BackendError(
+                f"could not install {package} on {self.host.name} for the trainer: {last[0]}; "
+                f"set setup_command to reach a package mirror, or install it there"
+            )
         self.python = f"{venv}/bin/python"
 
     def prepare(self, ui: UI) -> Prepared:
@@ -147,21 +164,26 @@ class PythonRuntime(Runtime):
             env["CUDA_VISIBLE_DEVICES"] = ""
         elif job.devices:  # a sweep's point running beside others: its own GPUs
             env["CUDA_VISIBLE_DEVICES"] = job.devices
-        exports = " ".join(f"{k}={quote([v])}" if k != "PATH" else f'PATH={quote([run_dir + "/bin"])}:"$PATH"'
-                           for k, v in env.items())
+        exports = " ".join(
+            f"{k}={quote([v])}" if k != "PATH" else f'PATH={quote([run_dir + "/bin"])}:"$PATH"' for k, v in env.items()
+        )
         # The --env values come from a file only the run's user can read, removed once read.
         load_env = f"set -a; . {quote([env_file])}; set +a; rm -f {quote([env_file])}; " if env_file else ""
-        wrapper = (f"cd {quote([cwd])} && export {exports}; {load_env}"
-                   f"{quote(argv)} & echo $! > {quote([run_dir + '/job.pid'])}; wait $!; "
-                   f"echo $? > {quote([run_dir + '/.exit_code'])} && mv {quote([run_dir + '/.exit_code'])} {quote([run_dir + '/exit_code'])}")
+        wrapper = (
+            f"cd {quote([cwd])} && export {exports}; {load_env}"
+            f"{quote(argv)} & echo $! > {quote([run_dir + '/job.pid'])}; wait $!; "
+            f"echo $? > {quote([run_dir + '/.exit_code'])} && mv {quote([run_dir + '/.exit_code'])} {quote([run_dir + '/exit_code'])}"
+        )
         # Its own session and process group (job.pgid), so that the whole group can be killed after
         # the grace and it outlives this SSH session; os.setsid from Python because not every
         # system has a setsid command (macOS has none).
         detach = [self.python, "-c", "import os, sys; os.setsid(); os.execvp('sh', ['sh', '-c', sys.argv[1]])", wrapper]
         # The log exists before this returns: whoever follows it next must find it.
-        return (f"rm -f {quote([run_dir + '/exit_code'])}; : > {quote([run_dir + '/train.log'])}; "
-                f"nohup {quote(detach)} >> {quote([run_dir + '/train.log'])} 2>&1 < /dev/null & "
-                f"echo $! > {quote([run_dir + '/job.pgid'])}")
+        return (
+            f"rm -f {quote([run_dir + '/exit_code'])}; : > {quote([run_dir + '/train.log'])}; "
+            f"nohup {quote(detach)} >> {quote([run_dir + '/train.log'])} 2>&1 < /dev/null & "
+            f"echo $! > {quote([run_dir + '/job.pgid'])}"
+        )
 
     def watch_settings(self, job: Job) -> dict[str, str]:
         return {"WATCH": "process"}
@@ -179,9 +201,11 @@ class PythonRuntime(Runtime):
         by another process since: our trainer names the run on its command line, and every job
         has GPU_RUN_JOB_DIR=<run_dir> in its environment, which a user's `python train.py` keeps)."""
         run_id = run_dir.rstrip("/").rsplit("/", 1)[-1]
-        return (f"{{ p=$(cat {quote([pid_file])} 2>/dev/null) && [ -n \"$p\" ] && kill -0 \"$p\" 2>/dev/null && "
-                f"{{ [ ! -r /proc/$p/cmdline ] || tr '\\0' ' ' < /proc/$p/cmdline | grep -qF -- {quote([run_id])} || "
-                f"tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF -- {quote(['GPU_RUN_JOB_DIR=' + run_dir])}; }}; }}")
+        return (
+            f'{{ p=$(cat {quote([pid_file])} 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && '
+            f"{{ [ ! -r /proc/$p/cmdline ] || tr '\\0' ' ' < /proc/$p/cmdline | grep -qF -- {quote([run_id])} || "
+            f"tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qxF -- {quote(['GPU_RUN_JOB_DIR=' + run_dir])}; }}; }}"
+        )
 
     def log_command(self, handle: RunHandle, follow: bool) -> str:
         d = handle.run_dir
@@ -190,16 +214,20 @@ class PythonRuntime(Runtime):
             return f"cat {log} 2>/dev/null"
         # Ends once the trainer's group leader has gone, as `docker logs -f` does (and a moment
         # later, so that tail has printed the last lines).
-        return (f"tail -n +1 -f {log} & t=$!; while {self._alive(d + '/job.pgid', d)}; do sleep 1; done; "
-                "sleep 2; kill $t 2>/dev/null; wait $t 2>/dev/null; true")
+        return (
+            f"tail -n +1 -f {log} & t=$!; while {self._alive(d + '/job.pgid', d)}; do sleep 1; done; "
+            "sleep 2; kill $t 2>/dev/null; wait $t 2>/dev/null; true"
+        )
 
     def state_command(self, handle: RunHandle) -> str:
         d = handle.run_dir
         code_file = quote([d + "/exit_code"])
         # The code file is read again after the liveness test: the trainer may end in between.
-        return (f"if [ -f {code_file} ]; then cat {code_file}; "
-                f"elif {self._alive(d + '/job.pgid', d)}; then echo running; "
-                f"elif [ -f {code_file} ]; then cat {code_file}; else echo gone; fi")
+        return (
+            f"if [ -f {code_file} ]; then cat {code_file}; "
+            f"elif {self._alive(d + '/job.pgid', d)}; then echo running; "
+            f"elif [ -f {code_file} ]; then cat {code_file}; else echo gone; fi"
+        )
 
     def exit_code(self, handle: RunHandle) -> int | None:
         out = self.remote.run(["sh", "-c", self.state_command(handle)], check=False).stdout.strip()
@@ -209,17 +237,21 @@ class PythonRuntime(Runtime):
 
     def stop_command(self, handle: RunHandle, timeout_s: int) -> str:
         d = handle.run_dir
-        return (f"{self._alive(d + '/job.pid', d)} && kill -TERM \"$p\"; "
-                f"i=0; while [ $i -lt {int(timeout_s)} ] && {self._alive(d + '/job.pgid', d)}; "
-                "do sleep 1; i=$((i+1)); done; "
-                f"{self._alive(d + '/job.pgid', d)} && kill -KILL -- \"-$p\"; true")
+        return (
+            f'{self._alive(d + "/job.pid", d)} && kill -TERM "$p"; '
+            f"i=0; while [ $i -lt {int(timeout_s)} ] && {self._alive(d + '/job.pgid', d)}; "
+            "do sleep 1; i=$((i+1)); done; "
+            f'{self._alive(d + "/job.pgid", d)} && kill -KILL -- "-$p"; true'
+        )
 
     def stop(self, handle: RunHandle, timeout_s: int) -> None:
         self.remote.run(["sh", "-c", self.stop_command(handle, timeout_s)], check=False, timeout_s=timeout_s + 60)
 
-    def s3sync_command(self, action: str, uri: str, host_dir: str, endpoint_url: str | None,
-                       credential_names: list[str]) -> str:
+    def s3sync_command(
+        self, action: str, uri: str, host_dir: str, endpoint_url: str | None, credential_names: list[str]
+    ) -> str:
         paths = [uri, host_dir] if action == "download" else [host_dir, uri]
         endpoint = ["--endpoint-url", endpoint_url] if endpoint_url else []
-        return (f"PYTHONPATH={quote([self.code_dir])} "
-                + quote([self.python, "-m", "trainer.s3sync", action, *paths, *endpoint]))
+        return f"PYTHONPATH={quote([self.code_dir])} " + quote(
+            [self.python, "-m", "trainer.s3sync", action, *paths, *endpoint]
+        )

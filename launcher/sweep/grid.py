@@ -18,8 +18,19 @@ from gpu_run.errors import ConfigError
 # The train options a sweep may vary, with the type of one value. The order is the grid's order:
 # the first key varies slowest, so points of one model stay together.
 GRID_KEYS: dict[str, type] = {
-    "model": str, "weights": str, "lr": float, "batch_size": int, "epochs": int, "image_size": int,
-    "augment": str, "step_size": int, "gamma": float, "seed": int, "gpus": int, "amp": str, "decode": str,
+    "model": str,
+    "weights": str,
+    "lr": float,
+    "batch_size": int,
+    "epochs": int,
+    "image_size": int,
+    "augment": str,
+    "step_size": int,
+    "gamma": float,
+    "seed": int,
+    "gpus": int,
+    "amp": str,
+    "decode": str,
     "workers": int,
 }
 CHOICES = {"augment": ("standard", "light", "none"), "amp": ("auto", "off"), "decode": ("auto", "cpu", "gpu")}
@@ -33,6 +44,7 @@ def option_name(key: str) -> str:
 def _value(key: str, raw, where: str):
     kind = GRID_KEYS[key]
     try:
+        value: float | str
         if kind is float and not isinstance(raw, bool):
             value = float(raw)
         elif kind is int and not isinstance(raw, bool) and float(raw) == int(float(raw)):
@@ -42,8 +54,9 @@ def _value(key: str, raw, where: str):
         else:
             raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {raw!r} is not a valid {'number' if kind in (int, float) else 'value'} "
-                          f"for {option_name(key)}") from None
+        raise ConfigError(
+            f"{where}: {raw!r} is not a valid {'number' if kind in (int, float) else 'value'} for {option_name(key)}"
+        ) from None
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}: {option_name(key)} {value!r} is not one of {', '.join(CHOICES[key])}")
     return value
@@ -100,7 +113,9 @@ def load_grid_file(path: Path) -> list[dict]:
 
 def _known(key: str, path: Path) -> None:
     if key not in GRID_KEYS:
-        raise ConfigError(f"--grid {path}: {key!r} is not an option a sweep can vary; use one of {', '.join(GRID_KEYS)}")
+        raise ConfigError(
+            f"--grid {path}: {key!r} is not an option a sweep can vary; use one of {', '.join(GRID_KEYS)}"
+        )
 
 
 def build_points(given: dict[str, str | None], grid_file: Path | None = None) -> tuple[dict, list[dict]]:
@@ -121,12 +136,15 @@ def build_points(given: dict[str, str | None], grid_file: Path | None = None) ->
         from_file = load_grid_file(grid_file)
         both = sorted({k for p in from_file for k in p} & (set(shared) | set(lists)))
         if both:
-            raise ConfigError(f"{', '.join(option_name(k) for k in both)} given on the command line and in --grid "
-                              f"{grid_file}; give each option in one place")
+            raise ConfigError(
+                f"{', '.join(option_name(k) for k in both)} given on the command line and in --grid "
+                f"{grid_file}; give each option in one place"
+            )
         points = [{**f, **p} for f in from_file for p in points]
     if len(points) < 2 and grid_file is None:
-        raise ConfigError("a sweep needs at least two points: give an option as a comma list "
-                          "(--lr 1e-3,1e-2) or a --grid FILE.toml")
+        raise ConfigError(
+            "a sweep needs at least two points: give an option as a comma list (--lr 1e-3,1e-2) or a --grid FILE.toml"
+        )
     if len(points) > MAX_POINTS:
         raise ConfigError(f"the grid has {len(points)} points, more than {MAX_POINTS}; split the sweep")
     unique = {tuple(sorted(p.items())) for p in points}
@@ -158,15 +176,19 @@ def command_points(sets: tuple[str, ...], command: list[str]) -> list[dict]:
         if len(set(items)) != len(items):
             raise ConfigError(f"--set {given!r} names a value twice; each point would run twice")
         if key not in wanted:
-            raise ConfigError(f"--set {key}: the command has no {{{key}}} to fill; put {{{key}}} where the value goes, "
-                              f"e.g. -- python train.py --{key} {{{key}}}")
+            raise ConfigError(
+                f"--set {key}: the command has no {{{key}}} to fill; put {{{key}}} where the value goes, "
+                f"e.g. -- python train.py --{key} {{{key}}}"
+            )
         lists[key] = items
     missing = [name for name in dict.fromkeys(wanted) if name not in lists]
     if missing:
         raise ConfigError(f"the command's {{{missing[0]}}} has no value; give it with --set {missing[0]}=a,b")
     if not lists:
-        raise ConfigError("a sweep of your own command needs a grid: put {name} in the command and give "
-                          "--set name=a,b (e.g. -- python train.py --lr {lr} with --set lr=1e-3,1e-2)")
+        raise ConfigError(
+            "a sweep of your own command needs a grid: put {name} in the command and give "
+            "--set name=a,b (e.g. -- python train.py --lr {lr} with --set lr=1e-3,1e-2)"
+        )
     points = [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
     if len(points) < 2:
         raise ConfigError("a sweep needs at least two points: give a --set with two or more values")
@@ -177,8 +199,10 @@ def command_points(sets: tuple[str, ...], command: list[str]) -> list[dict]:
 
 def fill_command(command: list[str], point: dict) -> list[str]:
     """The command of one point: each {name} replaced by its value (other braces left alone)."""
-    return [PLACEHOLDER.sub(lambda m: str(point[m.group(1)]) if m.group(1) in point else m.group(0), word)
-            for word in command]
+    return [
+        PLACEHOLDER.sub(lambda m: str(point[m.group(1)]) if m.group(1) in point else m.group(0), word)
+        for word in command
+    ]
 
 
 def label(point: dict) -> str:

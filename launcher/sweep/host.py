@@ -67,8 +67,9 @@ class HostQueue:
 
     def handle(self) -> RunHandle:
         """The queue's handle: what reconnects to it and confirms the machine's stop."""
-        return RunHandle(backend="ssh", runtime=self.backend.runtime.name, run_dir=self.dir,
-                         versions=self.backend.runtime.versions())
+        return RunHandle(
+            backend="ssh", runtime=self.backend.runtime.name, run_dir=self.dir, versions=self.backend.runtime.versions()
+        )
 
     def _put(self, run_id: str, name: str, text: str) -> None:
         self._files[f"{run_id}/{name}"] = (text.encode(), 0o644)
@@ -77,10 +78,17 @@ class HostQueue:
         """A point's scripts (written with the rest by send()); its handle, as a single run's."""
         backend, runtime = self.backend, self.backend.runtime
         run_dir = backend.run_dir(job.run_id)
-        handle = RunHandle(backend=backend.name, runtime=runtime.name, run_dir=run_dir, out_dir=job.out_dir,
-                           container=f"gpu-run-{job.run_id}" if runtime.name == "docker" else "",
-                           keep_alive=job.keep_alive, terminate=job.terminate, device=prepared.device,
-                           versions=runtime.versions())
+        handle = RunHandle(
+            backend=backend.name,
+            runtime=runtime.name,
+            run_dir=run_dir,
+            out_dir=job.out_dir,
+            container=f"gpu-run-{job.run_id}" if runtime.name == "docker" else "",
+            keep_alive=job.keep_alive,
+            terminate=job.terminate,
+            device=prepared.device,
+            versions=runtime.versions(),
+        )
         self._put(job.run_id, "start.sh", runtime.start_command(job, run_dir, prepared, env_file) + "\n")
         self._put(job.run_id, "state.sh", runtime.state_command(handle) + "\n")
         self._put(job.run_id, "stop.sh", runtime.stop_command(handle, job.stop_timeout_s) + "\n")
@@ -99,7 +107,10 @@ class HostQueue:
         settings = {"PARALLEL": parallel, "BUDGET_S": budget_s, "POINT_MAX_S": point_max_s, "SILENCE_S": silence_s}
         self._put(self.queue_id, "queue.env", "".join(f"{k}={int(v)}\n" for k, v in settings.items()))
         self._put(self.queue_id, "points", "".join(line + "\n" for line in self._lines))
-        self._files[f"{self.queue_id}/queue.sh"] = (resources.files("gpu_run.sweep").joinpath("queue.sh").read_bytes(), 0o755)
+        self._files[f"{self.queue_id}/queue.sh"] = (
+            resources.files("gpu_run.sweep").joinpath("queue.sh").read_bytes(),
+            0o755,
+        )
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for path, (content, mode) in self._files.items():
@@ -113,16 +124,27 @@ class HostQueue:
         """Hand the watchdog the queue as its job, then start the queue detached (its own session,
         so it outlives this connection; job.pgid/job.pid/exit_code as the process runtime keeps them)."""
         d = self.dir
-        self.backend.watchdog.start_job(self.queue_id, {
-            "WATCH": "process", "MAX_S": str(max_runtime_s), "SILENCE_S": "0",
-            "STOP_TIMEOUT_S": str(stop_timeout_s + STOP_MARGIN_S), "POLL_S": str(WATCHDOG_POLL_S),
-            "UPLOAD_COMMAND": "", "CLEANUP_COMMAND": f"sh {quote([d + '/queue.sh'])} {quote([d])} cleanup",
-        })
-        wrapper = (f"sh {quote([d + '/queue.sh'])} {quote([d])} run & echo $! > {quote([d + '/job.pid'])}; wait $!; "
-                   f"echo $? > {quote([d + '/.exit_code'])} && mv {quote([d + '/.exit_code'])} {quote([d + '/exit_code'])}")
-        self.backend.remote.run(f"rm -f {quote([d + '/exit_code'])}; : > {quote([d + '/train.log'])}; "
-                                f"nohup setsid sh -c {quote([wrapper])} >> {quote([d + '/train.log'])} 2>&1 < /dev/null & "
-                                f"echo $! > {quote([d + '/job.pgid'])}")
+        self.backend.watchdog.start_job(
+            self.queue_id,
+            {
+                "WATCH": "process",
+                "MAX_S": str(max_runtime_s),
+                "SILENCE_S": "0",
+                "STOP_TIMEOUT_S": str(stop_timeout_s + STOP_MARGIN_S),
+                "POLL_S": str(WATCHDOG_POLL_S),
+                "UPLOAD_COMMAND": "",
+                "CLEANUP_COMMAND": f"sh {quote([d + '/queue.sh'])} {quote([d])} cleanup",
+            },
+        )
+        wrapper = (
+            f"sh {quote([d + '/queue.sh'])} {quote([d])} run & echo $! > {quote([d + '/job.pid'])}; wait $!; "
+            f"echo $? > {quote([d + '/.exit_code'])} && mv {quote([d + '/.exit_code'])} {quote([d + '/exit_code'])}"
+        )
+        self.backend.remote.run(
+            f"rm -f {quote([d + '/exit_code'])}; : > {quote([d + '/train.log'])}; "
+            f"nohup setsid sh -c {quote([wrapper])} >> {quote([d + '/train.log'])} 2>&1 < /dev/null & "
+            f"echo $! > {quote([d + '/job.pgid'])}"
+        )
 
 
 def read_state(backend: SshHostBackend, queue_id: str, run_ids: list[str], hold: bool = False) -> QueueState:
@@ -133,11 +155,14 @@ def read_state(backend: SshHostBackend, queue_id: str, run_ids: list[str], hold:
     script = f"touch {quote([f'{runs}/{queue_id}/hold'])}; " if hold else ""
     script += "".join(
         f"printf '%s|%s|%s\\n' {quote([r])} \"$(cat {quote([f'{runs}/{r}/started_at'])} 2>/dev/null)\" "
-        f"\"$(cat {quote([f'{runs}/{r}/status'])} 2>/dev/null)\"; " for r in run_ids
+        f'"$(cat {quote([f"{runs}/{r}/status"])} 2>/dev/null)"; '
+        for r in run_ids
     )
     q = f"{runs}/{queue_id}"
-    script += (f"printf 'queue|%s|%s\\n' \"$(cat {quote([q + '/exit_code'])} 2>/dev/null)\" "
-               f"\"$(cat {quote([q + '/stop_state'])} 2>/dev/null)\"")
+    script += (
+        f"printf 'queue|%s|%s\\n' \"$(cat {quote([q + '/exit_code'])} 2>/dev/null)\" "
+        f'"$(cat {quote([q + "/stop_state"])} 2>/dev/null)"'
+    )
     out = backend.remote.run(["sh", "-c", script], check=False).stdout
     points, exit_code, stop_state = {}, None, ""
     for line in out.splitlines():
@@ -164,6 +189,13 @@ def stop_queue(backend: SshHostBackend, queue_id: str) -> bool:
     """SIGTERM to the queue: the running points save last.pth and stop, no more start. False when
     the queue had already ended."""
     d = backend.run_dir(queue_id)
-    r = backend.remote.run(["sh", "-c", f"p=$(cat {quote([d + '/job.pid'])} 2>/dev/null) && [ -n \"$p\" ] && "
-                                        f"kill -0 \"$p\" 2>/dev/null && kill -TERM \"$p\""], check=False)
+    r = backend.remote.run(
+        [
+            "sh",
+            "-c",
+            f'p=$(cat {quote([d + "/job.pid"])} 2>/dev/null) && [ -n "$p" ] && '
+            f'kill -0 "$p" 2>/dev/null && kill -TERM "$p"',
+        ],
+        check=False,
+    )
     return r.code == 0

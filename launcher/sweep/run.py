@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, fields as dataclass_fields, replace
+from dataclasses import asdict, replace
+from dataclasses import fields as dataclass_fields
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,17 +24,17 @@ from gpu_run.cache import resolve_cache_size
 from gpu_run.config import Config, Host
 from gpu_run.dataset import DatasetInfo
 from gpu_run.deliverables.compare import run_row, write_comparison
+from gpu_run.driver import claim, connect, data_source, job_for, prepare, sync_code, sync_data
 from gpu_run.errors import BackendError, ConfigError, GpuRunError
 from gpu_run.events import status_of_run
 from gpu_run.ledger import FINAL_STATUSES, Ledger, RunRecord, SweepRecord
 from gpu_run.money.budget import BUDGET_MARGIN_S, SETUP_ESTIMATE_S, budget_limit_s, measured_epoch_time
 from gpu_run.money.cost import cost_of, format_money
 from gpu_run.money.split import split_amount, split_seconds
-from gpu_run.driver import claim, connect, data_source, job_for, prepare, sync_code, sync_data
-from gpu_run.run_plan import RunPlan, check_command_job, check_dataset, check_stop_setting, new_run_id, open_run
 from gpu_run.project import Project
 from gpu_run.providers.base import StopResult
 from gpu_run.run_end import Detached, follow_to_end, handle_of, is_command_run, record_end, record_stop
+from gpu_run.run_plan import RunPlan, check_command_job, check_dataset, check_stop_setting, new_run_id, open_run
 from gpu_run.spec import TrainSpec, check_spec
 from gpu_run.sweep.grid import fill_command, label
 from gpu_run.sweep.host import STOP_MARGIN_S, HostQueue, PointState, read_state, stop_queue
@@ -52,17 +53,28 @@ def new_sweep_id() -> str:
 
 def spec_record(spec: TrainSpec) -> dict:
     """The spec as the ledger keeps it: --env values may be secrets, so their names only."""
-    return {**asdict(spec), "data": str(spec.data) if spec.data is not None else None, "runs_dir": str(spec.runs_dir),
-            "extra_env": sorted(spec.extra_env), "project": str(spec.project) if spec.project else None}
+    return {
+        **asdict(spec),
+        "data": str(spec.data) if spec.data is not None else None,
+        "runs_dir": str(spec.runs_dir),
+        "extra_env": sorted(spec.extra_env),
+        "project": str(spec.project) if spec.project else None,
+    }
 
 
 def spec_from_record(record: dict, env: dict[str, str]) -> TrainSpec:
     """The base spec back from the ledger (the sweep's own keys, such as parallel, left out)."""
     known = {f.name for f in dataclass_fields(TrainSpec)}
     values = {k: v for k, v in record.items() if k in known}
-    return TrainSpec(**{**values, "data": Path(record["data"]) if record.get("data") else None,
-                        "runs_dir": Path(record["runs_dir"]), "extra_env": env,
-                        "project": Path(record["project"]) if record.get("project") else None})
+    return TrainSpec(
+        **{
+            **values,
+            "data": Path(record["data"]) if record.get("data") else None,
+            "runs_dir": Path(record["runs_dir"]),
+            "extra_env": env,
+            "project": Path(record["project"]) if record.get("project") else None,
+        }
+    )
 
 
 def sweep_dir(spec: TrainSpec, sweep_id: str) -> Path:
@@ -71,12 +83,17 @@ def sweep_dir(spec: TrainSpec, sweep_id: str) -> Path:
 
 # Before anything starts -------------------------------------------------------------------------
 
+
 def point_specs(base: TrainSpec, points: list[dict]) -> list[TrainSpec]:
     """Each point's spec, checked now: a bad value in one point refuses the sweep, not its third hour."""
     specs = []
     for point in points:
         # A command's point fills its placeholders; our trainer's point sets its options.
-        spec = replace(base, command=fill_command(base.command, point)) if base.command is not None else replace(base, **point)
+        spec = (
+            replace(base, command=fill_command(base.command, point))
+            if base.command is not None
+            else replace(base, **point)
+        )
         try:
             check_spec(spec)
         except ConfigError as e:
@@ -88,7 +105,9 @@ def point_specs(base: TrainSpec, points: list[dict]) -> list[TrainSpec]:
 def decide_cache(specs: list[TrainSpec], info: DatasetInfo, ui: UI) -> list[TrainSpec]:
     """One copy of the dataset serves every point: sized for the largest image size asked."""
     largest = max(specs, key=lambda s: s.image_size)
-    size, advice = resolve_cache_size(largest.cache_size, info.root, largest.image_size, largest.augment or recipe.AUGMENT)
+    size, advice = resolve_cache_size(
+        largest.cache_size, info.root, largest.image_size, largest.augment or recipe.AUGMENT
+    )
     if advice is not None and advice.helps:
         ui.info(advice.message)
     return [replace(s, cache_size=size) for s in specs]
@@ -131,10 +150,14 @@ def check_sweep_budget(base: TrainSpec, host: Host, ests: list[int], parallel: i
     if not all(fits):
         left_out = [str(i + 1) for i, ok in enumerate(fits) if not ok]
         if not any(fits) and not base.force:
-            raise ConfigError(f"--budget {base.budget} {host.currency} holds none of the points by their estimates; "
-                              f"raise it, or add --force to start and let the budget stop the sweep")
-        ui.warn(f"by the estimates, point(s) {', '.join(left_out)} will not fit in the budget of {base.budget} "
-                f"{host.currency}: the machine does not start them; `gpu-run sweep --resume` runs them later")
+            raise ConfigError(
+                f"--budget {base.budget} {host.currency} holds none of the points by their estimates; "
+                f"raise it, or add --force to start and let the budget stop the sweep"
+            )
+        ui.warn(
+            f"by the estimates, point(s) {', '.join(left_out)} will not fit in the budget of {base.budget} "
+            f"{host.currency}: the machine does not start them; `gpu-run sweep --resume` runs them later"
+        )
     if not any(ests):
         ui.info(f"no time per epoch known yet for these points; the budget stops the sweep after {limit_s}s")
     return limit_s
@@ -142,10 +165,13 @@ def check_sweep_budget(base: TrainSpec, host: Host, ests: list[int], parallel: i
 
 # The sweep --------------------------------------------------------------------------------------
 
+
 def sweep(base: TrainSpec, points: list[dict], parallel: int, config: Config, ledger: Ledger, ui: UI) -> dict:
     if config.group(base.host) is not None:
-        raise ConfigError(f"--host {base.host}: a sweep runs its points on one machine; give one host "
-                          f"(several machines train one job with `gpu-run train --host {base.host}`)")
+        raise ConfigError(
+            f"--host {base.host}: a sweep runs its points on one machine; give one host "
+            f"(several machines train one job with `gpu-run train --host {base.host}`)"
+        )
     host = config.host(base.host)
     if parallel < 1:
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
@@ -153,17 +179,36 @@ def sweep(base: TrainSpec, points: list[dict], parallel: int, config: Config, le
     check_stop_setting(host, base.keep_alive, ui)
     info, project, specs = check_inputs(base, specs, host, ledger, ui)
     sweep_id = new_sweep_id()
-    ledger.create_sweep(sweep_id, host.name, spec_json=json.dumps(spec_record(base)), points_json=json.dumps(points),
-                        rounds_json="[]", currency=host.currency)
+    ledger.create_sweep(
+        sweep_id,
+        host.name,
+        spec_json=json.dumps(spec_record(base)),
+        points_json=json.dumps(points),
+        rounds_json="[]",
+        currency=host.currency,
+    )
     sweep_dir(base, sweep_id).mkdir(parents=True, exist_ok=True)
-    ui.info(f"sweep {sweep_id}: {len(points)} points on {host.name}"
-            + (f", {parallel} side by side" if parallel > 1 else ", one after another"))
-    return run_round(ledger.get_sweep(sweep_id), base, host, [(i, s, None) for i, s in enumerate(specs)],
-                     parallel, info, config, ledger, ui, project)
+    ui.info(
+        f"sweep {sweep_id}: {len(points)} points on {host.name}"
+        + (f", {parallel} side by side" if parallel > 1 else ", one after another")
+    )
+    return run_round(
+        ledger.get_sweep(sweep_id),
+        base,
+        host,
+        [(i, s, None) for i, s in enumerate(specs)],
+        parallel,
+        info,
+        config,
+        ledger,
+        ui,
+        project,
+    )
 
 
-def check_inputs(base: TrainSpec, specs: list[TrainSpec], host: Host, ledger: Ledger,
-                 ui: UI) -> tuple[DatasetInfo | None, Project | None, list[TrainSpec]]:
+def check_inputs(
+    base: TrainSpec, specs: list[TrainSpec], host: Host, ledger: Ledger, ui: UI
+) -> tuple[DatasetInfo | None, Project | None, list[TrainSpec]]:
     """The dataset (and the cache size every point shares), or for a command its project and data,
     checked as a single run's are."""
     if base.is_command:
@@ -173,8 +218,17 @@ def check_inputs(base: TrainSpec, specs: list[TrainSpec], host: Host, ledger: Le
     return info, None, decide_cache(specs, info, ui)
 
 
-def resume(sweep_id: str, config: Config, ledger: Ledger, ui: UI, env: dict[str, str], parallel: int | None = None,
-           budget: float | None = None, detach: bool = False, force: bool = False) -> dict:
+def resume(
+    sweep_id: str,
+    config: Config,
+    ledger: Ledger,
+    ui: UI,
+    env: dict[str, str],
+    parallel: int | None = None,
+    budget: float | None = None,
+    detach: bool = False,
+    force: bool = False,
+) -> dict:
     """Finish what the last round left (follow it, or pull what it ran), then run, in a new round,
     every point that has not succeeded: the cut one from its last.pth, the others from the start."""
     sw = ledger.get_sweep(sweep_id)
@@ -182,7 +236,9 @@ def resume(sweep_id: str, config: Config, ledger: Ledger, ui: UI, env: dict[str,
     base = spec_from_record(sw.spec, env)
     missing_env = sorted(set(sw.spec.get("extra_env", [])) - set(env))
     if missing_env:
-        ui.warn(f"the sweep was started with --env {', '.join(missing_env)}; their values are not kept: pass them again")
+        ui.warn(
+            f"the sweep was started with --env {', '.join(missing_env)}; their values are not kept: pass them again"
+        )
     if sw.rounds and sw.rounds[-1].get("stop") is None:
         attach_round(sw, host, ledger, ui)
         sw = ledger.get_sweep(sweep_id)
@@ -198,11 +254,17 @@ def resume(sweep_id: str, config: Config, ledger: Ledger, ui: UI, env: dict[str,
     items = []
     for i, spec in zip(todo, specs):
         previous = latest.get(i)
-        cut = previous is not None and previous.status == "stopped" and \
-            (base.is_command or (Path(previous.run_dir) / "checkpoints" / "last.pth").is_file())
+        cut = (
+            previous is not None
+            and previous.status == "stopped"
+            and (base.is_command or (Path(previous.run_dir) / "checkpoints" / "last.pth").is_file())
+        )
         items.append((i, spec, previous if cut else None))
     resumed = [str(i + 1) for i, _, p in items if p is not None]
-    ui.info(f"sweep {sw.sweep_id}: {len(items)} point(s) left" + (f", point(s) {', '.join(resumed)} from last.pth" if resumed else ""))
+    ui.info(
+        f"sweep {sw.sweep_id}: {len(items)} point(s) left"
+        + (f", point(s) {', '.join(resumed)} from last.pth" if resumed else "")
+    )
     return run_round(sw, base, host, items, parallel, info, config, ledger, ui, project)
 
 
@@ -222,9 +284,18 @@ def save_round(ledger: Ledger, sweep_id: str, number: int, **fields) -> dict:
     return rounds[number - 1]
 
 
-def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[int, TrainSpec, RunRecord | None]],
-              parallel: int, info: DatasetInfo | None, config: Config, ledger: Ledger, ui: UI,
-              project: Project | None = None) -> dict:
+def run_round(
+    sw: SweepRecord,
+    base: TrainSpec,
+    host: Host,
+    items: list[tuple[int, TrainSpec, RunRecord | None]],
+    parallel: int,
+    info: DatasetInfo | None,
+    config: Config,
+    ledger: Ledger,
+    ui: UI,
+    project: Project | None = None,
+) -> dict:
     if host.is_local:
         return run_locally(sw, host, items, config, ledger, ui)
     number = len(sw.rounds) + 1
@@ -232,12 +303,27 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
     specs = [spec for _, spec, _ in items]
     ests = estimates(specs, host, info, ledger)
     limit_s = check_sweep_budget(base, host, ests, parallel, ui)
-    weights = [Weights("none") if project is not None else
-               resolve_weights(spec.weights, spec.model, ui, resuming=previous is not None) for _, spec, previous in items]
+    weights = [
+        Weights("none")
+        if project is not None
+        else resolve_weights(spec.weights, spec.model, ui, resuming=previous is not None)
+        for _, spec, previous in items
+    ]
 
     # The point runs, in the ledger before anything starts: each an ordinary run with its own plan.
-    plans = [RunPlan(spec=spec, host=host, info=info, project=project, weights=w, hub_files=[], budget_limit_s=limit_s,
-                     previous=previous) for (_, spec, previous), w in zip(items, weights)]
+    plans = [
+        RunPlan(
+            spec=spec,
+            host=host,
+            info=info,
+            project=project,
+            weights=w,
+            hub_files=[],
+            budget_limit_s=limit_s,
+            previous=previous,
+        )
+        for (_, spec, previous), w in zip(items, weights)
+    ]
     runs: list[RunRecord] = []
     taken: set[str] = set()
     for (index, _spec, _previous), plan in zip(items, plans):
@@ -245,12 +331,33 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
         while run_id in taken:
             run_id = new_run_id()
         taken.add(run_id)
-        runs.append(open_run(plan, ledger, host.name, run_id=run_id, sweep_id=sw.sweep_id, sweep_point=index,
-                             status="queued", plan_extra={"point": sw.points[index]}))
+        runs.append(
+            open_run(
+                plan,
+                ledger,
+                host.name,
+                run_id=run_id,
+                sweep_id=sw.sweep_id,
+                sweep_point=index,
+                status="queued",
+                plan_extra={"point": sw.points[index]},
+            )
+        )
     billed_from = None if host.is_free else time.time()
-    save_round(ledger, sw.sweep_id, number, queue_id=queue_id, points=[r.run_id for r in runs], parallel=parallel,
-               billed_from=billed_from, billed_to=None, stop=None, handle=None, intervals={},
-               price={"per_hour": host.price_per_hour, "billing": host.billing, "min_billed_s": host.min_billed_s})
+    save_round(
+        ledger,
+        sw.sweep_id,
+        number,
+        queue_id=queue_id,
+        points=[r.run_id for r in runs],
+        parallel=parallel,
+        billed_from=billed_from,
+        billed_to=None,
+        stop=None,
+        handle=None,
+        intervals={},
+        price={"per_hour": host.price_per_hour, "billing": host.billing, "min_billed_s": host.min_billed_s},
+    )
     spec_json = {**sw.spec, "parallel": parallel, "budget": base.budget}
     ledger.update_sweep(sw.sweep_id, status="running", spec_json=json.dumps(spec_json))
 
@@ -271,10 +378,19 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
         code = sync_code(backend, plans[0], ui)  # once: each point copies the project's mirror
         queue = HostQueue(backend, queue_id)
         staged: dict[str, str] = {}
-        for slot, (run, (index, spec, previous), plan, est) in enumerate(zip(runs, items, plans, ests)):
-            job = job_for(plan, backend, run.run_id, Path(run.run_dir), data_dir, code, 0,
-                          spec=replace(spec, resume=run.resumed_from), resumed=bool(run.resumed_from),
-                          devices=devices_for(slot % parallel, spec.gpus, parallel, prepared.device))
+        for slot, (run, (_index, spec, _previous), plan, est) in enumerate(zip(runs, items, plans, ests)):
+            job = job_for(
+                plan,
+                backend,
+                run.run_id,
+                Path(run.run_dir),
+                data_dir,
+                code,
+                0,
+                spec=replace(spec, resume=run.resumed_from),
+                resumed=bool(run.resumed_from),
+                devices=devices_for(slot % parallel, spec.gpus, parallel, prepared.device),
+            )
             backend.remote.run(["mkdir", "-p", job.out_dir])
             from gpu_run.sync import ssh_tar
 
@@ -292,7 +408,9 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
             handle = queue.add_point(job, prepared, slot % parallel, est, env_file)
             handle.image_built = prepared.image_built
             handle.work_dir = job.work_dir
-            ledger.update_run(run.run_id, backend=backend.name, image_tag=prepared.image_tag, handle_json=handle.to_json())
+            ledger.update_run(
+                run.run_id, backend=backend.name, image_tag=prepared.image_tag, handle_json=handle.to_json()
+            )
         max_runtime = 0
         if limit_s:
             spent = time.time() - (billed_from or time.time())
@@ -314,11 +432,18 @@ def run_round(sw: SweepRecord, base: TrainSpec, host: Host, items: list[tuple[in
                 ui.error(f"NOT STOPPED: could not release {host.name} after the failed setup ({abort_error})")
             close_round(ledger, sw.sweep_id, number, result, runs)
         elif billed_from:
-            save_round(ledger, sw.sweep_id, number, billed_to=time.time(), stop={"ok": True, "state": "not_needed",
-                                                                                 "detail": "nothing was started"})
+            save_round(
+                ledger,
+                sw.sweep_id,
+                number,
+                billed_to=time.time(),
+                stop={"ok": True, "state": "not_needed", "detail": "nothing was started"},
+            )
         raise
-    ui.info(f"the queue of {len(runs)} point(s) runs on {host.name}: the laptop may close; "
-            f"`gpu-run sweep status {sw.sweep_id}` shows where it is")
+    ui.info(
+        f"the queue of {len(runs)} point(s) runs on {host.name}: the laptop may close; "
+        f"`gpu-run sweep status {sw.sweep_id}` shows where it is"
+    )
     if base.detach:
         return {"sweep_id": sw.sweep_id, "status": "detached", "points": [r.run_id for r in runs]}
     return follow_round(ledger.get_sweep(sw.sweep_id), number, host, backend, ledger, ui)
@@ -330,8 +455,10 @@ def check_parallel(parallel: int, specs: list[TrainSpec], backend: Backend, devi
     gpus = backend.runtime.versions().get("gpus") if hasattr(backend, "runtime") else None
     need = parallel * max(max(1, s.gpus) for s in specs)
     if gpus and need > gpus:
-        raise ConfigError(f"--parallel {parallel} with {max(s.gpus for s in specs)} GPU(s) a point needs {need} GPUs; "
-                          f"the host has {gpus}")
+        raise ConfigError(
+            f"--parallel {parallel} with {max(s.gpus for s in specs)} GPU(s) a point needs {need} GPUs; "
+            f"the host has {gpus}"
+        )
 
 
 def devices_for(slot: int, gpus: int, parallel: int, device: str) -> str:
@@ -343,6 +470,7 @@ def devices_for(slot: int, gpus: int, parallel: int, device: str) -> str:
 
 
 # Following a round --------------------------------------------------------------------------------
+
 
 def reconnect(host: Host, sw: SweepRecord, number: int, ui: UI) -> Backend:
     handle = RunHandle.from_json(sw.rounds[number - 1].get("handle"))
@@ -356,8 +484,10 @@ def attach_round(sw: SweepRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
     try:
         backend = reconnect(host, sw, number, ui)
     except GpuRunError as e:
-        raise GpuRunError(f"{e}. The last round's points are on {host.name}: start the machine again, then "
-                          f"`gpu-run sweep --resume {sw.sweep_id}` pulls them and runs what is left") from None
+        raise GpuRunError(
+            f"{e}. The last round's points are on {host.name}: start the machine again, then "
+            f"`gpu-run sweep --resume {sw.sweep_id}` pulls them and runs what is left"
+        ) from None
     return follow_round(sw, number, host, backend, ledger, ui)
 
 
@@ -389,8 +519,13 @@ def follow_round(sw: SweepRecord, number: int, host: Host, backend: Backend, led
     def cost_so_far() -> str:
         if host.is_free or not rnd.get("billed_from"):
             return ""
-        return format_money(cost_of(time.time() - rnd["billed_from"], host.price_per_hour, host.billing,
-                                    host.min_billed_s), host.currency) + " (sweep)"
+        return (
+            format_money(
+                cost_of(time.time() - rnd["billed_from"], host.price_per_hour, host.billing, host.min_billed_s),
+                host.currency,
+            )
+            + " (sweep)"
+        )
 
     try:
         while True:
@@ -398,15 +533,27 @@ def follow_round(sw: SweepRecord, number: int, host: Host, backend: Backend, led
             for run_id in run_ids:
                 point = state.points.get(run_id)
                 if point is not None and point.ended and run_id not in recorded:
-                    finish_point(ledger.get_run(run_id), point, len(run_ids), position[run_id], host, backend, ledger, ui)
+                    finish_point(
+                        ledger.get_run(run_id), point, len(run_ids), position[run_id], host, backend, ledger, ui
+                    )
                     recorded.add(run_id)
             if state.ended:
                 for run_id in run_ids:  # the queue ended without reaching them (killed)
                     if run_id not in recorded:
-                        finish_point(ledger.get_run(run_id), PointState(run_id, outcome="not_started", exit_code=-1),
-                                     len(run_ids), position[run_id], host, backend, ledger, ui)
+                        finish_point(
+                            ledger.get_run(run_id),
+                            PointState(run_id, outcome="not_started", exit_code=-1),
+                            len(run_ids),
+                            position[run_id],
+                            host,
+                            backend,
+                            ledger,
+                            ui,
+                        )
                         recorded.add(run_id)
-                intervals = {r: [p.started_at, p.ended_at or p.started_at] for r, p in state.points.items() if p.started}
+                intervals = {
+                    r: [p.started_at, p.ended_at or p.started_at] for r, p in state.points.items() if p.started
+                }
                 save_round(ledger, sw.sweep_id, number, intervals=intervals, watchdog_stop=state.stop_state)
                 break
             running = [r for r in run_ids if state.points.get(r, PointState(r)).started and r not in recorded]
@@ -427,8 +574,9 @@ def follow_round(sw: SweepRecord, number: int, host: Host, backend: Backend, led
     return sweep_result(ledger.get_sweep(sw.sweep_id), host, ledger, ui)
 
 
-def finish_point(run: RunRecord, point: PointState, total: int, position: int, host: Host, backend: Backend,
-                 ledger: Ledger, ui: UI) -> None:
+def finish_point(
+    run: RunRecord, point: PointState, total: int, position: int, host: Host, backend: Backend, ledger: Ledger, ui: UI
+) -> None:
     """A point that ended: its outputs pulled (verified) and its end recorded, as a single run's."""
     values = run.args.get("point", {})
     sweep_info = {"sweep": {"id": run.sweep_id, "point": run.sweep_point, "values": values, "outcome": point.outcome}}
@@ -489,7 +637,10 @@ def apply_split(ledger: Ledger, rnd: dict) -> None:
     for run in runs:  # refresh each summary's stop (and status) first
         if run.summary:
             host_currency = run.currency or ""
-            summary = {**run.summary, "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail}}
+            summary = {
+                **run.summary,
+                "stop": {"ok": not run.stop_failed, "state": run.stop_status, "detail": run.stop_detail},
+            }
             summary.setdefault("cost", {"amount": 0.0, "currency": host_currency, "billed_s": 0})
             write_summary(ledger, run, summary)
     if not rnd.get("billed_from") or not rnd.get("billed_to"):
@@ -504,9 +655,13 @@ def apply_split(ledger: Ledger, rnd: dict) -> None:
     for run, amount, share in zip(runs, split_amount(total, seconds), seconds):
         run = ledger.get_run(run.run_id)
         summary = run.summary or {}
-        summary["cost"] = {"amount": float(amount), "currency": run.currency, "billed_s": round(share),
-                           "shared": f"its share of {rnd['queue_id']}: its own time on the machine, plus the setup, "
-                                     f"gaps and stop split evenly between the points that ran"}
+        summary["cost"] = {
+            "amount": float(amount),
+            "currency": run.currency,
+            "billed_s": round(share),
+            "shared": f"its share of {rnd['queue_id']}: its own time on the machine, plus the setup, "
+            f"gaps and stop split evenly between the points that ran",
+        }
         write_summary(ledger, run, summary, cost_amount=float(amount))
 
 
@@ -518,12 +673,24 @@ def write_summary(ledger: Ledger, run: RunRecord, summary: dict, **fields) -> No
 
 # Local host: no machine to share, the points run one after another through train ------------------
 
+
 def run_locally(sw: SweepRecord, host: Host, items, config: Config, ledger: Ledger, ui: UI) -> dict:
     from gpu_run import driver
 
     number = len(sw.rounds) + 1
-    save_round(ledger, sw.sweep_id, number, queue_id=None, points=[], parallel=1, billed_from=None, billed_to=None,
-               stop=None, handle=None, intervals={})
+    save_round(
+        ledger,
+        sw.sweep_id,
+        number,
+        queue_id=None,
+        points=[],
+        parallel=1,
+        billed_from=None,
+        billed_to=None,
+        stop=None,
+        handle=None,
+        intervals={},
+    )
     ledger.update_sweep(sw.sweep_id, status="running")
     done: list[str] = []
     for index, spec, previous in items:
@@ -546,6 +713,7 @@ def run_locally(sw: SweepRecord, host: Host, items, config: Config, ledger: Ledg
 
 # The result ---------------------------------------------------------------------------------------
 
+
 def sweep_status(sw: SweepRecord, ledger: Ledger) -> dict:
     """Each point's latest run, state and cost; the rounds and their machine's stop; the total."""
     latest = latest_runs(ledger, sw)
@@ -553,21 +721,42 @@ def sweep_status(sw: SweepRecord, ledger: Ledger) -> dict:
     for i, values in enumerate(sw.points):
         run = latest.get(i)
         summary = run.summary if run else {}
-        points.append({
-            "point": i + 1, "values": values, "label": label(values), "run_id": run.run_id if run else None,
-            "status": run.status if run else "pending", "best_val_acc": run.best_val_acc if run else None,
-            "cost": run.cost_amount if run else None, "run_dir": run.run_dir if run else None,
-            "epochs_completed": summary.get("epochs_completed"),
-        })
+        points.append(
+            {
+                "point": i + 1,
+                "values": values,
+                "label": label(values),
+                "run_id": run.run_id if run else None,
+                "status": run.status if run else "pending",
+                "best_val_acc": run.best_val_acc if run else None,
+                "cost": run.cost_amount if run else None,
+                "run_dir": run.run_dir if run else None,
+                "epochs_completed": summary.get("epochs_completed"),
+            }
+        )
     total = sum((Decimal(str(r.cost_amount)) for r in ledger.sweep_runs(sw.sweep_id) if r.cost_amount), Decimal("0"))
-    rounds = [{"queue_id": r.get("queue_id"), "points": len(r.get("points", [])), "stop": r.get("stop"),
-               "billed_s": round(r["billed_to"] - r["billed_from"]) if r.get("billed_to") and r.get("billed_from") else None}
-              for r in sw.rounds]
+    rounds = [
+        {
+            "queue_id": r.get("queue_id"),
+            "points": len(r.get("points", [])),
+            "stop": r.get("stop"),
+            "billed_s": round(r["billed_to"] - r["billed_from"])
+            if r.get("billed_to") and r.get("billed_from")
+            else None,
+        }
+        for r in sw.rounds
+    ]
     open_rounds = [r for r in sw.rounds if r.get("stop") is None]
     not_stopped = [r for r in sw.rounds if r.get("stop") and not r["stop"]["ok"]]
-    return {"sweep_id": sw.sweep_id, "host": sw.host, "status": sweep_state(points, open_rounds, not_stopped),
-            "points": points, "rounds": rounds, "cost": {"amount": float(total), "currency": sw.currency},
-            "stop": {"ok": not not_stopped, "detail": not_stopped[-1]["stop"]["detail"] if not_stopped else ""}}
+    return {
+        "sweep_id": sw.sweep_id,
+        "host": sw.host,
+        "status": sweep_state(points, open_rounds, not_stopped),
+        "points": points,
+        "rounds": rounds,
+        "cost": {"amount": float(total), "currency": sw.currency},
+        "stop": {"ok": not not_stopped, "detail": not_stopped[-1]["stop"]["detail"] if not_stopped else ""},
+    }
 
 
 def live_status(sweep_id: str, config: Config, ledger: Ledger, ui: UI) -> dict:
@@ -630,6 +819,7 @@ def sweep_result(sw: SweepRecord, host: Host, ledger: Ledger, ui: UI) -> dict:
 
 # A point named by its run id --------------------------------------------------------------------------
 
+
 def point_command(action: str, run: RunRecord, config: Config, ledger: Ledger, ui: UI) -> dict | None:
     """attach/stop/pull on a sweep's point: its queue and its machine belong to the sweep, so a
     point never releases the machine by itself. None: the ordinary command applies (an ended point)."""
@@ -639,7 +829,9 @@ def point_command(action: str, run: RunRecord, config: Config, ledger: Ledger, u
     if action == "attach":
         raise GpuRunError(f"{where}, which the sweep follows: `gpu-run sweep --resume {run.sweep_id}`")
     if run.status == "queued" and not run.handle_json:
-        raise GpuRunError(f"{where} and has not been set up on its machine; `gpu-run stop {run.sweep_id}` stops the sweep")
+        raise GpuRunError(
+            f"{where} and has not been set up on its machine; `gpu-run stop {run.sweep_id}` stops the sweep"
+        )
     host = config.host(run.host)
     handle = handle_of(run)
     backend = backend_for_run(host, handle, ui)
@@ -647,8 +839,10 @@ def point_command(action: str, run: RunRecord, config: Config, ledger: Ledger, u
         timeout = int(run.args.get("spec", {}).get("stop_timeout_s") or 120)
         with ui.spinner(f"stopping point {run.run_id} (it saves last.pth)"):
             backend.runtime.stop(handle, timeout)
-        ui.info(f"{where}: stopped; the queue goes on with the next point (`gpu-run stop {run.sweep_id}` stops "
-                f"them all), and the sweep's laptop pulls it: `gpu-run sweep --resume {run.sweep_id}`")
+        ui.info(
+            f"{where}: stopped; the queue goes on with the next point (`gpu-run stop {run.sweep_id}` stops "
+            f"them all), and the sweep's laptop pulls it: `gpu-run sweep --resume {run.sweep_id}`"
+        )
         return {"run_id": run.run_id, "status": "stopped on the host", "run_dir": run.run_dir}
     backend.pull(handle, Path(run.run_dir), ui)  # what it wrote so far; its end is the sweep's to record
     return {"run_id": run.run_id, "status": run.status, "run_dir": run.run_dir}

@@ -19,10 +19,10 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import boto3
 import botocore.exceptions
@@ -48,7 +48,7 @@ class UploadStats:
 class S3Store:
     def __init__(self, host: Host):
         if not host.bucket:
-            raise ConfigError(f"[hosts.{host.name}]: sync = \"s3\" needs bucket = \"...\"")
+            raise ConfigError(f'[hosts.{host.name}]: sync = "s3" needs bucket = "..."')
         self.host = host
         self.bucket = host.bucket
         self.prefix = host.prefix.strip("/")
@@ -69,10 +69,15 @@ class S3Store:
         """What a helper container on the host needs, from the laptop's credential chain."""
         creds = self.session.get_credentials()
         if creds is None:
-            raise ConfigError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env")
+            raise ConfigError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env"
+            )
         frozen = creds.get_frozen_credentials()
-        env = {"AWS_ACCESS_KEY_ID": frozen.access_key, "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
-               "AWS_DEFAULT_REGION": self.session.region_name}
+        env = {
+            "AWS_ACCESS_KEY_ID": frozen.access_key,
+            "AWS_SECRET_ACCESS_KEY": frozen.secret_key,
+            "AWS_DEFAULT_REGION": self.session.region_name,
+        }
         if frozen.token:
             env["AWS_SESSION_TOKEN"] = frozen.token
         return env
@@ -94,16 +99,30 @@ class S3Store:
         """The most the host's keys may do: read, write and delete objects under the prefix, and
         list only there. (Keys are `<prefix>/...` even for an empty prefix: see dataset_prefix.)"""
         partition = self.session.get_partition_for_region(self.session.region_name) or "aws"
-        return json.dumps({"Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-             "Resource": f"arn:{partition}:s3:::{self.bucket}/{self.prefix}/*"},
-            {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:{partition}:s3:::{self.bucket}",
-             "Condition": {"StringLike": {"s3:prefix": [f"{self.prefix}/*"]}}},
-        ]})
+        return json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                        "Resource": f"arn:{partition}:s3:::{self.bucket}/{self.prefix}/*",
+                    },
+                    {
+                        "Effect": "Allow",
+                        "Action": "s3:ListBucket",
+                        "Resource": f"arn:{partition}:s3:::{self.bucket}",
+                        "Condition": {"StringLike": {"s3:prefix": [f"{self.prefix}/*"]}},
+                    },
+                ],
+            }
+        )
 
     def _scoped_credentials_env(self) -> dict[str, str]:
         if self.session.get_credentials() is None:
-            raise ConfigError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env")
+            raise ConfigError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env"
+            )
         # STS sits beside S3 on the same endpoint for moto, MinIO and other S3-compatible stores
         # that have it; without s3_endpoint_url this is AWS's own STS.
         sts = self.session.client("sts", endpoint_url=self.host.s3_endpoint_url)
@@ -114,8 +133,9 @@ class S3Store:
             else:
                 # Works with an IAM user's long-lived keys (not with temporary ones): 36 h, the
                 # most STS gives, so a long run can still upload its outputs at the end.
-                creds = sts.get_federation_token(Name="gpu-run", Policy=policy,
-                                                 DurationSeconds=FEDERATION_TOKEN_S)["Credentials"]
+                creds = sts.get_federation_token(Name="gpu-run", Policy=policy, DurationSeconds=FEDERATION_TOKEN_S)[
+                    "Credentials"
+                ]
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             if isinstance(e, botocore.exceptions.ClientError):
                 reason = e.response.get("Error", {}).get("Code") or "error"
@@ -123,18 +143,24 @@ class S3Store:
                 reason = type(e).__name__
             raise ConfigError(
                 f"[hosts.{self.host.name}]: could not get short-lived S3 keys for the host from STS "
-                f"({reason}); set s3_role_arn = \"arn:aws:iam::ACCOUNT:role/NAME\" (a role your keys may assume), or "
-                f"s3_host_credentials = \"laptop\" to hand the host your own keys (only for a host you trust)"
+                f'({reason}); set s3_role_arn = "arn:aws:iam::ACCOUNT:role/NAME" (a role your keys may assume), or '
+                f's3_host_credentials = "laptop" to hand the host your own keys (only for a host you trust)'
             ) from None
-        return {"AWS_ACCESS_KEY_ID": creds["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
-                "AWS_SESSION_TOKEN": creds["SessionToken"], "AWS_DEFAULT_REGION": self.session.region_name}
+        return {
+            "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": creds["SessionToken"],
+            "AWS_DEFAULT_REGION": self.session.region_name,
+        }
 
     def _assume_role(self, sts, policy: str) -> dict:
         """The role's keys for as long as the role allows: 12 h when its MaxSessionDuration says
         so, else the 1 h every role grants."""
+
         def assume(duration_s: int) -> dict:
-            return sts.assume_role(RoleArn=self.host.s3_role_arn, RoleSessionName="gpu-run", Policy=policy,
-                                   DurationSeconds=duration_s)["Credentials"]
+            return sts.assume_role(
+                RoleArn=self.host.s3_role_arn, RoleSessionName="gpu-run", Policy=policy, DurationSeconds=duration_s
+            )["Credentials"]
 
         try:
             return assume(ROLE_SESSION_S)
@@ -147,7 +173,9 @@ class S3Store:
         try:
             return fn(*args, **kwargs)
         except botocore.exceptions.NoCredentialsError:
-            raise ConfigError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env") from None
+            raise ConfigError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile) in the environment or .env"
+            ) from None
         except botocore.exceptions.EndpointConnectionError as e:
             raise BackendError(f"cannot reach the S3 endpoint {self.endpoint_url}: {e}") from None
         except botocore.exceptions.ClientError as e:
@@ -174,8 +202,9 @@ class S3Store:
                 manifest[key] = (listed[key], -1)  # present but unknown: replaced by the upload
         return manifest
 
-    def upload_dataset(self, local_root: Path, dataset_id: str,
-                       progress: Callable[..., None] | None = None) -> UploadStats:
+    def upload_dataset(
+        self, local_root: Path, dataset_id: str, progress: Callable[..., None] | None = None
+    ) -> UploadStats:
         progress = progress or (lambda **_: None)
         prefix = self.dataset_prefix(dataset_id)
         local = local_manifest(local_root)
@@ -199,8 +228,13 @@ class S3Store:
                     progress(completed=stats.bytes)
         if send or delete:
             # Written last: a cut-off upload leaves the old manifest, and the next run redoes what is missing.
-            self._call("manifest upload", self.client.put_object, Bucket=self.bucket, Key=f"{prefix}/{MANIFEST}",
-                       Body=json.dumps(local).encode())
+            self._call(
+                "manifest upload",
+                self.client.put_object,
+                Bucket=self.bucket,
+                Key=f"{prefix}/{MANIFEST}",
+                Body=json.dumps(local).encode(),
+            )
         return stats
 
     # Outputs down -----------------------------------------------------------------------------
@@ -212,8 +246,12 @@ class S3Store:
         prefix = self.run_prefix(run_id)
         paginator = self.client.get_paginator("list_objects_v2")
         # Keys ending in / are the empty "folder" objects S3 consoles create: no file to fetch.
-        keys = [obj["Key"] for page in self._call("listing", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix + "/")))
-                for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        keys = [
+            obj["Key"]
+            for page in self._call("listing", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix + "/")))
+            for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")
+        ]
         if not keys:
             raise BackendError(f"nothing under {self.uri(prefix)}/: the watchdog has not uploaded this run's outputs")
         local_root.mkdir(parents=True, exist_ok=True)
@@ -224,13 +262,16 @@ class S3Store:
 
         def fetch(key: str) -> None:
             target = targets[key]
+            assert target is not None  # only the keys that land inside root are fetched
             target.parent.mkdir(parents=True, exist_ok=True)
             if confined(root, key[len(prefix) + 1 :]) != target:  # a folder on the way became a symlink
                 raise BackendError(f"refusing S3 key {key!r}: a symlink under {root} would take it elsewhere")
             tmp = target.with_name(f".{target.name}.part-{secrets.token_hex(4)}")
             try:
                 self._call("download", self.client.download_file, self.bucket, key, str(tmp))
-                expected = self._call("head", self.client.head_object, Bucket=self.bucket, Key=key)["Metadata"].get("sha256")
+                expected = self._call("head", self.client.head_object, Bucket=self.bucket, Key=key)["Metadata"].get(
+                    "sha256"
+                )
                 if expected and sha256_file(tmp) != expected:
                     raise BackendError(f"{key} arrived corrupted (sha256 differs); run `gpu-run pull` again")
                 os.replace(tmp, target)

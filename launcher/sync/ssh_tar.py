@@ -19,9 +19,10 @@ import stat
 import subprocess
 import tarfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import IO, cast
 
 import paramiko
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -46,7 +47,7 @@ class SyncStats:
 # Manifests (pure where they can be) -----------------------------------------------------------
 
 
-def local_manifest(root: Path) -> Manifest:
+def local_manifest(root: str | os.PathLike[str]) -> Manifest:
     """Every regular file below root, hidden names left out (temp files and OS litter such as
     .DS_Store or .last.pth.tmp-123); a symlinked folder is not walked into. One scandir pass with
     relative paths built by concatenation: four times faster than os.walk + os.path.relpath on
@@ -122,8 +123,10 @@ def parse_manifest_records(raw: bytes, host: str = "the host") -> Manifest:
             continue
         fields = record.rsplit(b"\t", 2)
         if len(fields) != 3 or not fields[1].isdigit() or not fields[2].lstrip(b"-").isdigit():
-            raise BackendError(f"{host} listed its files in a form gpu-run cannot read ({record[:80]!r}); "
-                               f"it needs GNU find, sort and sha256sum")
+            raise BackendError(
+                f"{host} listed its files in a form gpu-run cannot read ({record[:80]!r}); "
+                f"it needs GNU find, sort and sha256sum"
+            )
         path = os.fsdecode(fields[0])
         if path and not any(p.startswith(".") for p in path.split("/")):
             out[path] = (int(fields[1]), int(fields[2]))
@@ -143,8 +146,9 @@ have=$(list "$1" | LC_ALL=C sort -z | sha256sum)
 if [ "${have%% *}" = "$want" ]; then echo same; else list "$1"; fi"""
 
 
-def push_manifests(remote: Remote, local_root: Path, remote_root: str,
-                   manifest: Manifest | None = None) -> tuple[Manifest, Manifest]:
+def push_manifests(
+    remote: Remote, local_root: Path, remote_root: str, manifest: Manifest | None = None
+) -> tuple[Manifest, Manifest]:
     """(laptop's manifest, host's manifest) in one SSH exec, the laptop's computed while the host
     starts the command (or the one the caller made: a project less what it leaves out)."""
     host = remote.target.alias
@@ -190,22 +194,26 @@ class _Sink:
         argv = remote.openssh_argv() if size >= OPENSSH_FROM_BYTES else None
         self.proc = self.channel = None
         if argv:
-            self.proc = subprocess.Popen([*argv, command], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, bufsize=0)
+            self.proc = subprocess.Popen(
+                [*argv, command], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0
+            )
         else:
             self.channel = remote.open(command)
 
     def write(self, chunk: bytes) -> None:
         if self.proc:
+            assert self.proc.stdin is not None  # opened with stdin=PIPE
             try:
                 self.proc.stdin.write(chunk)
             except BrokenPipeError:
                 raise ConnectionError(f"the connection to {self.remote.target.alias} dropped") from None
         else:
+            assert self.channel is not None  # opened when there is no OpenSSH client
             self.channel.sendall(chunk)
 
     def close(self) -> tuple[int, str]:
         if self.proc:
+            assert self.proc.stdin is not None and self.proc.stderr is not None  # both PIPE
             try:
                 self.proc.stdin.close()
             except BrokenPipeError:
@@ -215,6 +223,7 @@ class _Sink:
             if code == 255:  # ssh's own failure: the connection, not the command
                 raise ConnectionError(f"the connection to {self.remote.target.alias} dropped: {err}")
             return code, err
+        assert self.channel is not None  # opened when there is no OpenSSH client
         self.channel.shutdown_write()
         code = self.channel.recv_exit_status()
         return code, self.channel.makefile_stderr("rb").read().decode(errors="replace").strip()
@@ -225,8 +234,15 @@ class _Sink:
             self.proc.wait()
 
 
-def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncStats,
-               progress: Callable[..., None], manifest: Manifest | None = None, delete_extra: bool = True) -> None:
+def _send_once(
+    remote: Remote,
+    local_root: Path,
+    remote_root: str,
+    stats: SyncStats,
+    progress: Callable[..., None],
+    manifest: Manifest | None = None,
+    delete_extra: bool = True,
+) -> None:
     send, delete = diff_manifests(*push_manifests(remote, local_root, remote_root, manifest))
     if delete and delete_extra:
         remote.run(f"cd {quote([remote_root])} && xargs -0 rm -f --", input=b"\0".join(map(os.fsencode, delete)))
@@ -240,14 +256,19 @@ def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncSt
     # concurrently instead of taking turns over 1 MiB buffers.
     tar = subprocess.Popen(
         ["tar", "-C", str(local_root), "--null", "-T", "-", "-cf", "-"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
     )
+    assert tar.stdin is not None and tar.stdout is not None and tar.stderr is not None  # all PIPE
     # The file list goes in on a thread so a long list cannot block on tar's full output pipe.
     # os.fsencode: a name that is not UTF-8 goes as the bytes it has on disk (str.encode would
     # raise in the thread, leave tar's stdin open, and hang the sync).
     names = b"\0".join(map(os.fsencode, send))
 
     def feed() -> None:
+        assert tar.stdin is not None  # narrowed above, but not inside this function
         try:
             tar.stdin.write(names)
         except BrokenPipeError:
@@ -273,8 +294,10 @@ def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncSt
         raise BackendError(f"local tar failed: {tar.stderr.read().decode(errors='replace').strip()}")
     if code != 0:
         if "No space left on device" in err:
-            raise BackendError(f"no space left on device on {remote.target.alias} while syncing into {remote_root}; "
-                               f"free space there (df -h) or set the host's workdir to a bigger disk")
+            raise BackendError(
+                f"no space left on device on {remote.target.alias} while syncing into {remote_root}; "
+                f"free space there (df -h) or set the host's workdir to a bigger disk"
+            )
         shown = err.splitlines()[-1] if err else f"exit code {code}"
         raise BackendError(f"unpacking on {remote.target.alias} failed: {shown}")
     stats.files_sent += len(send)
@@ -283,15 +306,26 @@ def _send_once(remote: Remote, local_root: Path, remote_root: str, stats: SyncSt
 _RETRYABLE = (paramiko.SSHException, OSError, EOFError)
 
 
-def push(remote: Remote, local_root: Path, remote_root: str, progress: Callable[..., None] | None = None,
-         attempts: int = 6, manifest: Manifest | None = None, delete_extra: bool = True) -> SyncStats:
+def push(
+    remote: Remote,
+    local_root: Path,
+    remote_root: str,
+    progress: Callable[..., None] | None = None,
+    attempts: int = 6,
+    manifest: Manifest | None = None,
+    delete_extra: bool = True,
+) -> SyncStats:
     """Make remote_root equal local_root (the files of `manifest` only, when given); reconnects and
     resumes after a dropped connection. delete_extra=False adds to remote_root and deletes nothing."""
     stats = SyncStats()
     progress = progress or (lambda **_: None)
 
-    @retry(retry=retry_if_exception_type(_RETRYABLE), stop=stop_after_attempt(attempts),
-           wait=wait_exponential(multiplier=0.5, max=10), reraise=True)
+    @retry(
+        retry=retry_if_exception_type(_RETRYABLE),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.5, max=10),
+        reraise=True,
+    )
     def attempt() -> None:
         stats.attempts += 1
         try:
@@ -303,7 +337,9 @@ def push(remote: Remote, local_root: Path, remote_root: str, progress: Callable[
     try:
         attempt()
     except _RETRYABLE as e:
-        raise BackendError(f"lost the connection to {remote.target.alias} while syncing ({e}); run again to resume") from None
+        raise BackendError(
+            f"lost the connection to {remote.target.alias} while syncing ({e}); run again to resume"
+        ) from None
     return stats
 
 
@@ -327,8 +363,13 @@ def sha256_file(path: Path) -> str:
 
 def safe_relpath(name: str) -> bool:
     """A plain relative path below the folder: no absolute path, no `..`, `.` or empty parts."""
-    return bool(name) and "\0" not in name and "\\" not in name and not name.startswith("/") and all(
-        part not in ("", ".", "..") for part in name.split("/"))
+    return (
+        bool(name)
+        and "\0" not in name
+        and "\\" not in name
+        and not name.startswith("/")
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
 
 
 _SHA256SUM_ESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
@@ -376,8 +417,10 @@ class _Capped:
         data = self.raw.read(n if n is not None and n >= 0 else self.limit - self.count + 1)
         self.count += len(data)
         if self.count > self.limit:
-            raise BackendError(f"{self.host} sent more than the {self.limit} bytes the asked files take; "
-                               f"refusing the pull: the host is misbehaving")
+            raise BackendError(
+                f"{self.host} sent more than the {self.limit} bytes the asked files take; "
+                f"refusing the pull: the host is misbehaving"
+            )
         return data
 
 
@@ -396,8 +439,10 @@ def _safe_parent(root: Path, name: str) -> Path:
                 raise BackendError(f"cannot create {current}: {e.strerror}") from None
             continue
         if not stat.S_ISDIR(st.st_mode):  # lstat: a symlink to a folder is not a folder here
-            raise BackendError(f"{current} is a symlink or a file, not a folder; refusing to write {name} through it. "
-                               f"Remove it and run `gpu-run pull` again")
+            raise BackendError(
+                f"{current} is a symlink or a file, not a folder; refusing to write {name} through it. "
+                f"Remove it and run `gpu-run pull` again"
+            )
     return current
 
 
@@ -428,8 +473,10 @@ def _write_verified(root: Path, name: str, source, size: int, mtime: int, digest
         if written != size:
             raise tarfile.ReadError(f"{name} arrived with {written} of {size} bytes")
         if h.hexdigest() != digest:
-            raise BackendError(f"{name} from {host} does not match the sha256 the host gave for it; nothing was "
-                               f"replaced. Run `gpu-run pull` again; if it repeats, the host is corrupting data")
+            raise BackendError(
+                f"{name} from {host} does not match the sha256 the host gave for it; nothing was "
+                f"replaced. Run `gpu-run pull` again; if it repeats, the host is corrupting data"
+            )
         try:
             os.utime(tmp, (mtime, mtime))  # the next manifest comparison sees it as arrived
             if target.is_dir() and not target.is_symlink():
@@ -462,24 +509,33 @@ class _Incomplete(BackendError):
     """The stream ended cleanly without every asked file (the host's tar failed, or lied)."""
 
 
-def extract_stream(stream, local_root: Path, expected: dict[str, tuple[int, int, str]], host: str = "the host",
-                   stats: SyncStats | None = None) -> SyncStats:
+def extract_stream(
+    stream,
+    local_root: Path,
+    expected: dict[str, tuple[int, int, str]],
+    host: str = "the host",
+    stats: SyncStats | None = None,
+) -> SyncStats:
     """Write the files of a tar stream into local_root. `expected` maps each asked path to (size,
     mtime, sha256) as the host listed them; any other member (a link, a device, a folder, a path
     outside, a file not asked for or sent twice, a size that differs) aborts with BackendError
     before a byte of it is written. Files already written stay: they were verified."""
     stats = stats or SyncStats()
     limit = tar_size([size for size, _, _ in expected.values()]) + sum(
-        PULL_HEADER_SLACK + 2 * len(p.encode()) for p in expected)
+        PULL_HEADER_SLACK + 2 * len(p.encode()) for p in expected
+    )
     capped = _Capped(stream, limit, host)
     seen: set[str] = set()
     try:
-        with tarfile.open(fileobj=capped, mode="r|") as tar:
+        # A stream ("r|") only reads its fileobj: typeshed asks for a whole file object.
+        with tarfile.open(fileobj=cast("IO[bytes]", capped), mode="r|") as tar:
             for member in tar:
                 why = _refusal(member, expected, seen)
                 if why:
-                    raise BackendError(f"{host} sent {why}: {member.name!r}; refusing the pull (nothing of it "
-                                       f"was written): the host is misbehaving")
+                    raise BackendError(
+                        f"{host} sent {why}: {member.name!r}; refusing the pull (nothing of it "
+                        f"was written): the host is misbehaving"
+                    )
                 seen.add(member.name)
                 size, mtime, digest = expected[member.name]
                 _write_verified(local_root, member.name, tar.extractfile(member), size, mtime, digest, host)
@@ -510,8 +566,14 @@ def within_cap(send: list[str], manifest: Manifest, max_bytes: int) -> tuple[lis
     return sorted(taken), left
 
 
-def _fetch_once(remote: Remote, remote_root: str, local_root: Path, stats: SyncStats,
-                keep: Callable[[str, tuple[int, int]], bool] | None = None, max_bytes: int | None = None) -> None:
+def _fetch_once(
+    remote: Remote,
+    remote_root: str,
+    local_root: Path,
+    stats: SyncStats,
+    keep: Callable[[str, tuple[int, int]], bool] | None = None,
+    max_bytes: int | None = None,
+) -> None:
     host = remote.target.alias
     manifest = remote_manifest(remote, remote_root)
     send, _ = diff_manifests(manifest, local_manifest(local_root))
@@ -524,14 +586,17 @@ def _fetch_once(remote: Remote, remote_root: str, local_root: Path, stats: SyncS
         return
     unsafe = [p for p in send if not safe_relpath(p)]
     if unsafe:
-        raise BackendError(f"{host} listed a file outside its output folder ({unsafe[0]!r}); refusing the pull: "
-                           f"the host is misbehaving")
+        raise BackendError(
+            f"{host} listed a file outside its output folder ({unsafe[0]!r}); refusing the pull: "
+            f"the host is misbehaving"
+        )
     # A second round trip, before the stream: the hashes every file must match to be kept.
     sums = remote_sha256(remote, remote_root, send)
     unhashed = [p for p in send if p not in sums]
     if unhashed:
-        raise BackendError(f"{host} gave no sha256 for {unhashed[0]} (it vanished or is unreadable there); "
-                           f"`gpu-run pull` tries again")
+        raise BackendError(
+            f"{host} gave no sha256 for {unhashed[0]} (it vanished or is unreadable there); `gpu-run pull` tries again"
+        )
     expected = {p: (manifest[p][0], manifest[p][1], sums[p]) for p in send}
     channel = remote.open(f"cd {quote([remote_root])} && tar --null -T - -cf -")
     channel.sendall("\0".join(send).encode())
@@ -549,9 +614,15 @@ def _fetch_once(remote: Remote, remote_root: str, local_root: Path, stats: SyncS
         channel.close()
 
 
-def pull(remote: Remote, remote_root: str, local_root: Path, verify: list[str] | None = None,
-         attempts: int = 6, keep: Callable[[str, tuple[int, int]], bool] | None = None,
-         max_bytes: int | None = None) -> SyncStats:
+def pull(
+    remote: Remote,
+    remote_root: str,
+    local_root: Path,
+    verify: list[str] | None = None,
+    attempts: int = 6,
+    keep: Callable[[str, tuple[int, int]], bool] | None = None,
+    max_bytes: int | None = None,
+) -> SyncStats:
     """Bring new or changed files from remote_root into local_root, every one sha256-verified;
     reconnects and resumes after a dropped connection. `keep(path, (size, mtime))` picks which of
     them to take, and at most max_bytes of them come (the rest is named in stats.left_behind).
@@ -561,8 +632,12 @@ def pull(remote: Remote, remote_root: str, local_root: Path, verify: list[str] |
     local_root = Path(local_root)
     local_root.mkdir(parents=True, exist_ok=True)
 
-    @retry(retry=retry_if_exception_type(_RETRYABLE + (tarfile.ReadError,)), stop=stop_after_attempt(attempts),
-           wait=wait_exponential(multiplier=0.5, max=10), reraise=True)
+    @retry(
+        retry=retry_if_exception_type(_RETRYABLE + (tarfile.ReadError,)),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.5, max=10),
+        reraise=True,
+    )
     def attempt() -> None:
         stats.attempts += 1
         try:
@@ -574,5 +649,7 @@ def pull(remote: Remote, remote_root: str, local_root: Path, verify: list[str] |
     try:
         attempt()
     except _RETRYABLE + (tarfile.ReadError,) as e:
-        raise BackendError(f"lost the connection to {remote.target.alias} while pulling ({e}); `gpu-run pull` resumes") from None
+        raise BackendError(
+            f"lost the connection to {remote.target.alias} while pulling ({e}); `gpu-run pull` resumes"
+        ) from None
     return stats

@@ -18,8 +18,8 @@ from importlib import resources
 
 import paramiko
 
-from gpu_run.providers.base import StopResult
 from gpu_run.errors import GpuRunError
+from gpu_run.providers.base import StopResult
 from gpu_run.remote import Remote, quote
 from gpu_run.ui import UI
 
@@ -97,8 +97,10 @@ def stop_command_problem(remote: Remote, command: str) -> str | None:
         return None  # shell syntax: nothing simple to check without running it
     checks = f"command -v -- {quote([program])} >/dev/null 2>&1 || echo 'missing {program}'; "
     if sudo:
-        checks = ("command -v sudo >/dev/null 2>&1 || { echo 'missing sudo'; exit 0; }; "
-                  "sudo -n true >/dev/null 2>&1 || echo 'sudo needs a password'; ") + checks
+        checks = (
+            "command -v sudo >/dev/null 2>&1 || { echo 'missing sudo'; exit 0; }; "
+            "sudo -n true >/dev/null 2>&1 || echo 'sudo needs a password'; "
+        ) + checks
     out = remote.run(["sh", "-c", checks], check=False).stdout.strip()
     if not out:
         return None
@@ -149,9 +151,14 @@ class HostWatchdog:
         run's end stops it through) while the laptop renews the lease, and releases it when the
         laptop goes quiet; `start_job` hands it the job."""
         run_dir = self.run_dir(run_id)
-        settings = {"WORKDIR": self.workdir, "STOP_COMMAND": stop_command or "none",
-                    "KEEP_ALIVE": "1" if keep_alive else "0", "GRACE_S": str(grace_s),
-                    "SETUP_IDLE_S": str(SETUP_IDLE_S), "HOLD_S": str(HOLD_S)}
+        settings = {
+            "WORKDIR": self.workdir,
+            "STOP_COMMAND": stop_command or "none",
+            "KEEP_ALIVE": "1" if keep_alive else "0",
+            "GRACE_S": str(grace_s),
+            "SETUP_IDLE_S": str(SETUP_IDLE_S),
+            "HOLD_S": str(HOLD_S),
+        }
         self.remote.run(["mkdir", "-p", run_dir])
         script = resources.files("gpu_run.watchdog").joinpath("watchdog.sh").read_bytes()
         self._write(f"{run_dir}/watchdog.sh", script)
@@ -169,7 +176,9 @@ class HostWatchdog:
         run_dir = self.run_dir(run_id)
         self.remote.run_with_env(
             f"nohup setsid sh {quote([run_dir + '/watchdog.sh'])} {quote([run_dir])} {mode} "
-            f">> {quote([run_dir + '/watchdog.log'])} 2>&1 < /dev/null &", self.secrets_env)
+            f">> {quote([run_dir + '/watchdog.log'])} 2>&1 < /dev/null &",
+            self.secrets_env,
+        )
 
     def start_job(self, run_id: str, settings: dict[str, str]) -> None:
         """Hand the watchdog the job's settings, just before the trainer starts: it watches for the
@@ -192,7 +201,7 @@ class HostWatchdog:
         """The run's watchdog or its backstop process is alive (one restarts the other)."""
         run_dir = self.run_dir(run_id)
         script = " || ".join(
-            f"{{ p=$(cat {quote([f'{run_dir}/{name}.pid'])} 2>/dev/null) && [ -n \"$p\" ] && kill -0 \"$p\" 2>/dev/null "
+            f'{{ p=$(cat {quote([f"{run_dir}/{name}.pid"])} 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null '
             f"&& tr '\\0' ' ' < /proc/$p/cmdline | grep -qF -- {quote([run_dir])}; }}"
             for name in ("watchdog", "backstop")
         )
@@ -270,22 +279,36 @@ class HostWatchdog:
                 elif state.kind == "keep_alive":
                     return StopResult(True, "kept_alive", None, f"{self.host_name} is left running (keep-alive)")
                 elif state.kind == "not_needed":
-                    return StopResult(True, "not_needed", state.at, f"{self.host_name} is never stopped (stop_command = none)")
+                    return StopResult(
+                        True, "not_needed", state.at, f"{self.host_name} is never stopped (stop_command = none)"
+                    )
                 elif state.kind in ("handed_over", "waiting_for"):
                     other = state.detail.split()[0] if state.detail else "another run"
-                    return StopResult(True, "handed_over", state.at or time.time(),
-                                      f"run {other} still uses {self.host_name}; the host stops when it ends")
+                    return StopResult(
+                        True,
+                        "handed_over",
+                        state.at or time.time(),
+                        f"run {other} still uses {self.host_name}; the host stops when it ends",
+                    )
                 elif state.kind == "stopped":
                     return self.confirm_down(state)
                 elif state.kind == "stop_failed" and state.attempt >= FAILED_ATTEMPTS_REPORTED:
-                    return StopResult(False, "failed", None,
-                                      f"the stop command failed on {self.host_name} ({state.detail}); "
-                                      f"its watchdog keeps retrying, `gpu-run stop {run_id}` retries from here")
+                    return StopResult(
+                        False,
+                        "failed",
+                        None,
+                        f"the stop command failed on {self.host_name} ({state.detail}); "
+                        f"its watchdog keeps retrying, `gpu-run stop {run_id}` retries from here",
+                    )
                 time.sleep(1)
         shown = f"{last.kind} {last.detail}".strip() if last else "nothing"
-        return StopResult(False, "unconfirmed", None,
-                          f"{self.host_name} did not report a stop within {grace_s + STOP_WAIT_S:.0f}s "
-                          f"(its watchdog reported: {shown}); it may still be billing")
+        return StopResult(
+            False,
+            "unconfirmed",
+            None,
+            f"{self.host_name} did not report a stop within {grace_s + STOP_WAIT_S:.0f}s "
+            f"(its watchdog reported: {shown}); it may still be billing",
+        )
 
     def confirm_down(self, last: StopState | None) -> StopResult:
         """The machine counts as stopped once fresh logins fail, twice in a row."""
@@ -306,9 +329,13 @@ class HostWatchdog:
             finally:
                 self.remote.close()
             if time.monotonic() - started >= STOP_CONFIRM_S:
-                return StopResult(False, "unconfirmed", None,
-                                  f"the stop command exited 0 but {self.host_name} still answers after "
-                                  f"{STOP_CONFIRM_S:.0f}s; it may still be billing")
+                return StopResult(
+                    False,
+                    "unconfirmed",
+                    None,
+                    f"the stop command exited 0 but {self.host_name} still answers after "
+                    f"{STOP_CONFIRM_S:.0f}s; it may still be billing",
+                )
             time.sleep(1)
 
 
