@@ -28,7 +28,7 @@ STOP_WAIT_S = 120  # after the grace: how long the laptop waits for the host to 
 # How long a host may go on answering after its stop command exited 0 before the stop counts as
 # unconfirmed. Shutdown closes sshd within seconds; tests set it lower (GPU_RUN_STOP_CONFIRM_S).
 STOP_CONFIRM_S = float(os.environ.get("GPU_RUN_STOP_CONFIRM_S", "60"))
-FAILED_ATTEMPTS_REPORTED = 2
+FAILED_ATTEMPTS_REPORTED = 2  # a stop that failed this often is reported; the watchdog keeps trying
 LEASE_RENEW_S = 30  # the laptop renews its setup lease this often
 # A watchdog whose laptop has not renewed the setup lease this long releases the host (the laptop
 # died or went offline mid-setup). Tests set it lower (GPU_RUN_SETUP_IDLE_S).
@@ -36,9 +36,10 @@ SETUP_IDLE_S = int(os.environ.get("GPU_RUN_SETUP_IDLE_S", "900"))
 # A laptop that follows, stops or pulls a run holds the stop past the grace; it renews its hold
 # every HOLD_RENEW_S while it works, so a hold older than HOLD_S means the laptop is gone
 # (GPU_RUN_HOLD_S in tests). Renewing from the start of the follow, not from the job's end, is what
-# keeps a busy laptop from losing the race against a short grace.
-HOLD_S = int(os.environ.get("GPU_RUN_HOLD_S", "60"))
-HOLD_RENEW_S = max(1.0, min(10.0, HOLD_S / 3))  # a stop that failed this often is reported; the watchdog keeps trying
+# keeps a busy laptop from losing the race against a short grace; a short HOLD_S is what keeps a
+# laptop that died during training from costing more than the grace once the job ends.
+HOLD_S = int(os.environ.get("GPU_RUN_HOLD_S", "10"))
+HOLD_RENEW_S = max(1.0, HOLD_S / 3)
 _DROPPED = (GpuRunError, paramiko.SSHException, OSError, EOFError)
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only, and few enough for an exit status
 

@@ -38,7 +38,7 @@ UPLOAD_TIMEOUT_S=${UPLOAD_TIMEOUT_S:-3600}
 STOP_COMMAND_TIMEOUT_S=${STOP_COMMAND_TIMEOUT_S:-120}
 STOP_RETRY_S=${STOP_RETRY_S:-5}       # first wait before retrying a failed stop; doubles up to 300
 SETUP_IDLE_S=${SETUP_IDLE_S:-900}      # the laptop renews the setup lease every 30 s
-HOLD_S=${HOLD_S:-60}                  # a laptop's hold older than this: the laptop is gone (it renews
+HOLD_S=${HOLD_S:-10}                  # a laptop's hold older than this: the laptop is gone (it renews
                                       # the hold while it follows, stops or pulls the run)
 UPLOAD_COMMAND=${UPLOAD_COMMAND:-}
 CLEANUP_COMMAND=${CLEANUP_COMMAND:-}
