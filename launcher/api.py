@@ -21,27 +21,8 @@ from gpu_run.config import load_config
 from gpu_run.errors import ConfigError
 from gpu_run.ledger import Ledger
 from gpu_run.paths import ledger_path
-from gpu_run.spec import TrainSpec
+from gpu_run.spec import TRAINER_ONLY_FIELDS, TrainSpec
 from gpu_run.ui import UI
-
-# Options of the built-in trainer: given with a command they would do nothing, so they are refused.
-_TRAINER_ONLY = (
-    "model",
-    "weights",
-    "epochs",
-    "batch_size",
-    "lr",
-    "step_size",
-    "gamma",
-    "image_size",
-    "augment",
-    "no_flip",
-    "workers",
-    "seed",
-    "amp",
-    "decode",
-    "compile",
-)
 
 
 @dataclass
@@ -76,7 +57,7 @@ def train(
     if command is not None:
         if isinstance(command, str):
             raise ConfigError("command must be a list of words, e.g. ['python', 'train.py', '--epochs', '20']")
-        mixed = [name for name in _TRAINER_ONLY if name in options]
+        mixed = [name for name in TRAINER_ONLY_FIELDS if name in options]
         if mixed:
             raise ConfigError(
                 f"{mixed[0]}= is an option of the built-in trainer and does nothing for your own "

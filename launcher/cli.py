@@ -20,7 +20,7 @@ from gpu_run.errors import GpuRunError
 from gpu_run.ledger import Ledger
 from gpu_run.paths import ledger_path
 from gpu_run.run_end import Detached
-from gpu_run.spec import TrainSpec
+from gpu_run.spec import TRAINER_ONLY_FIELDS, TrainSpec
 from gpu_run.trainer import defaults as recipe
 from gpu_run.ui import UI, listing, wide
 
@@ -360,26 +360,6 @@ def train(
         sys.exit(EXIT_NOT_STOPPED)
 
 
-# The built-in trainer's own options: they mean nothing to a command of the user's own.
-TRAINER_OPTIONS = (
-    "model",
-    "weights",
-    "epochs",
-    "batch_size",
-    "lr",
-    "step_size",
-    "gamma",
-    "image_size",
-    "augment",
-    "no_flip",
-    "workers",
-    "seed",
-    "amp",
-    "decode",
-    "compile_",
-)
-
-
 def command_of(ctx: click.Context, command: tuple[str, ...]) -> list[str] | None:
     """The user's command after `--`, or None for our trainer; refused in one line: `--` with
     nothing after it, words without `--`, and our trainer's options beside a command."""
@@ -395,9 +375,11 @@ def command_of(ctx: click.Context, command: tuple[str, ...]) -> list[str] | None
         )
     from click.core import ParameterSource
 
-    mixed = [name for name in TRAINER_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    # click names the --compile flag compile_ (compile is a builtin)
+    params = {name: "compile_" if name == "compile" else name for name in TRAINER_ONLY_FIELDS}
+    mixed = [name for name, param in params.items() if ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE]
     if mixed:
-        option = "--" + mixed[0].rstrip("_").replace("_", "-")
+        option = "--" + mixed[0].replace("_", "-")
         raise GpuRunError(
             f"{option} is an option of the built-in trainer and does nothing for your own command; "
             f"pass it to your script after -- instead"

@@ -22,6 +22,27 @@ from gpu_run.weights import check_weights
 MAX_STOP_TIMEOUT_S = 3600  # a stop that waits longer than this is a hang, and the host bills meanwhile
 
 
+# TrainSpec's fields that only the built-in trainer reads: given with a user's command (on the
+# command line or to gpu_run.train) they would do nothing, so they are refused there.
+TRAINER_ONLY_FIELDS = (
+    "model",
+    "weights",
+    "epochs",
+    "batch_size",
+    "lr",
+    "step_size",
+    "gamma",
+    "image_size",
+    "augment",
+    "no_flip",
+    "workers",
+    "seed",
+    "amp",
+    "decode",
+    "compile",
+)
+
+
 @dataclass
 class TrainSpec:
     """What the user asked `gpu-run train` for."""
